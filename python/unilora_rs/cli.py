@@ -1,0 +1,54 @@
+"""The ``unilora`` command line (also ``python -m unilora_rs``).
+
+Each sub-command lives in its own module under :mod:`unilora_rs.commands` and exposes
+``register(subparsers)``; the module's ``run(args) -> int`` does the work. Errors are
+printed as one line on stderr with a non-zero exit code, never as a traceback
+(set ``UNILORA_DEBUG=1`` to see the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from . import __version__, commands
+from .errors import UniLoraError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="unilora",
+        description="Uni-LoRA adapters: reconstruct, merge into safetensors, export.",
+    )
+    parser.add_argument("--version", action="version", version=f"unilora_rs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("unilora: interrupted", file=sys.stderr)
+        return 130
+    except (UniLoraError, OSError, ValueError, TypeError, ImportError) as err:
+        if os.environ.get("UNILORA_DEBUG"):
+            raise
+        msg = str(err) if isinstance(err, UniLoraError) else f"{type(err).__name__}: {err}"
+        print(f"unilora: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``unilora`` command line, one module each (discovered by cli.py)."""

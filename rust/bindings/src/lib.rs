@@ -1,0 +1,27 @@
+//! `unilora_rs._core`: the thin pyo3 layer over `unilora-core`.
+//!
+//! Arguments are checked and converted here, the GIL is released around heavy work and
+//! core errors are mapped to Python exceptions. No algorithm lives here.
+
+#![deny(missing_docs)]
+
+mod errors;
+mod projection;
+
+use pyo3::prelude::*;
+
+/// The compiled core of unilora_rs.
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use crate::projection::{fingerprint, get_num_threads, projection, reconstruct, set_num_threads};
+
+    use pyo3::prelude::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("SPEC_VERSION", unilora_core::SPEC_VERSION)?;
+        Ok(())
+    }
+}
