@@ -1,0 +1,46 @@
+# unilora_rs: `make demo` runs the main job, `make test` runs every check and test.
+# Both create .venv, install pinned Python dependencies and build the extension first.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-stamp
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: all build demo lint test test-rust test-python bench clean
+
+all: test
+
+$(STAMP): requirements/dev.txt requirements/torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt -r requirements/torch.txt
+	touch $(STAMP)
+
+build: $(STAMP)
+	maturin develop --release -q
+
+demo: build
+	unilora demo
+
+lint: build
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
+	ruff check python tests benches examples
+	ruff format --check python tests benches examples
+	$(PY) -m mypy.stubtest unilora_rs._core
+
+test-rust:
+	cargo test -p unilora-core --release
+
+test-python: build
+	$(PY) -m pytest
+
+test: lint test-rust test-python
+
+bench: build
+	$(PY) benches/bench_reconstruct.py
+
+clean:
+	rm -rf target $(VENV) .pytest_cache .ruff_cache .mypy_cache
