@@ -69,9 +69,7 @@ def _check_shape(label: str, shape: object) -> Shape:
     rows, cols = shape
     for dim in (rows, cols):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-            raise InvalidArgumentError(
-                f"shape {label} = {shape!r}: dimensions must be integers"
-            )
+            raise InvalidArgumentError(f"shape {label} = {shape!r}: dimensions must be integers")
         if int(dim) <= 0:
             raise InvalidArgumentError(
                 f"shape {label} = {tuple(shape)!r}: every dimension must be at least 1"
@@ -108,7 +106,17 @@ def _as_vector(vector: npt.ArrayLike) -> npt.NDArray[np.float32]:
         raise InvalidArgumentError(f"vector must be 1-D, got shape {arr.shape}")
     if arr.dtype == np.float64 and arr.size and not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise VectorError(f"vector[{bad}] = {arr[bad]} is not finite: theta_d must not hold NaN or Inf")
+        raise VectorError(
+            f"vector[{bad}] = {arr[bad]} is not finite: theta_d must not hold NaN or Inf"
+        )
+    if arr.dtype == np.float64 and arr.size:
+        too_big = np.abs(arr) > np.finfo(np.float32).max
+        if too_big.any():
+            bad = int(np.flatnonzero(too_big)[0])
+            raise VectorError(
+                f"vector[{bad}] = {arr[bad]} is not finite as float32: theta_d must not hold "
+                "NaN or Inf"
+            )
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 

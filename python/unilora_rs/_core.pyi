@@ -3,6 +3,16 @@
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "SPEC_VERSION",
+    "__version__",
+    "fingerprint",
+    "get_num_threads",
+    "projection",
+    "reconstruct",
+    "set_num_threads",
+]
+
 __version__: str
 SPEC_VERSION: int
 

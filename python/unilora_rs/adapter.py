@@ -104,7 +104,9 @@ class AdapterConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise InvalidArgumentError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.vector_length, int) or self.vector_length <= 0:
-            raise InvalidArgumentError(f"vector_length (d) must be >= 1, got {self.vector_length!r}")
+            raise InvalidArgumentError(
+                f"vector_length (d) must be >= 1, got {self.vector_length!r}"
+            )
         if not self.modules:
             raise InvalidArgumentError("an adapter needs at least one module")
         names = [m.name for m in self.modules]
@@ -173,7 +175,9 @@ class AdapterConfig:
                 f"unilora_rs ({FORMAT_VERSION}); upgrade unilora_rs"
             )
         if int(data.get("spec_version", 0)) != 1:
-            raise FormatError(f"{source}: unsupported generator spec_version {data.get('spec_version')!r}")
+            raise FormatError(
+                f"{source}: unsupported generator spec_version {data.get('spec_version')!r}"
+            )
         try:
             modules = [ModuleSpec(**m) for m in data["modules"]]
             known = {f for f in cls.__dataclass_fields__}

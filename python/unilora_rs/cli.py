@@ -42,11 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unilora: interrupted", file=sys.stderr)
         return 130
-    except (UniLoraError, OSError, ValueError, TypeError, ImportError) as err:
+    except Exception as err:
         if os.environ.get("UNILORA_DEBUG"):
             raise
-        msg = str(err) if isinstance(err, UniLoraError) else f"{type(err).__name__}: {err}"
-        print(f"unilora: error: {msg}", file=sys.stderr)
+        if isinstance(err, UniLoraError):
+            msg = str(err)
+        elif isinstance(err, (OSError, ValueError, TypeError, ImportError)):
+            msg = f"{type(err).__name__}: {err}"
+        else:
+            msg = (
+                f"internal error ({type(err).__name__}: {err}); set UNILORA_DEBUG=1 for a traceback"
+            )
+        print(f"unilora: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
 
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from .. import fingerprint, get_num_threads, projection, reconstruct, total_size
+from ..errors import InvalidArgumentError
 
 # Llama-2-7B: 32 decoder layers, hidden 4096, MLP 11008; all linear layers adapted.
 LLAMA_7B = {
@@ -47,7 +48,14 @@ def _mb(nbytes: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("rank", "d", "layers"):
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name} must be at least 1, got {getattr(args, name)}")
     shapes = llama_shapes(args.layers, args.rank)
+    if args.d > total_size(shapes):
+        raise InvalidArgumentError(
+            f"--d {args.d} is larger than the adapter's {total_size(shapes):,} LoRA parameters"
+        )
     big_d = total_size(shapes)
     theta = np.random.default_rng(args.seed).uniform(-0.02, 0.02, args.d).astype(np.float32)
     print(f"Llama-7B-shaped adapter: {args.layers} layers x 7 linear modules, rank {args.rank}")
@@ -61,18 +69,24 @@ def run(args: argparse.Namespace) -> int:
     idx, scale = projection(args.seed, big_d, args.d)
     t_map = time.perf_counter() - t0
     counts = np.bincount(idx, minlength=args.d)
-    print(f"projection map (explicit, for inspection): {t_map * 1e3:8.1f} ms; "
-          f"column use {counts.min()}..{counts.max()} (balanced)")
+    print(
+        f"projection map (explicit, for inspection): {t_map * 1e3:8.1f} ms; "
+        f"column use {counts.min()}..{counts.max()} (balanced)"
+    )
 
     t0 = time.perf_counter()
     mats = reconstruct(theta, args.seed, shapes)
     t_rec = time.perf_counter() - t0
-    print(f"reconstruct (no index memory):             {t_rec * 1e3:8.1f} ms "
-          f"= {big_d / t_rec / 1e9:.2f} G params/s")
+    print(
+        f"reconstruct (no index memory):             {t_rec * 1e3:8.1f} ms "
+        f"= {big_d / t_rec / 1e9:.2f} G params/s"
+    )
 
     flat = np.concatenate([m.ravel() for m in mats.values()])
     exact = np.array_equal(flat, theta[idx] * scale)
-    norm_ratio = float(np.linalg.norm(flat.astype(np.float64)) / np.linalg.norm(theta.astype(np.float64)))
+    norm_ratio = float(
+        np.linalg.norm(flat.astype(np.float64)) / np.linalg.norm(theta.astype(np.float64))
+    )
     print(f"equals theta_d[idx] * scale bit for bit:   {exact}")
     print(f"isometry ||theta_D|| / ||theta_d||:         {norm_ratio:.9f}")
     print(f"fingerprint: {fingerprint(args.seed, args.d, shapes)}")

@@ -10,7 +10,11 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 use unilora_core::CoreError;
 
-fn class(py: Python<'_>, cell: &'static PyOnceLock<Py<PyType>>, name: &str) -> PyResult<Py<PyType>> {
+fn class(
+    py: Python<'_>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    name: &str,
+) -> PyResult<Py<PyType>> {
     cell.get_or_try_init(py, || {
         let module = py.import("unilora_rs.errors")?;
         Ok::<_, PyErr>(module.getattr(name)?.cast_into::<PyType>()?.unbind())

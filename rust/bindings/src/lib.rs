@@ -14,7 +14,9 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use crate::projection::{fingerprint, get_num_threads, projection, reconstruct, set_num_threads};
+    use crate::projection::{
+        fingerprint, get_num_threads, projection, reconstruct, set_num_threads,
+    };
 
     use pyo3::prelude::*;
 

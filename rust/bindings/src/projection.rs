@@ -20,7 +20,9 @@ pub fn projection<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>)> {
     let proj = Projection::new(seed, total, d).py()?;
     let n = usize::try_from(total).map_err(|_| {
-        pyo3::exceptions::PyMemoryError::new_err(format!("total = {total} rows do not fit in memory"))
+        pyo3::exceptions::PyMemoryError::new_err(format!(
+            "total = {total} rows do not fit in memory"
+        ))
     })?;
     let (idx, scale) = py.detach(|| proj.materialize(n));
     let scale = scale.into_pyarray(py);
@@ -45,7 +47,9 @@ pub fn reconstruct<'py>(
     shapes: Vec<(u64, u64)>,
 ) -> PyResult<Vec<Bound<'py, PyArray2<f32>>>> {
     let slice = vector.as_slice()?;
-    let outs = py.detach(|| unilora_core::reconstruct(slice, seed, &shapes)).py()?;
+    let outs = py
+        .detach(|| unilora_core::reconstruct(slice, seed, &shapes))
+        .py()?;
     outs.into_iter()
         .zip(&shapes)
         .map(|(buf, &(rows, cols))| {
@@ -60,7 +64,10 @@ pub fn reconstruct<'py>(
 #[pyfunction]
 #[pyo3(signature = (seed, d, shapes))]
 pub fn fingerprint(seed: u64, d: u64, shapes: Vec<(String, u64, u64)>) -> String {
-    let named: Vec<(&str, u64, u64)> = shapes.iter().map(|(n, r, c)| (n.as_str(), *r, *c)).collect();
+    let named: Vec<(&str, u64, u64)> = shapes
+        .iter()
+        .map(|(n, r, c)| (n.as_str(), *r, *c))
+        .collect();
     unilora_core::fingerprint(seed, d, &named)
 }
 

@@ -48,11 +48,17 @@ pub enum CoreError {
 impl CoreError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CoreError::Io { path: path.into(), source }
+        CoreError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        CoreError::Format { path: path.into(), msg: msg.into() }
+        CoreError::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -1,10 +1,14 @@
 //! The gather kernel behind `reconstruct`: `out[t] = vector[idx(start + t)] * scale`.
 //!
 //! For domains of at most 32 bits (every `D <= 2^32`) the Feistel network runs on
-//! `u32` lanes in blocks: one branch-free pass encrypts a whole block (the compiler
-//! vectorises it; an AVX2 build is selected at run time where the CPU has it), then the
-//! few values that cycle-walk are compacted and re-encrypted, again branch-free, until
-//! all lie in `[0, D)`. No index array larger than one block ever exists.
+//! `u32` lanes in blocks of 2048 rows: one pass encrypts the whole block, the values
+//! that must cycle-walk are left-packed into a side list and re-encrypted until all lie
+//! in `[0, D)`, then columns (`mod d` by multiply-high), scales and the gather follow.
+//! An explicit AVX2 version (8 lanes, branch-free packing through a permutation table)
+//! is chosen at run time where the CPU has AVX2; the portable version is the reference
+//! it is tested against. No index array larger than one block ever exists, and every
+//! output element is a pure function of its row, so results never depend on blocking
+//! or threading.
 
 use crate::projection::{Projection, ROUNDS, low_mask, mix32};
 
@@ -43,28 +47,76 @@ impl Feistel32 {
 enum Modulus {
     /// `d` is a power of two: `y & mask`.
     Mask(u32),
-    /// Lemire's fastmod: `((m * y mod 2^64) * d) >> 64` with `m = ceil(2^64 / d)`.
-    Magic { m: u64, d: u64 },
+    /// Any other `d` (`< 2^32`): `y - d * floor(y / d)` with a multiply-high division.
+    Magic { div: DivMagic, d: u32 },
 }
 
 impl Modulus {
     fn new(d: u64) -> Self {
+        debug_assert!((1..=1 << 32).contains(&d));
         if d.is_power_of_two() {
             Modulus::Mask((d - 1) as u32)
         } else {
-            Modulus::Magic { m: (u64::MAX / d).wrapping_add(1), d }
+            Modulus::Magic {
+                div: DivMagic::new(d as u32),
+                d: d as u32,
+            }
         }
     }
 }
 
+/// Which implementation of the kernel to run (all give identical results).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelImpl {
+    /// The fastest available on this CPU.
+    Auto,
+    /// The portable blocked kernel (no explicit SIMD).
+    Portable,
+    /// One row at a time through `Projection::index` (the plain reference).
+    Scalar,
+}
+
 /// Fills `out` with rows `start ..` of the reconstruction.
 pub(crate) fn gather(p: &Projection, vector: &[f32], start: u64, out: &mut [f32]) {
-    if p.domain_bits() <= 32 {
+    gather_with(p, vector, start, out, KernelImpl::Auto);
+}
+
+/// [`gather`] with an explicit choice of implementation.
+pub(crate) fn gather_with(
+    p: &Projection,
+    vector: &[f32],
+    start: u64,
+    out: &mut [f32],
+    which: KernelImpl,
+) {
+    assert_eq!(vector.len() as u64, p.d(), "vector length must equal d");
+    assert!(
+        start
+            .checked_add(out.len() as u64)
+            .is_some_and(|end| end <= p.total())
+    );
+    if p.domain_bits() <= 32 && which != KernelImpl::Scalar {
         let (wl, wr) = p.widths();
-        let f = Feistel32 { keys: p.round_keys(), wl, wr, last: (p.total() - 1) as u32 };
+        let f = Feistel32 {
+            keys: p.round_keys(),
+            wl,
+            wr,
+            last: (p.total() - 1) as u32,
+        };
         let (_, rem, hi, lo) = p.balance();
-        let ctx = Ctx32 { f, modulus: Modulus::new(p.d()), rem: rem as u32, hi, lo };
-        gather32_dispatch(&ctx, vector, start as u32, out);
+        let ctx = Ctx32 {
+            f,
+            d: p.d(),
+            modulus: Modulus::new(p.d()),
+            rem: rem as u32,
+            hi,
+            lo,
+        };
+        if which == KernelImpl::Auto {
+            gather32_dispatch(&ctx, vector, start as u32, out);
+        } else {
+            gather32(&ctx, vector, start as u32, out);
+        }
     } else {
         for (t, o) in out.iter_mut().enumerate() {
             let j = p.index(start + t as u64);
@@ -76,6 +128,7 @@ pub(crate) fn gather(p: &Projection, vector: &[f32], start: u64, out: &mut [f32]
 #[derive(Clone, Copy)]
 struct Ctx32 {
     f: Feistel32,
+    d: u64,
     modulus: Modulus,
     rem: u32,
     hi: f32,
@@ -85,23 +138,16 @@ struct Ctx32 {
 fn gather32_dispatch(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above), which is the only
-            // requirement of `gather32_avx2`'s target feature.
-            unsafe { gather32_avx2(ctx, vector, start, out) };
+        if std::arch::is_x86_feature_detected!("avx2") && ctx.d < (1 << 30) {
+            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement
+            // of the target features of `avx2::gather`; `d < 2^30` is its precondition.
+            unsafe { avx2::gather(ctx, vector, start, out) };
             return;
         }
     }
     gather32(ctx, vector, start, out);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn gather32_avx2(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
-    gather32(ctx, vector, start, out);
-}
-
-#[inline(always)]
 fn gather32(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
     let f = ctx.f;
     let mut buf = [0u32; BLOCK];
@@ -150,13 +196,300 @@ fn write_block(ctx: &Ctx32, vector: &[f32], ys: &[u32], out: &mut [f32]) {
                 *o = vector[j as usize] * s;
             }
         }
-        Modulus::Magic { m, d } => {
+        Modulus::Magic { div, d } => {
             for (o, &y) in out.iter_mut().zip(ys) {
-                let low = m.wrapping_mul(u64::from(y));
-                let j = ((u128::from(low) * u128::from(d)) >> 64) as u32;
+                let j = y - d * div.div(y);
                 let s = if j < ctx.rem { ctx.hi } else { ctx.lo };
                 *o = vector[j as usize] * s;
             }
+        }
+    }
+}
+
+/// Division by a run-time constant `d` (`2 <= d < 2^32`, not a power of two) with one
+/// multiply-high, add and shift (the round-up method with an add indicator).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DivMagic {
+    magic: u32,
+    shift: u32,
+}
+
+impl DivMagic {
+    pub(crate) fn new(d: u32) -> Self {
+        debug_assert!(d >= 2 && !d.is_power_of_two());
+        let log2 = 31 - d.leading_zeros();
+        // 2^(32 + log2) / d, then one more bit of precision.
+        let num = 1u64 << (32 + log2);
+        let m = num / u64::from(d);
+        let rem = (num % u64::from(d)) as u32;
+        let mut m2 = (m as u32).wrapping_add(m as u32);
+        let twice = rem.wrapping_add(rem);
+        if twice >= d || twice < rem {
+            m2 = m2.wrapping_add(1);
+        }
+        Self {
+            magic: m2.wrapping_add(1),
+            shift: log2,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn div(self, y: u32) -> u32 {
+        let q = ((u64::from(self.magic) * u64::from(y)) >> 32) as u32;
+        let t = ((y - q) >> 1) + q;
+        t >> self.shift
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! Explicit AVX2 version of the 32-bit kernel: 8 rows per vector, cycle-walking
+    //! values left-packed into a side list and re-encrypted 8 at a time.
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Ctx32, Modulus};
+
+    /// For each 8-bit lane mask, the `vpermd` indices that move the selected lanes to
+    /// the front, in order.
+    static PACK: [__m256i; 256] = {
+        let mut table = [[0i32; 8]; 256];
+        let mut mask = 0;
+        while mask < 256 {
+            let mut k = 0;
+            let mut lane = 0;
+            while lane < 8 {
+                if mask & (1 << lane) != 0 {
+                    table[mask][k] = lane;
+                    k += 1;
+                }
+                lane += 1;
+            }
+            mask += 1;
+        }
+        // SAFETY: [i32; 8] and __m256i have the same size, and every bit pattern is a
+        // valid value of both.
+        unsafe { std::mem::transmute::<[[i32; 8]; 256], [__m256i; 256]>(table) }
+    };
+
+    struct Consts {
+        keys: [__m256i; 4],
+        wr: __m128i,
+        mask_l: __m256i,
+        mask_r: __m256i,
+        bias: __m256i,
+        last_b: __m256i,
+        c1: __m256i,
+        c2: __m256i,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mix(x: __m256i, c: &Consts) -> __m256i {
+        let x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+        let x = _mm256_mullo_epi32(x, c.c1);
+        let x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+        let x = _mm256_mullo_epi32(x, c.c2);
+        _mm256_xor_si256(x, _mm256_srli_epi32(x, 15))
+    }
+
+    /// Eight Feistel encryptions; the widths alternate wl, wr, wl, wr.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn encrypt(x: __m256i, c: &Consts) -> __m256i {
+        let mut l = _mm256_srl_epi32(x, c.wr);
+        let mut r = _mm256_and_si256(x, c.mask_r);
+        for (round, key) in c.keys.iter().enumerate() {
+            let mask = if round % 2 == 0 { c.mask_l } else { c.mask_r };
+            let f = _mm256_and_si256(mix(_mm256_xor_si256(r, *key), c), mask);
+            let new_r = _mm256_xor_si256(l, f);
+            l = r;
+            r = new_r;
+        }
+        _mm256_or_si256(_mm256_sll_epi32(l, c.wr), r)
+    }
+
+    /// Lanes whose value is above `D - 1` (unsigned compare through a sign bias).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn out_of_range(y: __m256i, c: &Consts) -> i32 {
+        let gt = _mm256_cmpgt_epi32(_mm256_xor_si256(y, c.bias), c.last_b);
+        _mm256_movemask_ps(_mm256_castsi256_ps(gt))
+    }
+
+    /// Vector `y / d` (quotient) for a non-power-of-two `d`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn div(y: __m256i, magic: __m256i, shift: __m128i) -> __m256i {
+        // High 32 bits of magic * y, lanes 0,2,4,6 then 1,3,5,7.
+        let even = _mm256_srli_epi64(_mm256_mul_epu32(y, magic), 32);
+        let odd = _mm256_mul_epu32(_mm256_srli_epi64(y, 32), magic);
+        let q = _mm256_blend_epi32(even, odd, 0b1010_1010);
+        let t = _mm256_add_epi32(_mm256_srli_epi32(_mm256_sub_epi32(y, q), 1), q);
+        _mm256_srl_epi32(t, shift)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, and `ctx.d < 2^30` (indices are used as signed
+    /// 32-bit gather offsets). `vector.len() == d` and `start + out.len() <= D` are
+    /// asserted by the caller.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
+        let f = ctx.f;
+        let c = Consts {
+            keys: f.keys.map(|k| _mm256_set1_epi32(k as i32)),
+            wr: _mm_cvtsi32_si128(f.wr as i32),
+            mask_l: _mm256_set1_epi32(super::low_mask(f.wl) as i32),
+            mask_r: _mm256_set1_epi32(super::low_mask(f.wr) as i32),
+            bias: _mm256_set1_epi32(i32::MIN),
+            last_b: _mm256_set1_epi32((f.last ^ 0x8000_0000) as i32),
+            c1: _mm256_set1_epi32(0x21F0_AAADu32 as i32),
+            c2: _mm256_set1_epi32(0xD35A_2D97u32 as i32),
+        };
+        let (mask, magic, shift, dv) = match ctx.modulus {
+            Modulus::Mask(m) => (
+                Some(_mm256_set1_epi32(m as i32)),
+                _mm256_setzero_si256(),
+                _mm_setzero_si128(),
+                0,
+            ),
+            Modulus::Magic { div, d } => (
+                None,
+                _mm256_set1_epi32(div.magic as i32),
+                _mm_cvtsi32_si128(div.shift as i32),
+                d as i32,
+            ),
+        };
+        let dvec = _mm256_set1_epi32(dv);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+
+        let mut buf = [0u32; BLOCK];
+        let mut walk = [0u32; BLOCK + 8];
+        let mut pos = [0u32; BLOCK + 8];
+        let vec_ptr = vector.as_ptr();
+        for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
+            let base = start.wrapping_add((b * BLOCK) as u32);
+            let n = chunk.len();
+            let nv = n.div_ceil(8);
+            // 1. Encrypt every row once; left-pack (branch-free) the lanes that must
+            //    walk on, with their positions.
+            let mut m = 0usize;
+            for v in 0..nv {
+                let x = _mm256_add_epi32(
+                    _mm256_set1_epi32(base.wrapping_add((v * 8) as u32) as i32),
+                    lane,
+                );
+                let y = encrypt(x, &c);
+                let bits = out_of_range(y, &c) as usize;
+                let perm = PACK[bits];
+                let p = _mm256_add_epi32(_mm256_set1_epi32((v * 8) as i32), lane);
+                // SAFETY: buf has BLOCK (a multiple of 8) slots and v * 8 + 8 <= BLOCK;
+                // walk/pos have BLOCK + 8 slots and m <= v * 8.
+                unsafe {
+                    _mm256_storeu_si256(buf.as_mut_ptr().add(v * 8).cast(), y);
+                    _mm256_storeu_si256(
+                        walk.as_mut_ptr().add(m).cast(),
+                        _mm256_permutevar8x32_epi32(y, perm),
+                    );
+                    _mm256_storeu_si256(
+                        pos.as_mut_ptr().add(m).cast(),
+                        _mm256_permutevar8x32_epi32(p, perm),
+                    );
+                }
+                m += bits.count_ones() as usize;
+            }
+            // Rows of the last, partial vector beyond `n` must not walk.
+            while m > 0 && pos[m - 1] as usize >= n {
+                m -= 1;
+            }
+            // 2. Walk the packed values until all lie in [0, D), 8 at a time; each pass
+            //    scatters its results back and re-packs those still outside.
+            while m > 0 {
+                let mut k = 0usize;
+                for s in (0..m).step_by(8) {
+                    // SAFETY: walk/pos have BLOCK + 8 slots, s < m <= BLOCK, and k <= s.
+                    unsafe {
+                        let y = encrypt(_mm256_loadu_si256(walk.as_ptr().add(s).cast()), &c);
+                        let p = _mm256_loadu_si256(pos.as_ptr().add(s).cast());
+                        _mm256_storeu_si256(walk.as_mut_ptr().add(s).cast(), y);
+                        let live = if m - s >= 8 {
+                            0xFF
+                        } else {
+                            (1usize << (m - s)) - 1
+                        };
+                        let bits = out_of_range(y, &c) as usize & live;
+                        for lane in 0..(m - s).min(8) {
+                            *buf.get_unchecked_mut(*pos.get_unchecked(s + lane) as usize) =
+                                *walk.get_unchecked(s + lane);
+                        }
+                        let perm = PACK[bits];
+                        _mm256_storeu_si256(
+                            walk.as_mut_ptr().add(k).cast(),
+                            _mm256_permutevar8x32_epi32(y, perm),
+                        );
+                        _mm256_storeu_si256(
+                            pos.as_mut_ptr().add(k).cast(),
+                            _mm256_permutevar8x32_epi32(p, perm),
+                        );
+                        k += bits.count_ones() as usize;
+                    }
+                }
+                m = k;
+            }
+            // 3. Columns (vectorised modulus), then gather and scale. Scalar loads
+            //    keep more cache misses in flight than vpgatherdd does.
+            let full = n / 8;
+            for v in 0..full {
+                // SAFETY: v * 8 + 8 <= n <= BLOCK.
+                let p = unsafe { buf.as_mut_ptr().add(v * 8).cast::<__m256i>() };
+                let y = unsafe { _mm256_loadu_si256(p) };
+                let j = match mask {
+                    Some(mk) => _mm256_and_si256(y, mk),
+                    None => _mm256_sub_epi32(y, _mm256_mullo_epi32(div(y, magic, shift), dvec)),
+                };
+                unsafe { _mm256_storeu_si256(p, j) };
+            }
+            for (o, &j) in chunk[..full * 8].iter_mut().zip(&buf[..full * 8]) {
+                let s = if j < ctx.rem { ctx.hi } else { ctx.lo };
+                // SAFETY: every j < d == vector.len().
+                *o = unsafe { *vec_ptr.add(j as usize) } * s;
+            }
+            let tail = full * 8;
+            super::write_block(ctx, vector, &buf[tail..n], &mut chunk[tail..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DivMagic;
+
+    #[test]
+    fn div_magic_matches_division() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || crate::projection::splitmix64(&mut state);
+        let mut divisors: Vec<u32> = vec![3, 5, 6, 7, 23_040, 1_000_003, 0x7FFF_FFFF, 0xFFFF_FFFF];
+        divisors.extend((0..200).map(|_| (next() as u32).max(3)));
+        for d in divisors.into_iter().filter(|d| !d.is_power_of_two()) {
+            let m = DivMagic::new(d);
+            let edges = [
+                0u32,
+                1,
+                d - 1,
+                d,
+                d + 1,
+                u32::MAX,
+                u32::MAX - 1,
+                u32::MAX / d * d,
+            ];
+            for y in edges.into_iter().chain((0..2000).map(|_| next() as u32)) {
+                assert_eq!(m.div(y), y / d, "y = {y}, d = {d}");
+            }
+        }
+        // Exhaustive over all numerators for one small divisor.
+        let m = DivMagic::new(7);
+        for y in (0..=u32::MAX).step_by(97) {
+            assert_eq!(m.div(y), y / 7);
         }
     }
 }

@@ -14,7 +14,10 @@ struct PoolState {
     pool: Option<(u32, usize, Arc<ThreadPool>)>,
 }
 
-static STATE: Mutex<PoolState> = Mutex::new(PoolState { requested: 0, pool: None });
+static STATE: Mutex<PoolState> = Mutex::new(PoolState {
+    requested: 0,
+    pool: None,
+});
 
 fn default_threads() -> usize {
     std::env::var("UNILORA_NUM_THREADS")
@@ -36,14 +39,22 @@ pub fn set_num_threads(n: usize) {
 /// The number of threads the next parallel call will use.
 pub fn num_threads() -> usize {
     let st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    if st.requested > 0 { st.requested } else { default_threads() }
+    if st.requested > 0 {
+        st.requested
+    } else {
+        default_threads()
+    }
 }
 
 /// Runs `f` inside the pool (or inline with a single thread).
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let pool = {
         let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-        let n = if st.requested > 0 { st.requested } else { default_threads() };
+        let n = if st.requested > 0 {
+            st.requested
+        } else {
+            default_threads()
+        };
         if n <= 1 {
             None
         } else {

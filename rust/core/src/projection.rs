@@ -295,10 +295,16 @@ pub(crate) fn low_mask(w: u32) -> u32 {
     ((1u64 << w) - 1) as u32
 }
 
-/// Runs the gather kernel directly (for benchmarks of the kernel alone).
+pub use crate::kernel::KernelImpl;
+
+/// Runs one implementation of the gather kernel directly on rows `start ..` (for
+/// tests and benchmarks of the kernel alone).
+///
+/// # Panics
+/// When `vector.len() != d` or the rows leave `[0, D)`.
 #[doc(hidden)]
-pub fn bench_gather(p: &Projection, vector: &[f32], start: u64, out: &mut [f32]) {
-    p.gather_into(vector, start, out);
+pub fn gather_rows(p: &Projection, vector: &[f32], start: u64, out: &mut [f32], which: KernelImpl) {
+    crate::kernel::gather_with(p, vector, start, out, which);
 }
 
 impl Projection {
@@ -310,12 +316,13 @@ impl Projection {
         let mut scale = vec![0f32; n];
         const CHUNK: usize = 1 << 16;
         crate::parallel::install(|| {
-            idx.par_chunks_mut(CHUNK).zip(scale.par_chunks_mut(CHUNK)).enumerate().for_each(
-                |(c, (i, s))| {
+            idx.par_chunks_mut(CHUNK)
+                .zip(scale.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(c, (i, s))| {
                     // The range lies inside [0, D) by construction.
                     let _ = self.fill((c * CHUNK) as u64, i, s);
-                },
-            );
+                });
         });
         (idx, scale)
     }

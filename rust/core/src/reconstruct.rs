@@ -28,7 +28,9 @@ pub fn total_size(shapes: &[(u64, u64)]) -> Result<u64> {
         }
         let size = rows.checked_mul(cols).and_then(|s| total.checked_add(s));
         total = size.ok_or_else(|| {
-            CoreError::InvalidArgument(format!("shape #{k} ({rows}, {cols}) overflows the total size"))
+            CoreError::InvalidArgument(format!(
+                "shape #{k} ({rows}, {cols}) overflows the total size"
+            ))
         })?;
     }
     Ok(total)
@@ -87,7 +89,8 @@ pub fn reconstruct_into(
         offset += size;
     }
     parallel::install(|| {
-        work.par_iter_mut().for_each(|(start, chunk)| proj.gather_into(vector, *start, chunk));
+        work.par_iter_mut()
+            .for_each(|(start, chunk)| proj.gather_into(vector, *start, chunk));
     });
     Ok(())
 }
@@ -95,7 +98,10 @@ pub fn reconstruct_into(
 /// Reconstructs every matrix of `shapes` from `vector` (`theta_d`, length `d`).
 pub fn reconstruct(vector: &[f32], seed: u64, shapes: &[(u64, u64)]) -> Result<Vec<Vec<f32>>> {
     total_size(shapes)?;
-    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| vec![0f32; (r * c) as usize]).collect();
+    let mut outs: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(r, c)| vec![0f32; (r * c) as usize])
+        .collect();
     {
         let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         reconstruct_into(vector, seed, shapes, &mut views)?;
