@@ -296,3 +296,45 @@ def test_cli_errors_are_one_line() -> None:
     )
     assert out.returncode == 1
     assert out.stderr.startswith("unilora: error:") and out.stderr.count("\n") == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), total=st.integers(1, 40_000), frac=st.floats(0, 1))
+def test_backward_is_transpose_and_thread_independent(seed: int, total: int, frac: float) -> None:
+    d = min(max(1, int(total * frac)), total)
+    grad = np.random.default_rng(seed % 997).standard_normal(total).astype(np.float32)
+    idx, scale = ur.projection(seed, total, d)
+    want = np.zeros(d)
+    np.add.at(want, idx, grad.astype(np.float64) * scale)
+    try:
+        ur.set_num_threads(1)
+        one = ur.reconstruct_backward(grad, seed, d)
+        ur.set_num_threads(2)
+        two = ur.reconstruct_backward(grad, seed, d)
+    finally:
+        ur.set_num_threads(0)
+    assert one.dtype == np.float32 and one.shape == (d,)
+    np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
+    np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_matches_adjoint_of_reconstruct() -> None:
+    """<P x, g> == <x, P^T g> (the defining property of the backward pass)."""
+    rng = np.random.default_rng(5)
+    shapes = [(300, 4), (4, 500)]
+    total, d = ur.total_size(shapes), 700
+    x = rng.standard_normal(d).astype(np.float32)
+    g = rng.standard_normal(total).astype(np.float32)
+    px = np.concatenate([m.ravel() for m in ur.reconstruct(x, 3, shapes)])
+    lhs = float(np.dot(px.astype(np.float64), g))
+    rhs = float(np.dot(x.astype(np.float64), ur.reconstruct_backward(g, 3, d)))
+    assert abs(lhs - rhs) <= 1e-4 * (1 + abs(lhs))
+
+
+def test_backward_bad_input() -> None:
+    with pytest.raises(ur.InvalidArgumentError, match="larger than the total"):
+        ur.reconstruct_backward(np.ones(5, np.float32), 0, 6)
+    with pytest.raises(ur.DtypeError):
+        ur.reconstruct_backward(np.ones(5, np.int64), 0, 2)
+    with pytest.raises(ur.InvalidArgumentError, match="1-D"):
+        ur.reconstruct_backward(np.ones((5, 1), np.float32), 0, 2)

@@ -44,6 +44,7 @@ __all__ = [
     "get_num_threads",
     "projection",
     "reconstruct",
+    "reconstruct_backward",
     "set_num_threads",
     "total_size",
 ]
@@ -171,6 +172,29 @@ def reconstruct(
     if names is None:
         return list(arrays)
     return dict(zip(names, arrays, strict=True))
+
+
+def reconstruct_backward(grad: npt.ArrayLike, seed: int, d: int) -> npt.NDArray[np.float32]:
+    """The backward pass of :func:`reconstruct`: ``grad_theta_d = P^T grad_theta_D``.
+
+    ``grad`` is the gradient of the flattened ``theta_D`` (all matrices concatenated in
+    order, float32 or float64, length ``D``). Column ``j`` sums its rows' gradients in
+    the fixed order of the inverse enumeration (docs/SPEC.md), in float32, then
+    multiplies by its scale: deterministic, atomic-free and identical for every thread
+    count. NaN/Inf in ``grad`` propagate (they are not an input error here).
+    """
+    seed = _check_uint("seed", seed)
+    d = _check_uint("d", d, minimum=1)
+    arr = np.asarray(grad)
+    if arr.dtype not in (np.float32, np.float64):
+        raise DtypeError(f"grad has dtype {arr.dtype}; expected float32 (float64 is converted)")
+    if arr.ndim != 1:
+        raise InvalidArgumentError(
+            f"grad must be 1-D (the flattened theta_D), got shape {arr.shape}"
+        )
+    with np.errstate(over="ignore"):
+        flat = np.ascontiguousarray(arr, dtype=np.float32)
+    return _core.reconstruct_backward(flat, seed, d)
 
 
 def fingerprint(seed: int, d: int, shapes: ShapeSpec) -> str:

@@ -10,6 +10,7 @@ __all__ = [
     "get_num_threads",
     "projection",
     "reconstruct",
+    "reconstruct_backward",
     "set_num_threads",
 ]
 
@@ -22,6 +23,9 @@ def projection(
 def reconstruct(
     vector: npt.NDArray[np.float32], seed: int, shapes: list[tuple[int, int]]
 ) -> list[npt.NDArray[np.float32]]: ...
+def reconstruct_backward(
+    grad: npt.NDArray[np.float32], seed: int, d: int
+) -> npt.NDArray[np.float32]: ...
 def fingerprint(seed: int, d: int, shapes: list[tuple[str, int, int]]) -> str: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

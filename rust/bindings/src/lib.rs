@@ -15,7 +15,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::projection::{
-        fingerprint, get_num_threads, projection, reconstruct, set_num_threads,
+        fingerprint, get_num_threads, projection, reconstruct, reconstruct_backward,
+        set_num_threads,
     };
 
     use pyo3::prelude::*;

@@ -82,3 +82,20 @@ pub fn set_num_threads(n: usize) {
 pub fn get_num_threads() -> usize {
     parallel::num_threads()
 }
+
+/// The backward pass of `reconstruct`: `P^T grad` for the flattened gradient of
+/// `theta_D` (float32, length `D`); returns float32 `[d]`. Deterministic, GIL released.
+#[pyfunction]
+#[pyo3(signature = (grad, seed, d))]
+pub fn reconstruct_backward<'py>(
+    py: Python<'py>,
+    grad: PyReadonlyArray1<'py, f32>,
+    seed: u64,
+    d: u64,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let slice = grad.as_slice()?;
+    let out = py
+        .detach(|| unilora_core::reconstruct_backward(slice, seed, d))
+        .py()?;
+    Ok(out.into_pyarray(py))
+}

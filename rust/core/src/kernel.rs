@@ -493,3 +493,101 @@ mod tests {
         }
     }
 }
+
+/// Writes `perm^-1(start + t)` for `t < out.len()` (all inside `[0, D)`), for a domain
+/// of at most 32 bits: one decryption pass over the block, then the values that walk
+/// on are re-decrypted until they fall inside `[0, D)`.
+#[inline(always)]
+fn inverse_block32(f: &Feistel32, start: u32, out: &mut [u32]) {
+    for (t, y) in out.iter_mut().enumerate() {
+        *y = f.decrypt(start.wrapping_add(t as u32));
+    }
+    for y in out.iter_mut() {
+        while *y > f.last {
+            *y = f.decrypt(*y);
+        }
+    }
+}
+
+impl Feistel32 {
+    #[inline(always)]
+    fn decrypt(&self, y: u32) -> u32 {
+        // After an even number of rounds the widths are back to (wl, wr).
+        let (mut wl, mut wr) = (self.wl, self.wr);
+        let mut l = y >> wr;
+        let mut r = y & low_mask(wr);
+        for &key in self.keys.iter().rev() {
+            std::mem::swap(&mut wl, &mut wr);
+            let prev_r = l;
+            l = r ^ (mix32(prev_r ^ key) & low_mask(wl));
+            r = prev_r;
+        }
+        (l << wr) | r
+    }
+}
+
+/// `acc[j - j0] += grad[perm^-1(t d + j)]` for `t = 0, 1, ...` in order and `j` in
+/// `[j0, j0 + acc.len())`: the deterministic backward of the gather for a slice of
+/// columns. `acc` starts at zero; the caller multiplies by the column scales.
+pub(crate) fn accumulate_columns(p: &Projection, grad: &[f32], j0: u64, acc: &mut [f32]) {
+    assert_eq!(grad.len() as u64, p.total(), "gradient length must equal D");
+    let (d, total) = (p.d(), p.total());
+    let n_t = total.div_ceil(d);
+    if p.domain_bits() <= 32 {
+        let (wl, wr) = p.widths();
+        let f = Feistel32 {
+            keys: p.round_keys(),
+            wl,
+            wr,
+            last: (total - 1) as u32,
+        };
+        accumulate32_dispatch(&f, grad, d, n_t, j0, acc);
+    } else {
+        for t in 0..n_t {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let y = t * d + j0 + k as u64;
+                if y < total {
+                    *a += grad[p.inverse_permute(y) as usize];
+                }
+            }
+        }
+    }
+}
+
+fn accumulate32_dispatch(f: &Feistel32, grad: &[f32], d: u64, n_t: u64, j0: u64, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the only requirement of the target feature.
+            unsafe { accumulate32_avx2(f, grad, d, n_t, j0, acc) };
+            return;
+        }
+    }
+    accumulate32(f, grad, d, n_t, j0, acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn accumulate32_avx2(f: &Feistel32, grad: &[f32], d: u64, n_t: u64, j0: u64, acc: &mut [f32]) {
+    accumulate32(f, grad, d, n_t, j0, acc);
+}
+
+#[inline(always)]
+fn accumulate32(f: &Feistel32, grad: &[f32], d: u64, n_t: u64, j0: u64, acc: &mut [f32]) {
+    let total = u64::from(f.last) + 1;
+    let mut rows = [0u32; BLOCK];
+    for t in 0..n_t {
+        let y0 = t * d + j0;
+        if y0 >= total {
+            break;
+        }
+        let len = (acc.len() as u64).min(total - y0) as usize;
+        for (c, a) in acc[..len].chunks_mut(BLOCK).enumerate() {
+            let rows = &mut rows[..a.len()];
+            inverse_block32(f, (y0 + (c * BLOCK) as u64) as u32, rows);
+            for (x, &r) in a.iter_mut().zip(rows.iter()) {
+                *x += grad[r as usize];
+            }
+        }
+    }
+}

@@ -19,4 +19,6 @@ pub mod reconstruct;
 pub use error::{CoreError, Result};
 pub use fingerprint::fingerprint;
 pub use projection::{Projection, SPEC_VERSION};
-pub use reconstruct::{check_vector, reconstruct, reconstruct_into, total_size};
+pub use reconstruct::{
+    check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
+};

@@ -108,3 +108,30 @@ pub fn reconstruct(vector: &[f32], seed: u64, shapes: &[(u64, u64)]) -> Result<V
     }
     Ok(outs)
 }
+
+/// Columns per parallel work item of the backward pass.
+const COLUMN_CHUNK: usize = 1 << 12;
+
+/// The backward pass of [`reconstruct`]: `grad_theta_d = P^T grad_theta_D`.
+///
+/// `grad` is the gradient of the flattened `theta_D` (length `D`); the result has length
+/// `d`. Column `j` sums `grad[perm^-1(j + t d)]` for `t = 0, 1, ...` in that order in
+/// float32, then multiplies by its scale once: no atomics, the same bits for every
+/// thread count (and the same order as the GPU kernel).
+pub fn reconstruct_backward(grad: &[f32], seed: u64, d: u64) -> Result<Vec<f32>> {
+    let total = grad.len() as u64;
+    let proj = Projection::new(seed, total, d)?;
+    let mut out = vec![0f32; d as usize];
+    parallel::install(|| {
+        out.par_chunks_mut(COLUMN_CHUNK)
+            .enumerate()
+            .for_each(|(c, acc)| {
+                let j0 = (c * COLUMN_CHUNK) as u64;
+                crate::kernel::accumulate_columns(&proj, grad, j0, acc);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a *= proj.column_scale(j0 + k as u64);
+                }
+            });
+    });
+    Ok(out)
+}

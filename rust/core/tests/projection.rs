@@ -282,3 +282,49 @@ fn bad_arguments_are_specific_errors() {
     let e = reconstruct_into(&v, 0, &[(4, 4)], &mut [&mut out[..]]).unwrap_err();
     assert!(e.to_string().contains("needs 16"));
 }
+
+#[test]
+fn backward_is_the_ordered_inverse_sum_for_any_thread_count() {
+    use unilora_core::reconstruct_backward;
+    for &(seed, total, d) in &[
+        (3u64, 1u64, 1u64),
+        (4, 1000, 7),
+        (5, 70_001, 23_040),
+        (6, (1 << 20) + 1, 524_288),
+        (7, 300_000, 1),
+        (8, 50_000, 50_000),
+    ] {
+        let p = Projection::new(seed, total, d).unwrap();
+        let grad: Vec<f32> = (0..total)
+            .map(|i| ((i * 2_654_435_761) % 1997) as f32 * 1e-3 - 1.0)
+            .collect();
+        let mut want = vec![0f32; d as usize];
+        for (j, w) in want.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for row in p.rows_of_column(j as u64) {
+                acc += grad[row as usize];
+            }
+            *w = acc * p.column_scale(j as u64);
+        }
+        for threads in [1, 2] {
+            parallel::set_num_threads(threads);
+            let got = reconstruct_backward(&grad, seed, d).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "D={total} d={d}"
+            );
+        }
+        parallel::set_num_threads(0);
+        // And it is P^T applied to grad (float64 reference, loose tolerance).
+        let (idx, scale) = map(&p);
+        let mut ref64 = vec![0f64; d as usize];
+        for i in 0..total as usize {
+            ref64[idx[i] as usize] += f64::from(grad[i]) * f64::from(scale[i]);
+        }
+        for (a, b) in want.iter().zip(&ref64) {
+            assert!((f64::from(*a) - b).abs() <= 1e-3 * (1.0 + b.abs()));
+        }
+    }
+}
