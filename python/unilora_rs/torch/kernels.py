@@ -208,6 +208,11 @@ def build_index_map(p: ProjectionParams, device: torch.device | str) -> torch.Te
     """The explicit int32 map ``idx`` (length ``D``) on ``device``, for the cached mode."""
     if p.d > 2**31:
         raise InvalidArgumentError(f"the cached int32 map needs d <= 2^31, got d = {p.d}")
+    if torch.device(device).type == "cpu":
+        from .. import _core
+
+        idx, _ = _core.projection(p.seed, p.total, p.d)
+        return torch.from_numpy(idx).to(torch.int32)
     out = torch.empty(p.total, dtype=torch.int32, device=device)
     for start in range(0, p.total, CHUNK_ROWS):
         stop = min(p.total, start + CHUNK_ROWS)

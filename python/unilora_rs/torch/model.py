@@ -118,6 +118,7 @@ class UniLoRAModel(nn.Module):
         theta = torch.empty(config.vector_length, dtype=torch.float32, device=device)
         theta.uniform_(-config.init_range, config.init_range)
         self.theta_d = nn.Parameter(theta)
+        self._sync_index_map()
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -161,20 +162,26 @@ class UniLoRAModel(nn.Module):
         # theta_d stays float32 whatever the base dtype (model.half(), .to(bfloat16)).
         if self.theta_d.dtype != torch.float32:
             self.theta_d.data = self.theta_d.data.to(torch.float32)
-        if self._index_map is not None and self._index_map.device != self.theta_d.device:
-            self._index_map = None
+        self._sync_index_map()
         self._state.clear()
         return self
+
+    def _sync_index_map(self) -> None:
+        """Builds (cached mode) or drops (on-the-fly mode) the int32 map on theta_d's device."""
+        if self.index_mode != "cached":
+            self._index_map = None
+            return
+        device = self.theta_d.device
+        if self._index_map is None or self._index_map.device != device:
+            with torch.no_grad():
+                self._index_map = build_index_map(self.projection, device)
 
     def _rebuild(self) -> torch.Tensor:
         theta = self.theta_d
         if self.index_mode == "cached":
-            index = self._index_map
-            if index is None or index.device != theta.device:
-                with torch.no_grad():
-                    index = build_index_map(self.projection, theta.device)
-                self._index_map = index
-            return rebuild(theta, self.projection, index=index)
+            if self._index_map is None or self._index_map.device != theta.device:
+                self._sync_index_map()
+            return rebuild(theta, self.projection, index=self._index_map)
         return rebuild(theta, self.projection, backend=self.backend)
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
@@ -238,8 +245,7 @@ class UniLoRAModel(nn.Module):
             resolve_backend(self.theta_d.device, backend)
             self.backend = backend
         self.index_mode = mode
-        if mode != "cached":
-            self._index_map = None
+        self._sync_index_map()
         self._state.clear()
 
     # ------------------------------------------------------------------ merging
