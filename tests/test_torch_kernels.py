@@ -13,11 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import unilora_rs as ur  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch_spec_reference import Spec  # noqa: E402
-
-import unilora_rs as ur  # noqa: E402
 from unilora_rs.errors import InvalidArgumentError  # noqa: E402
 from unilora_rs.torch import kernels as K  # noqa: E402
 

@@ -12,9 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from torch import nn  # noqa: E402
-
 import unilora_rs as ur  # noqa: E402
+from torch import nn  # noqa: E402
 from unilora_rs.adapter import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from unilora_rs.errors import InvalidArgumentError, MismatchError  # noqa: E402
 from unilora_rs.torch import (  # noqa: E402
@@ -45,7 +44,12 @@ def tiny_llama(seed: int = 0, hidden: int = 32, dtype: Any = None) -> nn.Module:
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        bos_token_id=0,
         eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(cfg)
@@ -195,7 +199,9 @@ def test_merge_matches_rust_reconstruct_conv1d() -> None:
     model = get_unilora_model(base, UniLoRAConfig(rank=2, vector_length=300, alpha=4.0)).eval()
     assert [s.kind for s in model.adapter_config.modules] == ["conv1d", "conv1d"]
     mats = ur.reconstruct(
-        model.theta_d.detach().numpy(), model.adapter_config.seed, model.adapter_config.matrix_shapes()
+        model.theta_d.detach().numpy(),
+        model.adapter_config.seed,
+        model.adapter_config.matrix_shapes(),
     )
     ours = model.lora_matrices()
     for spec in model.adapter_config.modules:
@@ -287,15 +293,17 @@ def test_target_rules() -> None:
     )
     assert len(_names(m)) == 10 and not any("gate" in n or "up_proj" in n for n in _names(m))
     m = get_unilora_model(tiny_llama(), UniLoRAConfig(rank=2, vector_length=64))
-    assert _names(m) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert _names(m) == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
 
 
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(InvalidArgumentError, match=r"larger than D = 4096.*e\.g\. d = 256"):
         get_unilora_model(tiny_llama(), llama_cfg(vector_length=10**6))
-    with pytest.raises(InvalidArgumentError, match="matches no nn.Linear"):
+    with pytest.raises(InvalidArgumentError, match=r"matches no nn\.Linear"):
         get_unilora_model(tiny_llama(), llama_cfg(target_modules=["nope"]))
-    with pytest.raises(InvalidArgumentError, match="only nn.Linear and GPT-2 Conv1D"):
+    with pytest.raises(InvalidArgumentError, match=r"only nn\.Linear and GPT-2 Conv1D"):
         get_unilora_model(tiny_llama(), llama_cfg(target_modules=["embed_tokens"]))
     with pytest.raises(InvalidArgumentError, match="invalid regular expression"):
         UniLoRAConfig(target_modules="(")
@@ -345,7 +353,9 @@ def test_changed_seed_or_modules_are_refused(tmp_path: Path) -> None:
 
     changed = dict(original, seed=original["seed"] + 1)
     path.write_text(json.dumps(changed))
-    with pytest.raises(MismatchError, match="fingerprint mismatch.*seed, d or module list was changed"):
+    with pytest.raises(
+        MismatchError, match=r"fingerprint mismatch.*seed, d or module list was changed"
+    ):
         UniLoRAModel.from_pretrained(tiny_llama(), tmp_path)
 
     changed = dict(original, modules=original["modules"][:-1])

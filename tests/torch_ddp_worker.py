@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
-
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model
 
 
@@ -23,12 +22,19 @@ def main() -> None:
     # Different initial theta_d per rank on purpose: DDP must broadcast rank 0's.
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     base = transformers.LlamaForCausalLM(cfg)
     torch.manual_seed(100 + rank)
-    model = get_unilora_model(base, UniLoRAConfig(rank=4, vector_length=512, target_modules="all-linear"))
+    model = get_unilora_model(
+        base, UniLoRAConfig(rank=4, vector_length=512, target_modules="all-linear")
+    )
     initial = model.theta_d.detach().clone()
     ddp = DDP(model)
     opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
@@ -38,8 +44,10 @@ def main() -> None:
         ddp(batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()
-    torch.save({"initial": initial, "final": model.theta_d.detach().clone()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"initial": initial, "final": model.theta_d.detach().clone()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.barrier()
     dist.destroy_process_group()
 

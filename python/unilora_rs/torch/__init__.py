@@ -14,9 +14,7 @@ from __future__ import annotations
 try:
     import torch  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only without torch
-    raise ImportError(
-        "unilora_rs.torch needs PyTorch: pip install 'unilora_rs[torch]'"
-    ) from err
+    raise ImportError("unilora_rs.torch needs PyTorch: pip install 'unilora_rs[torch]'") from err
 
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, UniLoRAConfig
 from .kernels import ProjectionParams, build_index_map, rebuild

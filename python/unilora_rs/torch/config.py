@@ -59,8 +59,9 @@ class UniLoRAConfig:
         alpha: LoRA alpha; the update is scaled by ``alpha / rank``. ``None`` means
             ``alpha = rank`` (factor 1, as in the paper: the ``1/sqrt(n_j)`` scales carry it).
         target_modules: which layers to adapt, with PEFT's rules: a list of exact
-            module names or name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``),
-            a regex string (full match of the qualified name), or ``"all-linear"``
+            module names or name suffixes (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``), a regex string (full match of the
+            qualified name), or ``"all-linear"``
             (every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output layer). ``None`` uses
             :data:`DEFAULT_TARGET_MODULES` for the model type.
         exclude_modules: names / suffixes (list) or a regex (string) never adapted.
@@ -94,8 +95,14 @@ class UniLoRAConfig:
         d = self.vector_length
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise InvalidArgumentError(f"vector_length (d) must be a positive integer, got {d!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
-            raise InvalidArgumentError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
+        ):
+            raise InvalidArgumentError(
+                f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}"
+            )
         if self.alpha is None:
             self.alpha = float(self.rank)
         if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
@@ -103,7 +110,8 @@ class UniLoRAConfig:
         self.alpha = float(self.alpha)
         if not self.init_range > 0:
             raise InvalidArgumentError(
-                f"init_range must be > 0 (theta_d = 0 gives zero gradients), got {self.init_range!r}"
+                "init_range must be > 0 (theta_d = 0 gives zero gradients), "
+                f"got {self.init_range!r}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -112,7 +120,9 @@ class UniLoRAConfig:
                 f"index_mode {self.index_mode!r} is not one of {', '.join(INDEX_MODES)}"
             )
         if self.backend not in BACKENDS:
-            raise InvalidArgumentError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+            raise InvalidArgumentError(
+                f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}"
+            )
         self.target_modules = _check_rule("target_modules", self.target_modules)
         self.exclude_modules = _check_rule("exclude_modules", self.exclude_modules)
         mts = _check_rule("modules_to_save", self.modules_to_save)
@@ -155,9 +165,11 @@ def _check_rule(label: str, rule: object) -> list[str] | str | None:
             try:
                 re.compile(rule)
             except re.error as err:
-                raise InvalidArgumentError(f"{label}: invalid regular expression {rule!r} ({err})") from err
+                raise InvalidArgumentError(
+                    f"{label}: invalid regular expression {rule!r} ({err})"
+                ) from err
         return rule
-    if isinstance(rule, Sequence) or isinstance(rule, (set, frozenset)):
+    if isinstance(rule, (Sequence, set, frozenset)):
         items = list(rule)
         if not all(isinstance(x, str) and x for x in items):
             raise InvalidArgumentError(f"{label} must hold non-empty strings, got {rule!r}")
@@ -213,9 +225,7 @@ def find_modules_to_save(model: nn.Module, config: UniLoRAConfig) -> list[str]:
             continue
         if name_matches(name, config.modules_to_save):
             found.append(name)
-    missing = [
-        t for t in config.modules_to_save if not any(name_matches(n, [t]) for n in found)
-    ]
+    missing = [t for t in config.modules_to_save if not any(name_matches(n, [t]) for n in found)]
     if missing:
         raise InvalidArgumentError(f"modules_to_save: no module of the model is named {missing}")
     return found
@@ -255,19 +265,16 @@ def find_targets(
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue
         kind = module_kind(module)
-        if rule == ALL_LINEAR:
-            matched = kind is not None
-        else:
-            matched = name_matches(name, rule)
+        matched = kind is not None if rule == ALL_LINEAR else name_matches(name, rule)
         if not matched:
             continue
         if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
             continue
         if kind is None:
-            if isinstance(rule, list) and not any(name == t for t in rule):
+            suffix_only = isinstance(rule, list) and not any(name == t for t in rule)
+            if suffix_only and any(True for _ in module.children()):
                 # A suffix that also names a container (e.g. "attn"): only leaves are targets.
-                if any(True for _ in module.children()):
-                    continue
+                continue
             raise InvalidArgumentError(
                 f"module {name!r} ({type(module).__name__}) matches target_modules but only "
                 "nn.Linear and GPT-2 Conv1D layers can be adapted"

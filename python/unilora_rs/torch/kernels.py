@@ -87,7 +87,9 @@ class ProjectionParams:
         if not 0 <= seed <= _U64:
             raise InvalidArgumentError(f"seed must be in [0, 2**64 - 1], got {seed}")
         if d < 1:
-            raise InvalidArgumentError(f"d (the trainable vector length) must be at least 1, got {d}")
+            raise InvalidArgumentError(
+                f"d (the trainable vector length) must be at least 1, got {d}"
+            )
         if total < 1:
             raise InvalidArgumentError(f"the total size D must be at least 1, got {total}")
         if d > total:
@@ -429,7 +431,9 @@ def rebuild(
     """
     resolve_backend(theta.device, backend)  # validates the name early
     if theta.dim() != 1 or theta.numel() != p.d:
-        raise InvalidArgumentError(f"theta_d must be 1-D of length d = {p.d}, got {tuple(theta.shape)}")
+        raise InvalidArgumentError(
+            f"theta_d must be 1-D of length d = {p.d}, got {tuple(theta.shape)}"
+        )
     if theta.dtype != torch.float32:
         raise InvalidArgumentError(f"theta_d must be float32, got {theta.dtype}")
     if index is not None:

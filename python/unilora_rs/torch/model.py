@@ -240,7 +240,9 @@ class UniLoRAModel(nn.Module):
     def set_index_mode(self, mode: str, backend: str | None = None) -> None:
         """Switches between ``"on_the_fly"`` and ``"cached"`` indices (and the backend)."""
         if mode not in INDEX_MODES:
-            raise InvalidArgumentError(f"index mode {mode!r} is not one of {', '.join(INDEX_MODES)}")
+            raise InvalidArgumentError(
+                f"index mode {mode!r} is not one of {', '.join(INDEX_MODES)}"
+            )
         if backend is not None:
             resolve_backend(self.theta_d.device, backend)
             self.backend = backend
@@ -284,7 +286,9 @@ class UniLoRAModel(nn.Module):
         """Removes the Uni-LoRA layers without merging; returns the base model."""
         for layer in self.unilora_layers():
             if layer.merged:
-                raise InvalidArgumentError("unload() on a merged model: call unmerge_adapter() first")
+                raise InvalidArgumentError(
+                    "unload() on a merged model: call unmerge_adapter() first"
+                )
         return self._unload(merge=False)
 
     @contextlib.contextmanager
@@ -322,8 +326,14 @@ class UniLoRAModel(nn.Module):
                 extra[f"{name}.{pname}"] = t.contiguous().numpy()
         return save_adapter(save_directory, self.adapter_config, theta, extra)
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload Uni-LoRA adapter") -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload Uni-LoRA adapter",
+    ) -> str:
         """Saves the adapter to a temporary folder and uploads it with ``huggingface_hub``."""
         import tempfile
 
@@ -333,7 +343,9 @@ class UniLoRAModel(nn.Module):
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message
+            )
         return str(getattr(info, "commit_url", info))
 
     @classmethod
@@ -420,7 +432,9 @@ def _load_saved_tensors(model: nn.Module, extra: dict[str, np.ndarray], source: 
     state = model.state_dict()
     for name, arr in extra.items():
         if name not in state:
-            raise MismatchError(f"{source}: saved tensor {name!r} is not in the base model's state dict")
+            raise MismatchError(
+                f"{source}: saved tensor {name!r} is not in the base model's state dict"
+            )
         target = state[name]
         if tuple(arr.shape) != tuple(target.shape):
             raise MismatchError(
