@@ -40,6 +40,8 @@ class SharedState:
     def __init__(self, compute: Callable[[], torch.Tensor]) -> None:
         self._compute = compute
         self.theta_D: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+        self.sizes: list[int] = []
         self.disabled = False
         self._key: tuple[Any, ...] | None = None
         self._source: Callable[[], torch.Tensor] | None = None
@@ -58,26 +60,33 @@ class SharedState:
             torch.is_inference_mode_enabled(),
         )
 
-    def refresh(self) -> torch.Tensor:
-        """Rebuilds ``theta_D`` from ``theta_d`` and keeps it for the layers of this pass."""
+    def refresh(self) -> tuple[torch.Tensor, ...]:
+        """Rebuilds ``theta_D`` from ``theta_d`` and keeps it for the layers of this pass.
+
+        ``theta_D`` is cut with ONE ``split`` into the flat ``B`` / ``A`` blocks of every
+        layer, so the backward pass assembles the gradient of ``theta_D`` with one
+        concatenation (per-layer slicing would allocate a zero-filled ``D``-sized
+        gradient per matrix).
+        """
         theta_big = self._compute()
         self.theta_D = theta_big
+        self.parts = theta_big.split(self.sizes)
         if not torch.compiler.is_compiling():
             self._key = self._current_key()
-        return theta_big
+        return self.parts
 
-    def current(self) -> torch.Tensor:
-        """The ``theta_D`` of the current pass (rebuilt when missing or stale)."""
-        theta_big = self.theta_D
-        if theta_big is None:
+    def current(self) -> tuple[torch.Tensor, ...]:
+        """The flat blocks of the current pass's ``theta_D`` (rebuilt when missing or stale)."""
+        if self.theta_D is None:
             return self.refresh()
         if not torch.compiler.is_compiling() and self._key != self._current_key():
             return self.refresh()
-        return theta_big
+        return self.parts
 
     def clear(self) -> None:
         """Drops the cached ``theta_D``."""
         self.theta_D = None
+        self.parts = ()
         self._key = None
 
 
@@ -97,6 +106,7 @@ class UniLoRALayer(nn.Module):
         rank: int,
         scaling: float,
         offset: int,
+        slot: int,
         dropout: float,
         state: SharedState,
     ) -> None:
@@ -108,6 +118,7 @@ class UniLoRALayer(nn.Module):
         self.offset_b = offset
         self.offset_a = offset + spec.out_features * rank
         self.end = self.offset_a + rank * spec.in_features
+        self.slot = slot  # the blocks of theta_D.split(): B at slot, A at slot + 1
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._state = state
@@ -145,6 +156,12 @@ class UniLoRALayer(nn.Module):
         a = theta_big[self.offset_a : self.end].view(r, self.in_features)
         return a, b
 
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self._state.current()
+        b = parts[self.slot].view(self.out_features, self.rank)
+        a = parts[self.slot + 1].view(self.rank, self.in_features)
+        return a, b
+
     def delta_weight(self, theta_big: torch.Tensor) -> torch.Tensor:
         """``(alpha / r) * B @ A`` in float32, in the layout of the base weight
         (transposed for Conv1D)."""
@@ -176,7 +193,7 @@ class UniLoRALayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or self._state.disabled:
             return result
-        a, b = self.lora_matrices(self._state.current())
+        a, b = self._views()
         h = self.dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.float32)

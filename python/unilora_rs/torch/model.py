@@ -138,11 +138,13 @@ class UniLoRAModel(nn.Module):
                 rank=config.rank,
                 scaling=config.scaling,
                 offset=offset,
+                slot=2 * len(layers),
                 dropout=config.dropout,
                 state=self._state,
             )
             setattr(parent, child, layer)
             layers.append(layer)
+            self._state.sizes += [spec.out_features * config.rank, config.rank * spec.in_features]
             offset += config.rank * (spec.in_features + spec.out_features)
         self._layers = layers
         self._hook = model.register_forward_pre_hook(self._pre_forward)
