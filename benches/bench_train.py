@@ -227,11 +227,13 @@ def main() -> int:
     device = args.device
     if device.startswith("cuda"):
         device = f"{device} ({torch.cuda.get_device_name()})"
+    precision = args.dtype + (" + bf16 autocast" if args.autocast else "")
     header = (
         f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
-        f"batch {args.batch} x seq {args.seq}, {args.dtype}{' + bf16 autocast' if args.autocast else ''}; "
+        f"batch {args.batch} x seq {args.seq}, {precision}; "
         f"all 7 linear projections, rank {args.rank}, d = {args.d}; AdamW; median of "
-        f"{args.steps} steps after {args.warmup} warm-up, best of {args.rounds} interleaved rounds. "
+        f"{args.steps} steps after {args.warmup} warm-up, best of {args.rounds} "
+        "interleaved rounds. "
         f"Device {device}, torch {torch.__version__}, {args.threads} threads, "
         f"{platform.processor() or platform.machine()}."
     )
