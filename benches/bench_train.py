@@ -1,10 +1,11 @@
 """Training-step time and memory: unilora_rs.torch vs PEFT LoRA and PEFT Uni-LoRA.
 
 Every variant trains the same Llama-shaped model (built from a config, random weights)
-with the same rank and target modules; each runs in its own subprocess so that peak
-memory is its own. Printed: median step time (forward + backward + AdamW step) over
-``--steps`` steps after ``--warmup``, peak memory, and the bytes of index tensors the
-adapter keeps, as ratios against PEFT LoRA measured in the same run.
+with the same rank and target modules. Step times (forward + backward + AdamW step) are
+taken in one process with the variants' steps interleaved, so that machine noise hits
+all alike; peak memory is measured with each variant alone in a subprocess. Printed:
+median step time, ratios against PEFT LoRA and PEFT Uni-LoRA from the same run, peak
+memory, and the bytes of index tensors each adapter keeps.
 
     python benches/bench_train.py                  # CPU, writes docs/bench_train.md
     python benches/bench_train.py --device cuda --hidden 2048 --layers 8 --seq 512
@@ -26,14 +27,6 @@ from typing import Any
 
 VARIANTS = ("peft-lora", "peft-unilora", "ours-on-the-fly", "ours-cached")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _build(args: argparse.Namespace, variant: str) -> tuple[Any, int]:
@@ -81,59 +74,87 @@ def _build(args: argparse.Namespace, variant: str) -> tuple[Any, int]:
     return model, index_bytes
 
 
-def run_variant(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs one variant in this process and returns its measurements."""
+def _stepper(model: Any, args: argparse.Namespace) -> Any:
     import torch
 
-    torch.set_num_threads(args.threads)
-    variant = args.variant
-    cuda = args.device.startswith("cuda")
-    rss0 = _rss_bytes()
-    model, index_bytes = _build(args, variant)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and args.autocast else _Null()
+    cuda = args.device.startswith("cuda")
 
     def step() -> float:
-        with autocast:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and args.autocast else _Null()
+        with ctx:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
+    return step, sum(p.numel() for p in params)
+
+
+def run_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant alone in this process: peak memory of a few training steps."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    model, index_bytes = _build(args, args.variant)
+    step, trainable = _stepper(model, args)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_bytes()
-    times = []
-    losses = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        losses.append(step())
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(3):
+        step()
     out = {
-        "variant": variant,
-        "step_ms": 1e3 * statistics.median(times),
-        "step_ms_min": 1e3 * min(times),
-        "trainable": sum(p.numel() for p in params),
+        "variant": args.variant,
         "index_bytes": index_bytes,
-        "peak_rss_mb": peak_rss / 2**20,
-        "rss_model_mb": (rss_before - rss0) / 2**20,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
+        "trainable": trainable,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if cuda:
+        torch.cuda.synchronize()
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def run_timing(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """All variants in this process, their steps interleaved (A B C D A B C D ...), so
+    that machine noise falls on every variant alike. Returns median / min step ms."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    steppers = {}
+    for variant in VARIANTS:
+        model, _ = _build(args, variant)
+        steppers[variant] = _stepper(model, args)[0]
+    for _ in range(args.warmup):
+        for step in steppers.values():
+            step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.steps):
+        for variant, step in steppers.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            losses[variant].append(step())
+            if cuda:
+                torch.cuda.synchronize()
+            times[variant].append(time.perf_counter() - t0)
+    return {
+        v: {
+            "step_ms": 1e3 * statistics.median(times[v]),
+            "step_ms_min": 1e3 * min(times[v]),
+            "loss_first": losses[v][0],
+            "loss_last": losses[v][-1],
+        }
+        for v in VARIANTS
+    }
 
 
 class _Null:
@@ -180,14 +201,13 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--d", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_train.md")
     args = parser.parse_args()
 
     if args.variant:
-        print(json.dumps(run_variant(args)))
+        print(json.dumps(run_memory(args)))
         return 0
 
     forwarded = []
@@ -208,20 +228,17 @@ def main() -> int:
         forwarded += [f"--{key}", str(getattr(args, key))]
     if args.autocast:
         forwarded.append("--autocast")
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):  # interleave variants so machine noise hits all alike
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, *forwarded]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
-                return 1
-            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = []
-    for variant in VARIANTS:
-        best = min(runs[variant], key=lambda r: r["step_ms"])  # least disturbed round
-        best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs[variant])
-        results.append(best)
+    for variant in VARIANTS:  # memory: one process per variant
+        cmd = [sys.executable, __file__, "--variant", variant, *forwarded]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    timing = run_timing(args)
+    for r in results:
+        r.update(timing[r["variant"]])
     import torch
 
     device = args.device
@@ -231,9 +248,10 @@ def main() -> int:
     header = (
         f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
         f"batch {args.batch} x seq {args.seq}, {precision}; "
-        f"all 7 linear projections, rank {args.rank}, d = {args.d}; AdamW; median of "
-        f"{args.steps} steps after {args.warmup} warm-up, best of {args.rounds} "
-        "interleaved rounds. "
+        f"all 7 linear projections, rank {args.rank}, d = {args.d}; AdamW. Step time: "
+        f"median of {args.steps} steps per variant after {args.warmup} warm-up, the four "
+        "variants' steps interleaved in one process; memory: each variant alone in a "
+        "subprocess. "
         f"Device {device}, torch {torch.__version__}, {args.threads} threads, "
         f"{platform.processor() or platform.machine()}."
     )
