@@ -218,6 +218,8 @@ def export_adapter_onnx(
     from .model import UniLoRAModel
 
     src = Path(source)
+    if not src.is_dir():
+        raise FileNotFoundError(2, "adapter or model folder not found", str(src))
     out = Path(out_path).resolve()
     if (src / CONFIG_NAME).exists():
         from ..adapter import load_adapter_config
