@@ -1,0 +1,34 @@
+"""Uni-LoRA training layer for torch and transformers models (needs torch).
+
+>>> from unilora_rs.torch import UniLoRAConfig, get_unilora_model  # doctest: +SKIP
+>>> model = get_unilora_model(base, UniLoRAConfig(rank=4, vector_length=23_040,
+...                                               target_modules=["query", "value"]))
+
+One float32 ``nn.Parameter`` ``theta_d`` is the only trainable tensor (plus any
+``modules_to_save``); every LoRA matrix is a view of ``theta_D = P theta_d``, rebuilt
+once per forward pass by the kernels in :mod:`unilora_rs.torch.kernels`.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without torch
+    raise ImportError("unilora_rs.torch needs PyTorch: pip install 'unilora_rs[torch]'") from err
+
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, UniLoRAConfig
+from .kernels import ProjectionParams, build_index_map, rebuild
+from .layers import UniLoRALayer
+from .model import UniLoRAModel, get_unilora_model
+
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_TARGET_MODULES",
+    "ProjectionParams",
+    "UniLoRAConfig",
+    "UniLoRALayer",
+    "UniLoRAModel",
+    "build_index_map",
+    "get_unilora_model",
+    "rebuild",
+]

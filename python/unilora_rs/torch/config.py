@@ -1,0 +1,282 @@
+"""``UniLoRAConfig`` and the target-module matching rules (PEFT's rules)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from ..adapter import AdapterConfig
+from ..errors import InvalidArgumentError
+from .kernels import BACKENDS, INDEX_MODES
+
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_TARGET_MODULES",
+    "UniLoRAConfig",
+    "find_modules_to_save",
+    "find_targets",
+    "name_matches",
+]
+
+#: The special ``target_modules`` value: every Linear / Conv1D except the output layer.
+ALL_LINEAR = "all-linear"
+
+#: Default targets by ``model.config.model_type`` when ``target_modules`` is not given
+#: (the query and value projections, as in the paper's GLUE and instruction runs).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+}
+
+
+@dataclass
+class UniLoRAConfig:
+    """Hyper-parameters of a Uni-LoRA adapter (see docs/TRAINING.md for working defaults).
+
+    Args:
+        rank: LoRA rank ``r`` of every adapted matrix pair.
+        vector_length: ``d``, the length of the single trainable vector ``theta_d``
+            (the paper uses 23,040 for RoBERTa-base q,v and 2^19 for 7B all-linear).
+        seed: seed of the projection (any u64); recorded in the adapter.
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank``. ``None`` means
+            ``alpha = rank`` (factor 1, as in the paper: the ``1/sqrt(n_j)`` scales carry it).
+        target_modules: which layers to adapt, with PEFT's rules: a list of exact
+            module names or name suffixes (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``), a regex string (full match of the
+            qualified name), or ``"all-linear"``
+            (every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output layer). ``None`` uses
+            :data:`DEFAULT_TARGET_MODULES` for the model type.
+        exclude_modules: names / suffixes (list) or a regex (string) never adapted.
+        modules_to_save: modules (names or suffixes, e.g. ``["classifier"]``) trained in
+            full and stored in the adapter, typically task heads.
+        init_range: ``theta_d`` starts as ``U(-init_range, init_range)`` (0 gives zero gradients).
+        dropout: dropout probability on the input of the LoRA branch.
+        index_mode: ``"on_the_fly"`` (indices computed from the seed in every pass, no
+            index tensor) or ``"cached"`` (an int32 map of ``D`` entries, for comparison).
+        backend: ``"auto"`` (Triton on CUDA, the Rust core on CPU), ``"triton"``,
+            ``"rust"`` or ``"torch"`` (int64 torch ops, any device).
+        base_model_name_or_path: recorded in the adapter (informative).
+    """
+
+    rank: int = 4
+    vector_length: int = 2**19
+    seed: int = 0
+    alpha: float | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    init_range: float = 0.02
+    dropout: float = 0.0
+    index_mode: str = "on_the_fly"
+    backend: str = "auto"
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidArgumentError(f"rank must be a positive integer, got {self.rank!r}")
+        d = self.vector_length
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise InvalidArgumentError(f"vector_length (d) must be a positive integer, got {d!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
+        ):
+            raise InvalidArgumentError(
+                f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}"
+            )
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
+            raise InvalidArgumentError(f"alpha must be a number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not self.init_range > 0:
+            raise InvalidArgumentError(
+                "init_range must be > 0 (theta_d = 0 gives zero gradients), "
+                f"got {self.init_range!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.index_mode not in INDEX_MODES:
+            raise InvalidArgumentError(
+                f"index_mode {self.index_mode!r} is not one of {', '.join(INDEX_MODES)}"
+            )
+        if self.backend not in BACKENDS:
+            raise InvalidArgumentError(
+                f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        self.target_modules = _check_rule("target_modules", self.target_modules)
+        self.exclude_modules = _check_rule("exclude_modules", self.exclude_modules)
+        mts = _check_rule("modules_to_save", self.modules_to_save)
+        if isinstance(mts, str):
+            raise InvalidArgumentError("modules_to_save must be a list of module names")
+        self.modules_to_save = mts
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``."""
+        return float(self.alpha) / self.rank  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the user-facing fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_adapter_config(cls, cfg: AdapterConfig, **overrides: Any) -> UniLoRAConfig:
+        """The training config an adapter was made with (runtime options may be overridden)."""
+        kwargs: dict[str, Any] = {
+            "rank": cfg.rank,
+            "vector_length": cfg.vector_length,
+            "seed": cfg.seed,
+            "alpha": cfg.alpha,
+            "target_modules": cfg.target_modules,
+            "exclude_modules": cfg.exclude_modules,
+            "modules_to_save": list(cfg.modules_to_save) or None,
+            "init_range": cfg.init_range,
+            "base_model_name_or_path": cfg.base_model_name_or_path,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _check_rule(label: str, rule: object) -> list[str] | str | None:
+    if rule is None:
+        return None
+    if isinstance(rule, str):
+        if rule != ALL_LINEAR or label != "target_modules":
+            try:
+                re.compile(rule)
+            except re.error as err:
+                raise InvalidArgumentError(
+                    f"{label}: invalid regular expression {rule!r} ({err})"
+                ) from err
+        return rule
+    if isinstance(rule, (Sequence, set, frozenset)):
+        items = list(rule)
+        if not all(isinstance(x, str) and x for x in items):
+            raise InvalidArgumentError(f"{label} must hold non-empty strings, got {rule!r}")
+        if label == "target_modules" and not items:
+            raise InvalidArgumentError("target_modules is empty: name at least one module")
+        return items
+    raise InvalidArgumentError(
+        f"{label} must be a list of names, a regex string or None, got {type(rule).__name__}"
+    )
+
+
+def name_matches(name: str, rule: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex matched against the whole qualified name; a list
+    matches a name equal to one of its entries or ending with ``"." + entry``."""
+    if isinstance(rule, str):
+        return re.fullmatch(rule, name) is not None
+    return any(name == t or name.endswith("." + t) for t in rule)
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """``"linear"`` for ``nn.Linear``, ``"conv1d"`` for GPT-2's ``Conv1D``, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def module_features(module: nn.Module, kind: str) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear / Conv1D layer."""
+    weight = module.weight  # type: ignore[union-attr]
+    if kind == "conv1d":
+        return int(weight.shape[0]), int(weight.shape[1])
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def find_modules_to_save(model: nn.Module, config: UniLoRAConfig) -> list[str]:
+    """Qualified names of the modules matching ``modules_to_save`` (outermost matches only)."""
+    if not config.modules_to_save:
+        return []
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        if name_matches(name, config.modules_to_save):
+            found.append(name)
+    missing = [t for t in config.modules_to_save if not any(name_matches(n, [t]) for n in found)]
+    if missing:
+        raise InvalidArgumentError(f"modules_to_save: no module of the model is named {missing}")
+    return found
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is None:
+        return set()
+    return {name for name, mod in model.named_modules() if mod is out}
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    raise InvalidArgumentError(
+        f"target_modules is not set and model type {model_type!r} has no default; "
+        "pass target_modules (a list of module names, a regex, or 'all-linear')"
+    )
+
+
+def find_targets(
+    model: nn.Module, config: UniLoRAConfig, saved: Sequence[str] = ()
+) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, kind)`` of every layer to adapt, in ``named_modules`` order.
+
+    Modules inside ``saved`` (the modules_to_save) are never adapted; a module that matches
+    the rules but is not a Linear / Conv1D raises :class:`InvalidArgumentError`.
+    """
+    rule = config.target_modules if config.target_modules is not None else _default_targets(model)
+    outputs = _output_layer_names(model) if rule == ALL_LINEAR else set()
+    for name, module in model.named_modules():
+        if not name or name in outputs:
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
+            continue
+        kind = module_kind(module)
+        matched = kind is not None if rule == ALL_LINEAR else name_matches(name, rule)
+        if not matched:
+            continue
+        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+            continue
+        if kind is None:
+            suffix_only = isinstance(rule, list) and not any(name == t for t in rule)
+            if suffix_only and any(True for _ in module.children()):
+                # A suffix that also names a container (e.g. "attn"): only leaves are targets.
+                continue
+            raise InvalidArgumentError(
+                f"module {name!r} ({type(module).__name__}) matches target_modules but only "
+                "nn.Linear and GPT-2 Conv1D layers can be adapted"
+            )
+        yield name, module, kind

@@ -1,0 +1,228 @@
+"""Parity of the torch / Rust-on-CPU / Triton kernels with the Rust core and the spec text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import unilora_rs as ur  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch_spec_reference import Spec  # noqa: E402
+from unilora_rs.errors import InvalidArgumentError  # noqa: E402
+from unilora_rs.torch import kernels as K  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+# (seed, D, d): tiny sizes, D just above a power of two (long cycle walks), d = 1, d = D,
+# D mod d == 0, the largest seed.
+CASES = [
+    (0, 1, 1),
+    (1, 2, 1),
+    (3, 3, 2),
+    (7, 1000, 37),
+    (11, 1024, 1024),
+    (12, 1025, 5),
+    (2**64 - 1, 4097, 100),
+    (5, 6000, 1500),
+    (42, 16385, 1000),
+]
+
+
+def _reference_rebuild(theta: np.ndarray, seed: int, total: int) -> torch.Tensor:
+    (flat,) = ur.reconstruct(theta, seed, [(total, 1)])
+    return torch.from_numpy(flat.reshape(-1))
+
+
+def _autograd_reference(theta: torch.Tensor, seed: int, total: int) -> torch.Tensor:
+    """theta[idx] * scale with the explicit map (plain torch autograd)."""
+    idx, scale = ur.projection(seed, total, theta.numel())
+    return theta[torch.from_numpy(idx.astype(np.int64))] * torch.from_numpy(scale)
+
+
+def test_params_follow_spec() -> None:
+    for seed, total, d in CASES:
+        p = K.ProjectionParams.create(seed, total, d)
+        spec = Spec(seed, total, d)
+        assert list(p.keys) == spec.keys
+        assert (p.wl, p.wr) == (spec.wl, spec.wr)
+        assert np.float32(p.scale_lo) == spec.scale(d - 1)
+        assert p.q * d + p.rem == total
+
+
+@pytest.mark.parametrize(("seed", "total", "d"), CASES)
+def test_torch_generator_matches_rust_map(seed: int, total: int, d: int) -> None:
+    p = K.ProjectionParams.create(seed, total, d)
+    rows = torch.arange(total)
+    idx, _ = ur.projection(seed, total, d)
+    assert torch.equal(K.column_index(rows, p), torch.from_numpy(idx.astype(np.int64)))
+    perm = K.permute(rows, p)
+    assert torch.equal(torch.sort(perm).values, rows)  # a bijection of [0, D)
+    assert torch.equal(K.inverse_permute(perm, p), rows)
+    assert torch.equal(K.build_index_map(p, "cpu"), torch.from_numpy(idx))
+
+
+def test_torch_generator_large_domain_matches_spec_text() -> None:
+    # D > 2^32: a 41-bit Feistel domain, random access only (no map can be built).
+    total, d, seed = (1 << 40) + 12345, (1 << 32), 987654321
+    p = K.ProjectionParams.create(seed, total, d)
+    spec = Spec(seed, total, d)
+    rows = [0, 1, 2, 77, (1 << 33) + 5, total // 2, total - 2, total - 1]
+    got = K.permute(torch.tensor(rows), p).tolist()
+    assert got == [spec.perm(i) for i in rows]
+    assert K.inverse_permute(torch.tensor(got), p).tolist() == rows
+
+
+@pytest.mark.parametrize("mode", ["torch", "rust", "cached"])
+@pytest.mark.parametrize(("seed", "total", "d"), CASES)
+def test_rebuild_is_bit_exact(mode: str, seed: int, total: int, d: int) -> None:
+    p = K.ProjectionParams.create(seed, total, d)
+    theta = torch.randn(d, generator=torch.Generator().manual_seed(seed % 1000))
+    if mode == "cached":
+        out = K.rebuild(theta, p, index=K.build_index_map(p, "cpu"))
+    else:
+        out = K.rebuild(theta, p, backend=mode)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, _reference_rebuild(theta.numpy(), seed, total))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    total=st.integers(1, 5000),
+    frac=st.floats(0.0, 1.0),
+)
+def test_rebuild_property(seed: int, total: int, frac: float) -> None:
+    d = max(1, min(total, int(total * frac)))
+    p = K.ProjectionParams.create(seed, total, d)
+    theta = torch.rand(d) * 2 - 1
+    ref = _reference_rebuild(theta.numpy(), seed, total)
+    assert torch.equal(K.rebuild(theta, p, backend="torch"), ref)
+    assert torch.equal(K.rebuild(theta, p, backend="rust"), ref)
+
+
+@pytest.mark.parametrize("mode", ["torch", "rust", "cached"])
+@pytest.mark.parametrize(("seed", "total", "d"), [c for c in CASES if c[1] <= 6000])
+def test_gradient_matches_autograd(mode: str, seed: int, total: int, d: int) -> None:
+    p = K.ProjectionParams.create(seed, total, d)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(d, generator=gen)
+    upstream = torch.randn(total, generator=gen)
+
+    ours = base.clone().requires_grad_(True)
+    if mode == "cached":
+        out = K.rebuild(ours, p, index=K.build_index_map(p, "cpu"))
+    else:
+        out = K.rebuild(ours, p, backend=mode)
+    (out * upstream).sum().backward()
+
+    ref = base.clone().requires_grad_(True)
+    (_autograd_reference(ref, seed, total) * upstream).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_backward_is_deterministic_and_follows_spec() -> None:
+    seed, total, d = 3, 700, 9
+    p = K.ProjectionParams.create(seed, total, d)
+    grad = torch.randn(total, generator=torch.Generator().manual_seed(2))
+    first = K.rebuild_backward_reference(grad, p)
+    assert torch.equal(first, K.rebuild_backward_reference(grad, p))
+    expected = torch.from_numpy(Spec(seed, total, d).backward(grad.numpy()))
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="larger than the total size"):
+        K.ProjectionParams.create(0, 10, 11)
+    with pytest.raises(InvalidArgumentError, match="at least 1"):
+        K.ProjectionParams.create(0, 10, 0)
+    p = K.ProjectionParams.create(0, 10, 4)
+    with pytest.raises(InvalidArgumentError, match="length d = 4"):
+        K.rebuild(torch.zeros(5), p)
+    with pytest.raises(InvalidArgumentError, match="float32"):
+        K.rebuild(torch.zeros(4, dtype=torch.float64), p)
+    with pytest.raises(InvalidArgumentError, match="not one of"):
+        K.rebuild(torch.zeros(4), p, backend="cuda")
+    if not K._triton_interpret():
+        with pytest.raises(InvalidArgumentError, match="needs Triton and a CUDA tensor"):
+            K.rebuild(torch.zeros(4), p, backend="triton")
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, torch, unilora_rs as ur
+    from torch_spec_reference import Spec
+    from unilora_rs.torch import kernels as K
+    from unilora_rs.torch import triton_kernels as T
+
+    cases = [(0, 1, 1), (1, 2, 1), (3, 3, 2), (7, 300, 37), (2**64 - 1, 1025, 100),
+             (12, 257, 5), (9, 200, 200)]
+    for seed, total, d in cases:
+        p = K.ProjectionParams.create(seed, total, d)
+        gen = torch.Generator().manual_seed(seed % 97)
+        theta = torch.randn(d, generator=gen)
+        out = T.rebuild_forward(theta, p)
+        (ref,) = ur.reconstruct(theta.numpy(), seed, [(total, 1)])
+        assert torch.equal(out, torch.from_numpy(ref.reshape(-1))), ("forward", seed, total, d)
+        # through the custom op and autograd, backend="triton"
+        t = theta.clone().requires_grad_(True)
+        grad = torch.randn(total, generator=gen)
+        (K.rebuild(t, p, backend="triton") * grad).sum().backward()
+        expected = Spec(seed, total, d).backward(grad.numpy())
+        assert np.array_equal(t.grad.numpy(), expected), ("backward", seed, total, d)
+        assert torch.equal(T.rebuild_backward(grad, p), t.grad)
+    print("triton-interpreter-ok", len(cases))
+    """
+)
+
+
+def test_triton_kernels_in_interpreter_are_bit_exact() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE))
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "triton-interpreter-ok 7" in proc.stdout
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    ("seed", "total", "d"),
+    [(0, 1, 1), (7, 1000, 37), (2**64 - 1, 4097, 100), (5, 1 << 20, 4096), (9, 3_000_001, 2**17)],
+)
+def test_triton_matches_cpu_on_gpu(seed: int, total: int, d: int) -> None:
+    p = K.ProjectionParams.create(seed, total, d)
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(d, generator=gen)
+    grad = torch.randn(total, generator=gen)
+    out = K.rebuild(theta.cuda(), p, backend="triton")
+    assert torch.equal(out.cpu(), _reference_rebuild(theta.numpy(), seed, total))
+    t = theta.cuda().requires_grad_(True)
+    (K.rebuild(t, p, backend="triton") * grad.cuda()).sum().backward()
+    g1 = t.grad.clone()
+    t.grad = None
+    (K.rebuild(t, p, backend="triton") * grad.cuda()).sum().backward()
+    assert torch.equal(g1, t.grad)  # deterministic: no atomics
+    cpu = theta.clone().requires_grad_(True)
+    (K.rebuild(cpu, p, backend="rust") * grad).sum().backward()
+    torch.testing.assert_close(g1.cpu(), cpu.grad, rtol=1e-5, atol=1e-6)
+    # the torch fallback on CUDA agrees bit for bit in the forward pass too
+    assert torch.equal(K.rebuild(theta.cuda(), p, backend="torch").cpu(), out.cpu())
