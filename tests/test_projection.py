@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 import unilora_rs as ur
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from . import reference as ref
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden.json").read_text())
 

@@ -306,13 +306,12 @@ def _forward_rust(theta: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
 
 
 def _backward_rust(grad: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
-    """CPU backward: the map from the Rust core (transient), then a sequential index_add."""
+    """CPU backward: ``P^T grad`` in the Rust core, summed over the inverse enumeration in
+    the same order as the Triton kernel (no index map, no atomics, GIL released)."""
     from .. import _core
 
-    idx, _ = _core.projection(p.seed, p.total, p.d)
-    acc = torch.zeros(p.d, dtype=torch.float32)
-    acc.index_add_(0, torch.from_numpy(idx), grad)
-    return acc * _column_scales(p, grad.device)
+    g = grad.detach().contiguous().to(torch.float32).numpy()
+    return torch.from_numpy(_core.reconstruct_backward(g, p.seed, p.d))
 
 
 # ---------------------------------------------------------------------------------------------
