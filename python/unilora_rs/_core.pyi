@@ -1,5 +1,9 @@
 """Type stubs of the compiled extension ``unilora_rs._core``."""
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -15,3 +19,26 @@ def reconstruct(
 def fingerprint(seed: int, d: int, shapes: list[tuple[str, int, int]]) -> str: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+def merge(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    tile_elems: int = 0,
+    fsync: bool = True,
+) -> dict[str, Any]: ...
+def export_lora(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str = "f32",
+    overwrite: bool = False,
+) -> dict[str, Any]: ...
+def safetensors_header(
+    path: str | os.PathLike[str],
+) -> tuple[
+    dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int
+]: ...

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod errors;
+mod merge;
 mod projection;
 
 use pyo3::prelude::*;
@@ -15,6 +16,9 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::projection::{fingerprint, get_num_threads, projection, reconstruct, set_num_threads};
+
+    #[pymodule_export]
+    use crate::merge::{export_lora, merge, safetensors_header};
 
     use pyo3::prelude::*;
 

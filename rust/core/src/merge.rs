@@ -659,6 +659,9 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             }
         }
     }
+    if control.is_cancelled() {
+        return Err(CoreError::Interrupted);
+    }
     staging.commit(opts.overwrite)?;
     Ok(report)
 }
