@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-
 from unilora_rs import reconstruct
 from unilora_rs.adapter import AdapterConfig, ModuleSpec, save_adapter
 
@@ -122,7 +121,9 @@ def reference_delta(b: np.ndarray, a: np.ndarray, scaling: float) -> np.ndarray:
     return np.float32(scaling) * acc
 
 
-def reference_merge(w32: np.ndarray, b: np.ndarray, a: np.ndarray, scaling: float, kind: str) -> np.ndarray:
+def reference_merge(
+    w32: np.ndarray, b: np.ndarray, a: np.ndarray, scaling: float, kind: str
+) -> np.ndarray:
     delta = reference_delta(b, a, scaling)
     return w32 + (delta.T if kind == "conv1d" else delta)
 

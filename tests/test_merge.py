@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import unilora_rs as ur
 from merge_helpers import (
     llama_like_tensors,
     llama_modules,
@@ -25,8 +27,6 @@ from merge_helpers import (
     write_checkpoint,
 )
 from safetensors.torch import load_file
-
-import unilora_rs as ur
 from unilora_rs import _core
 from unilora_rs.adapter import ModuleSpec
 
@@ -45,7 +45,11 @@ def files_of(path: Path) -> list[Path]:
 
 
 def check_merge(
-    base: Path, out: Path, adapter: Path, out_dtype: str | None = None, replaced: tuple[str, ...] = ()
+    base: Path,
+    out: Path,
+    adapter: Path,
+    out_dtype: str | None = None,
+    replaced: tuple[str, ...] = (),
 ) -> None:
     """Merged tensors equal the float32 reference rounded by torch (within one ULP as
     required; in fact bit for bit) and stay within the float32 error bound of a float64
@@ -93,7 +97,9 @@ def check_merge(
             if kinds[module] == "conv1d":
                 d64, mag = d64.T, mag.T
             r = b.shape[1]
-            unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[target]
+            unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[
+                target
+            ]
             bound = (unit + (r + 2) * 2.0**-24) * (w64.abs() + mag) + 2.0**-24
             assert bool(((got.double() - (w64 + d64)).abs() <= bound).all()), name
     assert seen == set(factors)
@@ -148,7 +154,11 @@ def test_dtype_cast(tmp_path: Path, adapter_dir: Path) -> None:
     assert last["model.position_ids"].dtype == torch.int64
     check_merge(base, out, adapter_dir, out_dtype="f32")
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    sizes = sum(v.numel() * v.element_size() for p in out.glob("*.safetensors") for v in load_file(str(p)).values())
+    sizes = sum(
+        v.numel() * v.element_size()
+        for p in out.glob("*.safetensors")
+        for v in load_file(str(p)).values()
+    )
     assert index["metadata"]["total_size"] == sizes
 
 
@@ -199,9 +209,11 @@ def test_suffix_matching(tmp_path: Path) -> None:
 def test_progress_callback_and_gil_release(tmp_path: Path, adapter_dir: Path) -> None:
     base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors("f32"))
     calls: list[tuple[int, int]] = []
-    _core.merge(base, adapter_dir, tmp_path / "o.safetensors", progress=lambda d, t: calls.append((d, t)))
+    _core.merge(
+        base, adapter_dir, tmp_path / "o.safetensors", progress=lambda d, t: calls.append((d, t))
+    )
     assert calls and calls[-1][0] == calls[-1][1] > 0
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(calls))
 
     # Another Python thread keeps running while a merge works (the GIL is released).
     ticks = 0
@@ -248,7 +260,9 @@ def sharded(tmp_path: Path, adapter_dir: Path) -> tuple[Path, Path]:
     return base, adapter_dir
 
 
-def expect_failure(tmp_path: Path, base: Path, adapter: Path, exc: type[BaseException], match: str, **kw: object) -> None:
+def expect_failure(
+    tmp_path: Path, base: Path, adapter: Path, exc: type[BaseException], match: str, **kw: object
+) -> None:
     before = tree_hash(base)
     listing = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(exc, match=match):
@@ -302,7 +316,9 @@ def test_overlapping_offsets(tmp_path: Path, sharded: tuple[Path, Path]) -> None
     expect_failure(tmp_path, base, adapter, ur.FormatError, "overlap")
 
 
-@pytest.mark.parametrize("bad", ["../evil.safetensors", "/etc/passwd", "sub/../../evil.safetensors"])
+@pytest.mark.parametrize(
+    "bad", ["../evil.safetensors", "/etc/passwd", "sub/../../evil.safetensors"]
+)
 def test_index_path_traversal(tmp_path: Path, sharded: tuple[Path, Path], bad: str) -> None:
     base, adapter = sharded
     index_path = base / "model.safetensors.index.json"
@@ -380,7 +396,9 @@ def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:

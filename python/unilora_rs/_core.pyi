@@ -7,6 +7,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "SPEC_VERSION",
+    "__version__",
+    "export_lora",
+    "fingerprint",
+    "get_num_threads",
+    "merge",
+    "projection",
+    "reconstruct",
+    "safetensors_header",
+    "set_num_threads",
+]
+
 __version__: str
 SPEC_VERSION: int
 
@@ -39,6 +52,4 @@ def export_lora(
 ) -> dict[str, Any]: ...
 def safetensors_header(
     path: str | os.PathLike[str],
-) -> tuple[
-    dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int
-]: ...
+) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int]: ...

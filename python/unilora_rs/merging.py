@@ -178,7 +178,9 @@ def _path(name: str, value: object) -> Path:
         if str(path) == "":
             raise InvalidArgumentError(f"{name} must not be empty")
         return path
-    raise InvalidArgumentError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    raise InvalidArgumentError(
+        f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
+    )
 
 
 def _dtype(value: object, *, allow_none: bool) -> str | None:
@@ -355,9 +357,7 @@ def inspect(adapter: PathArg) -> AdapterInfo:
         )
     theta = np.fromfile(weights, dtype="<f4", count=(end - begin) // 4, offset=data_start + begin)
     finite = bool(np.isfinite(theta).all())
-    saved = {
-        name: (dt, list(sh)) for name, (dt, sh, _) in tensors.items() if name != VECTOR_KEY
-    }
+    saved = {name: (dt, list(sh)) for name, (dt, sh, _) in tensors.items() if name != VECTOR_KEY}
     kinds: dict[str, int] = {}
     for m in config.modules:
         kinds[m.kind] = kinds.get(m.kind, 0) + 1
@@ -382,4 +382,3 @@ def inspect(adapter: PathArg) -> AdapterInfo:
         format_version=config.format_version,
         kinds=kinds,
     )
-

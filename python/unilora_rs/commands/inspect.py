@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         ("rank r / alpha", f"{info.rank} / {info.alpha:g} (scaling {info.scaling:g})"),
         ("modules", f"{len(info.modules)} ({kinds})"),
         ("LoRA parameters D", f"{info.lora_parameters:,} ({info.compression:,.1f}x d)"),
-        ("modules_to_save", f"{len(info.saved_tensors)} tensor(s), {info.saved_parameters:,} params"),
+        (
+            "modules_to_save",
+            f"{len(info.saved_tensors)} tensor(s), {info.saved_parameters:,} params",
+        ),
         ("fingerprint", f"{info.fingerprint} {status}"),
         ("theta_d", f"finite, norm {info.theta_norm:.6g}" if info.theta_finite else "NOT FINITE"),
         ("size on disk", _size(info.size_on_disk)),

@@ -65,7 +65,9 @@ fn run_with_signals<T: Send>(
                 }
             });
         }
-        let result = handle.join().unwrap_or_else(|_| Err(CoreError::InvalidArgument("merge worker panicked".into())));
+        let result = handle
+            .join()
+            .unwrap_or_else(|_| Err(CoreError::InvalidArgument("merge worker panicked".into())));
         match pending {
             Some(err) => Err(err),
             None => result.py(),
@@ -98,7 +100,9 @@ pub fn merge<'py>(
     opts.tile_elems = tile_elems;
     opts.fsync = fsync;
     let control = Control::new();
-    let report = run_with_signals(py, &control, progress.as_ref(), || unilora_core::merge(&opts, &control))?;
+    let report = run_with_signals(py, &control, progress.as_ref(), || {
+        unilora_core::merge(&opts, &control)
+    })?;
     let d = PyDict::new(py);
     d.set_item("out", report.out)?;
     let merged = PyList::empty(py);
@@ -168,5 +172,7 @@ pub fn safetensors_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound
     for t in &header.tensors {
         tensors.set_item(&t.name, (t.dtype.name(), t.shape.clone(), (t.begin, t.end)))?;
     }
-    Ok((meta, tensors, header.data_start()).into_pyobject(py)?.into_any())
+    Ok((meta, tensors, header.data_start())
+        .into_pyobject(py)?
+        .into_any())
 }

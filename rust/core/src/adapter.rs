@@ -137,7 +137,11 @@ impl Adapter {
         let (dir, config_path) = if path.is_dir() {
             (path.to_path_buf(), path.join(CONFIG_NAME))
         } else if path.file_name().is_some_and(|n| n == CONFIG_NAME) {
-            (path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf), path.to_path_buf())
+            (
+                path.parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+                path.to_path_buf(),
+            )
         } else if path.exists() {
             return Err(CoreError::InvalidArgument(format!(
                 "{}: an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}",
@@ -156,8 +160,9 @@ impl Adapter {
                 format!("not a unilora_rs adapter (format = {fmt:?}, expected {FORMAT_NAME:?})"),
             ));
         }
-        let raw: RawConfig = serde_json::from_value(value)
-            .map_err(|e| CoreError::format(&config_path, format!("malformed adapter config ({e})")))?;
+        let raw: RawConfig = serde_json::from_value(value).map_err(|e| {
+            CoreError::format(&config_path, format!("malformed adapter config ({e})"))
+        })?;
         let bad = |msg: String| CoreError::format(&config_path, msg);
         debug_assert_eq!(raw.format.as_deref(), Some(FORMAT_NAME));
         if raw.format_version > FORMAT_VERSION {
@@ -167,7 +172,10 @@ impl Adapter {
             )));
         }
         if raw.spec_version != Some(1) {
-            return Err(bad(format!("unsupported generator spec_version {:?}", raw.spec_version)));
+            return Err(bad(format!(
+                "unsupported generator spec_version {:?}",
+                raw.spec_version
+            )));
         }
         if raw.rank == 0 {
             return Err(bad("rank must be a positive integer".into()));
@@ -209,7 +217,10 @@ impl Adapter {
             adapter_shapes.push((format!("{}.lora_B", m.name), m.out_features, raw.rank));
             adapter_shapes.push((format!("{}.lora_A", m.name), raw.rank, m.in_features));
         }
-        let named: Vec<(&str, u64, u64)> = adapter_shapes.iter().map(|(n, r, c)| (n.as_str(), *r, *c)).collect();
+        let named: Vec<(&str, u64, u64)> = adapter_shapes
+            .iter()
+            .map(|(n, r, c)| (n.as_str(), *r, *c))
+            .collect();
         let expected = fingerprint(raw.seed, raw.vector_length, &named);
         if raw.fingerprint != expected {
             return Err(CoreError::Mismatch(format!(
@@ -282,7 +293,10 @@ impl Adapter {
 
     /// `D`: the number of LoRA parameters the adapter represents.
     pub fn total_size(&self) -> u64 {
-        self.modules.iter().map(|m| self.rank * (m.in_features + m.out_features)).sum()
+        self.modules
+            .iter()
+            .map(|m| self.rank * (m.in_features + m.out_features))
+            .sum()
     }
 
     /// The matrix shapes of `theta_D` in flattening order (`B` then `A` per module).

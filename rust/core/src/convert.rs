@@ -107,7 +107,9 @@ pub fn encode(dtype: Dtype, src: &[f32], raw: &mut [u8]) -> Result<()> {
             let mut bits = [0u16; BLOCK];
             for (s, c) in src.chunks(BLOCK).zip(raw.chunks_mut(2 * BLOCK)) {
                 let n = s.len();
-                bits[..n].reinterpret_cast_mut::<f16>().convert_from_f32_slice(s);
+                bits[..n]
+                    .reinterpret_cast_mut::<f16>()
+                    .convert_from_f32_slice(s);
                 for (p, b) in c.chunks_exact_mut(2).zip(&bits[..n]) {
                     p.copy_from_slice(&b.to_le_bytes());
                 }
@@ -131,7 +133,13 @@ pub fn encode(dtype: Dtype, src: &[f32], raw: &mut [u8]) -> Result<()> {
 /// (`F64` sources go through float32 with round-to-odd, which keeps the single
 /// rounding exact). `scratch`
 /// holds at least `n` floats.
-pub fn cast(src_dtype: Dtype, src: &[u8], dst_dtype: Dtype, dst: &mut [u8], scratch: &mut [f32]) -> Result<()> {
+pub fn cast(
+    src_dtype: Dtype,
+    src: &[u8],
+    dst_dtype: Dtype,
+    dst: &mut [u8],
+    scratch: &mut [f32],
+) -> Result<()> {
     let n = src.len() / float_size(src_dtype)?;
     debug_assert_eq!(dst.len(), n * float_size(dst_dtype)?);
     if src_dtype == dst_dtype {
@@ -142,7 +150,11 @@ pub fn cast(src_dtype: Dtype, src: &[u8], dst_dtype: Dtype, dst: &mut [u8], scra
         let scratch = &mut scratch[..n];
         for (o, c) in scratch.iter_mut().zip(src.chunks_exact(8)) {
             let v = f64::from_le_bytes(c.try_into().expect("8-byte chunk"));
-            *o = if dst_dtype == Dtype::F32 { v as f32 } else { f64_to_f32_round_odd(v) };
+            *o = if dst_dtype == Dtype::F32 {
+                v as f32
+            } else {
+                f64_to_f32_round_odd(v)
+            };
         }
         return encode(dst_dtype, scratch, dst);
     }
@@ -176,8 +188,18 @@ mod tests {
             for &low in &lows {
                 let x = f32::from_bits((upper << 16) | low);
                 let ours = f32_to_bf16_bits(x);
-                assert_eq!(ours, bf16::from_f32(x).to_bits(), "half differs at {:#x}", x.to_bits());
-                assert_eq!(ours, bf16_reference(x), "reference differs at {:#x}", x.to_bits());
+                assert_eq!(
+                    ours,
+                    bf16::from_f32(x).to_bits(),
+                    "half differs at {:#x}",
+                    x.to_bits()
+                );
+                assert_eq!(
+                    ours,
+                    bf16_reference(x),
+                    "reference differs at {:#x}",
+                    x.to_bits()
+                );
             }
         }
         // A deterministic pseudo-random sweep of the rest.
@@ -201,7 +223,12 @@ mod tests {
         assert_eq!(f32_to_bf16_bits(-0.0), 0x8000);
         // f16: 1 + 2^-11 ties to 1.0; 1 + 3 * 2^-11 rounds up to 1 + 2^-9.
         let mut raw = [0u8; 4];
-        encode(Dtype::F16, &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut raw).unwrap();
+        encode(
+            Dtype::F16,
+            &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)],
+            &mut raw,
+        )
+        .unwrap();
         assert_eq!(raw, [0x00, 0x3C, 0x02, 0x3C]);
         // 65520 is halfway between f16 max 65504 and 65536: ties to even = +inf.
         encode(Dtype::F16, &[65520.0, 65519.0], &mut raw).unwrap();
@@ -213,7 +240,9 @@ mod tests {
         let mut s = 12345u64;
         let vals: Vec<f32> = (0..10_000)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 f32::from_bits((s >> 32) as u32)
             })
             .collect();
@@ -242,20 +271,61 @@ mod tests {
         let v = 1.0f64 + 2f64.powi(-8) + 2f64.powi(-40); // just above a bf16 tie
         let mut dst = [0u8; 2];
         let mut scratch = [0f32; 1];
-        cast(Dtype::F64, &v.to_le_bytes(), Dtype::BF16, &mut dst, &mut scratch).unwrap();
+        cast(
+            Dtype::F64,
+            &v.to_le_bytes(),
+            Dtype::BF16,
+            &mut dst,
+            &mut scratch,
+        )
+        .unwrap();
         assert_eq!(u16::from_le_bytes(dst), 0x3F81); // direct rounding goes up
-        for (v, want) in [(1.0 + 2f64.powi(-8), 0x3F80u16), (1.0 + 3.0 * 2f64.powi(-8) - 2f64.powi(-40), 0x3F81)] {
-            cast(Dtype::F64, &v.to_le_bytes(), Dtype::BF16, &mut dst, &mut scratch).unwrap();
+        for (v, want) in [
+            (1.0 + 2f64.powi(-8), 0x3F80u16),
+            (1.0 + 3.0 * 2f64.powi(-8) - 2f64.powi(-40), 0x3F81),
+        ] {
+            cast(
+                Dtype::F64,
+                &v.to_le_bytes(),
+                Dtype::BF16,
+                &mut dst,
+                &mut scratch,
+            )
+            .unwrap();
             assert_eq!(u16::from_le_bytes(dst), want, "{v}");
         }
         let v = 1.0f64 + 2f64.powi(-11) + 2f64.powi(-45); // just above an f16 tie
-        cast(Dtype::F64, &v.to_le_bytes(), Dtype::F16, &mut dst, &mut scratch).unwrap();
+        cast(
+            Dtype::F64,
+            &v.to_le_bytes(),
+            Dtype::F16,
+            &mut dst,
+            &mut scratch,
+        )
+        .unwrap();
         assert_eq!(u16::from_le_bytes(dst), 0x3C01);
-        cast(Dtype::F64, &1e300f64.to_le_bytes(), Dtype::BF16, &mut dst, &mut scratch).unwrap();
+        cast(
+            Dtype::F64,
+            &1e300f64.to_le_bytes(),
+            Dtype::BF16,
+            &mut dst,
+            &mut scratch,
+        )
+        .unwrap();
         assert_eq!(u16::from_le_bytes(dst), 0x7F80);
         let mut out = [0u8; 8];
-        cast(Dtype::BF16, &0x3F81u16.to_le_bytes(), Dtype::F64, &mut out, &mut scratch).unwrap();
+        cast(
+            Dtype::BF16,
+            &0x3F81u16.to_le_bytes(),
+            Dtype::F64,
+            &mut out,
+            &mut scratch,
+        )
+        .unwrap();
         assert_eq!(f64::from_le_bytes(out), 1.0 + 2f64.powi(-7));
-        assert!(matches!(decode(Dtype::I32, &[0; 4], &mut scratch), Err(CoreError::Dtype(_))));
+        assert!(matches!(
+            decode(Dtype::I32, &[0; 4], &mut scratch),
+            Err(CoreError::Dtype(_))
+        ));
     }
 }

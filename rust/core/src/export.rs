@@ -40,7 +40,12 @@ pub struct ExportOptions {
 impl ExportOptions {
     /// Float32 export into `out`, no overwrite.
     pub fn new(adapter: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
-        ExportOptions { adapter: adapter.into(), out: out.into(), dtype: Dtype::F32, overwrite: false }
+        ExportOptions {
+            adapter: adapter.into(),
+            out: out.into(),
+            dtype: Dtype::F32,
+            overwrite: false,
+        }
     }
 }
 
@@ -67,7 +72,11 @@ pub fn peft_config(adapter: &Adapter) -> Value {
         Value::from(adapter.alpha)
     };
     let all_conv = adapter.modules.iter().all(|m| m.kind == ModuleKind::Conv1d);
-    let targets: Vec<Value> = adapter.modules.iter().map(|m| Value::from(m.name.clone())).collect();
+    let targets: Vec<Value> = adapter
+        .modules
+        .iter()
+        .map(|m| Value::from(m.name.clone()))
+        .collect();
     let to_save = if adapter.modules_to_save.is_empty() {
         Value::Null
     } else {
@@ -98,7 +107,10 @@ pub fn peft_config(adapter: &Adapter) -> Value {
 /// Writes the PEFT LoRA equivalent of the adapter at `opts.adapter` into `opts.out`.
 pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     if !matches!(opts.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
-        return Err(CoreError::Dtype(format!("export dtype {} is not one of bf16, f16, f32", opts.dtype)));
+        return Err(CoreError::Dtype(format!(
+            "export dtype {} is not one of bf16, f16, f32",
+            opts.dtype
+        )));
     }
     fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
     if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
@@ -121,8 +133,11 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
         names.push((format!("{PEFT_PREFIX}{}", t.name), t.dtype));
         shapes.push(t.shape.clone());
     }
-    let spec: Vec<(&str, Dtype, &[u64])> =
-        names.iter().zip(&shapes).map(|((n, d), s)| (n.as_str(), *d, s.as_slice())).collect();
+    let spec: Vec<(&str, Dtype, &[u64])> = names
+        .iter()
+        .zip(&shapes)
+        .map(|((n, d), s)| (n.as_str(), *d, s.as_slice()))
+        .collect();
     let mut meta = Map::new();
     meta.insert("format".into(), Value::from("pt"));
     let (header, offsets) = build_header(&spec, Some(&meta))?;
@@ -136,7 +151,8 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     let io = |e| CoreError::io(&weights, e);
     let file = File::create(&weights).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, &file);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&header).map_err(io)?;
     let size = (opts.dtype.bits() / 8) as usize;
     let mut buf = Vec::new();

@@ -68,7 +68,10 @@ pub fn check_disjoint(out: &Path, input: &Path, what: &str) -> Result<()> {
 /// only (no `..`, no root, no drive, no backslash), so that it stays inside its folder.
 pub fn check_relative_name(name: &str, index: &Path) -> Result<PathBuf> {
     let bad = |why: &str| {
-        CoreError::format(index, format!("shard name {name:?} {why}: shard files must lie inside the model folder"))
+        CoreError::format(
+            index,
+            format!("shard name {name:?} {why}: shard files must lie inside the model folder"),
+        )
     };
     if name.is_empty() {
         return Err(bad("is empty"));
@@ -106,13 +109,21 @@ pub struct TempPath {
 impl TempPath {
     /// Reserves a temporary name next to `target` (nothing is created yet).
     pub fn new(target: &Path, tag: &str) -> Result<TempPath> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| CoreError::InvalidArgument(format!("output {} has no file name", target.display())))?;
+        let name = target.file_name().ok_or_else(|| {
+            CoreError::InvalidArgument(format!("output {} has no file name", target.display()))
+        })?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp_name = format!(".{}.unilora-{tag}-{}-{n}", name.to_string_lossy(), std::process::id());
+        let tmp_name = format!(
+            ".{}.unilora-{tag}-{}-{n}",
+            name.to_string_lossy(),
+            std::process::id()
+        );
         let path = target.with_file_name(tmp_name);
-        Ok(TempPath { path, target: target.to_path_buf(), done: false })
+        Ok(TempPath {
+            path,
+            target: target.to_path_buf(),
+            done: false,
+        })
     }
 
     /// The temporary path.
@@ -180,7 +191,11 @@ pub fn already_exists(path: &Path) -> CoreError {
 pub fn sync_parent(path: &Path) {
     #[cfg(unix)]
     if let Some(parent) = path.parent() {
-        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
         if let Ok(dir) = File::open(parent) {
             let _ = dir.sync_all();
         }
@@ -195,7 +210,10 @@ pub fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
         use std::os::fd::AsRawFd;
         if len > 0 {
             let Ok(len_off) = libc::off_t::try_from(len) else {
-                return Err(CoreError::InvalidArgument(format!("{}: {len} bytes is too large", path.display())));
+                return Err(CoreError::InvalidArgument(format!(
+                    "{}: {len} bytes is too large",
+                    path.display()
+                )));
             };
             // SAFETY: `file` is an open descriptor for the call's duration; the call
             // takes plain integers and touches no memory of ours.
@@ -203,7 +221,12 @@ pub fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
             match rc {
                 0 => return Ok(()),
                 libc::EOPNOTSUPP | libc::EINVAL => {}
-                errno => return Err(CoreError::io(path, std::io::Error::from_raw_os_error(errno))),
+                errno => {
+                    return Err(CoreError::io(
+                        path,
+                        std::io::Error::from_raw_os_error(errno),
+                    ));
+                }
             }
         }
     }
@@ -241,7 +264,14 @@ pub fn copy_range(
             // SAFETY: both descriptors are open for the call's duration; the offset
             // pointers refer to live locals; the kernel reads/writes no other memory.
             let n = unsafe {
-                libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0)
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    want,
+                    0,
+                )
             };
             if n > 0 {
                 done += n as u64;
@@ -249,14 +279,23 @@ pub fn copy_range(
                 continue;
             }
             if n == 0 {
-                return Err(CoreError::io(src_path, std::io::ErrorKind::UnexpectedEof.into()));
+                return Err(CoreError::io(
+                    src_path,
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
             }
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM) => break,
+                Some(
+                    libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM,
+                ) => break,
                 _ => {
-                    let path = if err.raw_os_error() == Some(libc::ENOSPC) { dst_path } else { src_path };
+                    let path = if err.raw_os_error() == Some(libc::ENOSPC) {
+                        dst_path
+                    } else {
+                        src_path
+                    };
                     return Err(CoreError::io(path, err));
                 }
             }
@@ -268,7 +307,8 @@ pub fn copy_range(
             return Err(CoreError::Interrupted);
         }
         let n = ((len - done) as usize).min(buf.len());
-        read_exact_at(src, &mut buf[..n], src_off + done).map_err(|e| CoreError::io(src_path, e))?;
+        read_exact_at(src, &mut buf[..n], src_off + done)
+            .map_err(|e| CoreError::io(src_path, e))?;
         write_all_at(dst, &buf[..n], dst_off + done).map_err(|e| CoreError::io(dst_path, e))?;
         done += n as u64;
         on_progress(n as u64);
@@ -315,9 +355,23 @@ mod tests {
     #[test]
     fn shard_names_must_stay_inside() {
         let idx = Path::new("model.safetensors.index.json");
-        assert_eq!(check_relative_name("model-1.safetensors", idx).unwrap(), PathBuf::from("model-1.safetensors"));
-        assert_eq!(check_relative_name("./sub/a.safetensors", idx).unwrap(), PathBuf::from("sub/a.safetensors"));
-        for bad in ["../x.safetensors", "/etc/passwd", "a/../../b", "", "..\\x", "sub/..", "."] {
+        assert_eq!(
+            check_relative_name("model-1.safetensors", idx).unwrap(),
+            PathBuf::from("model-1.safetensors")
+        );
+        assert_eq!(
+            check_relative_name("./sub/a.safetensors", idx).unwrap(),
+            PathBuf::from("sub/a.safetensors")
+        );
+        for bad in [
+            "../x.safetensors",
+            "/etc/passwd",
+            "a/../../b",
+            "",
+            "..\\x",
+            "sub/..",
+            ".",
+        ] {
             let e = check_relative_name(bad, idx).unwrap_err();
             assert!(matches!(e, CoreError::Format { .. }), "{bad}: {e}");
         }

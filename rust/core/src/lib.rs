@@ -29,7 +29,7 @@ pub mod safetensors;
 pub use adapter::Adapter;
 pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, export_lora};
-pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use fingerprint::fingerprint;
+pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use projection::{Projection, SPEC_VERSION};
 pub use reconstruct::{check_vector, reconstruct, reconstruct_into, total_size};

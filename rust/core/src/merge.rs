@@ -35,7 +35,9 @@ use crate::convert;
 use crate::error::{CoreError, Result};
 use crate::fsutil::{self, TempPath};
 use crate::parallel;
-use crate::safetensors::{Dtype, Header, TensorInfo, build_header, byte_size, read_exact_at, write_all_at};
+use crate::safetensors::{
+    Dtype, Header, TensorInfo, build_header, byte_size, read_exact_at, write_all_at,
+};
 
 /// Default number of elements per tile.
 pub const DEFAULT_TILE_ELEMS: usize = 1 << 18;
@@ -66,7 +68,11 @@ pub struct MergeOptions {
 
 impl MergeOptions {
     /// Options with the defaults: keep dtypes, no overwrite, default tiles, fsync.
-    pub fn new(base: impl Into<PathBuf>, adapter: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        base: impl Into<PathBuf>,
+        adapter: impl Into<PathBuf>,
+        out: impl Into<PathBuf>,
+    ) -> Self {
         MergeOptions {
             base: base.into(),
             adapter: adapter.into(),
@@ -107,7 +113,10 @@ impl Control {
     /// `(bytes done, bytes in total)` of the tensor data to write (the total is 0
     /// until planning is over).
     pub fn progress(&self) -> (u64, u64) {
-        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
     }
 
     fn add(&self, n: u64) {
@@ -193,7 +202,12 @@ impl Prepared {
         let (out_f, in_f) = (module.out_features as usize, module.in_features as usize);
         match module.kind {
             // W [out, in]: row i = sum_k B[i, k] * A[k, :].
-            ModuleKind::Linear => Prepared { coef: b.to_vec(), m: a.to_vec(), r, cols: in_f },
+            ModuleKind::Linear => Prepared {
+                coef: b.to_vec(),
+                m: a.to_vec(),
+                r,
+                cols: in_f,
+            },
             // W [in, out]: row j = sum_k A[k, j] * B[:, k]^T.
             ModuleKind::Conv1d => {
                 let mut coef = vec![0f32; in_f * r];
@@ -208,7 +222,12 @@ impl Prepared {
                         m[k * out_f + i] = b[i * r + k];
                     }
                 }
-                Prepared { coef, m, r, cols: out_f }
+                Prepared {
+                    coef,
+                    m,
+                    r,
+                    cols: out_f,
+                }
             }
         }
     }
@@ -250,7 +269,11 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 
 /// Finds the tensors that a name refers to: the exact name, else every tensor whose
 /// name ends with `.` + `name` or that `name` ends with (`.` + tensor name).
-fn lookup<'a>(index: &'a HashMap<&'a str, Vec<(usize, usize)>>, name: &str, suffix: &str) -> Vec<(usize, usize)> {
+fn lookup<'a>(
+    index: &'a HashMap<&'a str, Vec<(usize, usize)>>,
+    name: &str,
+    suffix: &str,
+) -> Vec<(usize, usize)> {
     if let Some(hits) = index.get(name) {
         return hits.clone();
     }
@@ -259,7 +282,9 @@ fn lookup<'a>(index: &'a HashMap<&'a str, Vec<(usize, usize)>>, name: &str, suff
         .filter(|(key, _)| {
             key.ends_with(suffix)
                 && key.len() > suffix.len()
-                && ((key.len() > name.len() && key.ends_with(name) && key.as_bytes()[key.len() - name.len() - 1] == b'.')
+                && ((key.len() > name.len()
+                    && key.ends_with(name)
+                    && key.as_bytes()[key.len() - name.len() - 1] == b'.')
                     || (name.len() > key.len()
                         && name.ends_with(*key)
                         && name.as_bytes()[name.len() - key.len() - 1] == b'.'))
@@ -275,7 +300,10 @@ fn rel_string(p: &Path) -> String {
 }
 
 /// The base's safetensors files and the shard index (if any).
-fn discover(base: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, Value)>)> {
+/// The shard files of a folder (relative names) and its parsed index, if any.
+type Discovered = (Vec<PathBuf>, Option<(PathBuf, Value)>);
+
+fn discover(base: &Path) -> Result<Discovered> {
     let index_path = base.join(INDEX_NAME);
     let index_path = if index_path.exists() {
         Some(index_path)
@@ -283,14 +311,22 @@ fn discover(base: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, Value)>)> {
         let mut found: Vec<PathBuf> = fs::read_dir(base)
             .map_err(|e| CoreError::io(base, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json")))
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json"))
+            })
             .collect();
         found.sort();
         if found.len() > 1 {
             return Err(CoreError::InvalidArgument(format!(
                 "{}: several shard indexes ({}); keep one",
                 base.display(),
-                found.iter().map(|p| rel_string(p.file_name().unwrap_or_default().as_ref())).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|p| rel_string(p.file_name().unwrap_or_default().as_ref()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         found.pop()
@@ -305,9 +341,12 @@ fn discover(base: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, Value)>)> {
             .ok_or_else(|| CoreError::format(&index_path, "no \"weight_map\" object"))?;
         let mut names = BTreeSet::new();
         for (tensor, shard) in map {
-            let shard = shard
-                .as_str()
-                .ok_or_else(|| CoreError::format(&index_path, format!("weight_map[{tensor:?}] is not a string")))?;
+            let shard = shard.as_str().ok_or_else(|| {
+                CoreError::format(
+                    &index_path,
+                    format!("weight_map[{tensor:?}] is not a string"),
+                )
+            })?;
             names.insert(fsutil::check_relative_name(shard, &index_path)?);
         }
         if names.is_empty() {
@@ -347,7 +386,9 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     }
     if let Some(dt) = opts.dtype {
         if !matches!(dt, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-            return Err(CoreError::Dtype(format!("output dtype {dt} is not one of bf16, f16, f32")));
+            return Err(CoreError::Dtype(format!(
+                "output dtype {dt} is not one of bf16, f16, f32"
+            )));
         }
     }
     let adapter = Adapter::open(&opts.adapter)?;
@@ -356,23 +397,42 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     let (rel_names, index) = if is_dir {
         discover(&opts.base)?
     } else {
-        let name = opts.base.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("model.safetensors"));
+        let name = opts
+            .base
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("model.safetensors"));
         (vec![name], None)
     };
     let mut shards = Vec::with_capacity(rel_names.len());
     for rel in rel_names {
-        let path = if is_dir { opts.base.join(&rel) } else { opts.base.clone() };
+        let path = if is_dir {
+            opts.base.join(&rel)
+        } else {
+            opts.base.clone()
+        };
         let (file, header) = Header::read(&path)?;
-        shards.push(Shard { rel, path, file, header });
+        shards.push(Shard {
+            rel,
+            path,
+            file,
+            header,
+        });
     }
     if let Some((index_path, value)) = &index {
-        let by_rel: HashMap<PathBuf, usize> = shards.iter().enumerate().map(|(k, s)| (s.rel.clone(), k)).collect();
+        let by_rel: HashMap<PathBuf, usize> = shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.rel.clone(), k))
+            .collect();
         for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
             let rel = fsutil::check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
             if shards[by_rel[&rel]].header.get(tensor).is_none() {
                 return Err(CoreError::format(
                     index_path,
-                    format!("weight_map maps {tensor:?} to {shard} but that file has no such tensor"),
+                    format!(
+                        "weight_map maps {tensor:?} to {shard} but that file has no such tensor"
+                    ),
                 ));
             }
         }
@@ -387,7 +447,13 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     }
     let describe = |hits: &[(usize, usize)]| {
         hits.iter()
-            .map(|&(s, t)| format!("{} in {}", shards[s].header.tensors[t].name, rel_string(&shards[s].rel)))
+            .map(|&(s, t)| {
+                format!(
+                    "{} in {}",
+                    shards[s].header.tensors[t].name,
+                    rel_string(&shards[s].rel)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -403,7 +469,11 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
                     module.name
                 )
             } else {
-                format!("adapted module {:?} is ambiguous in the base: {}", module.name, describe(&hits))
+                format!(
+                    "adapted module {:?} is ambiguous in the base: {}",
+                    module.name,
+                    describe(&hits)
+                )
             }));
         };
         let info = &shards[s].header.tensors[t];
@@ -414,7 +484,11 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
                 info.name,
                 info.shape,
                 module.weight_shape(),
-                if module.kind == ModuleKind::Conv1d { "conv1d, in x out" } else { "linear, out x in" },
+                if module.kind == ModuleKind::Conv1d {
+                    "conv1d, in x out"
+                } else {
+                    "linear, out x in"
+                },
                 module.weight_shape()[0],
                 module.weight_shape()[1]
             )));
@@ -426,13 +500,19 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             )));
         }
         if let Some(prev) = actions.insert((s, t), Action::Merge(k)) {
-            let Action::Merge(j) = prev else { unreachable!() };
+            let Action::Merge(j) = prev else {
+                unreachable!()
+            };
             return Err(CoreError::Mismatch(format!(
                 "adapted modules {:?} and {:?} both resolve to base tensor {:?}",
                 adapter.modules[j].name, module.name, info.name
             )));
         }
-        merged.push(MergedTensor { module: module.name.clone(), tensor: info.name.clone(), file: rel_string(&shards[s].rel) });
+        merged.push(MergedTensor {
+            module: module.name.clone(),
+            tensor: info.name.clone(),
+            file: rel_string(&shards[s].rel),
+        });
     }
     let extras: Vec<&TensorInfo> = adapter.extra_tensors().collect();
     let mut replaced = Vec::new();
@@ -440,9 +520,16 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         let hits = lookup(&names, &extra.name, "");
         let &[(s, t)] = hits.as_slice() else {
             return Err(CoreError::Mismatch(if hits.is_empty() {
-                format!("modules_to_save tensor {:?} of the adapter is not in the base", extra.name)
+                format!(
+                    "modules_to_save tensor {:?} of the adapter is not in the base",
+                    extra.name
+                )
             } else {
-                format!("modules_to_save tensor {:?} is ambiguous in the base: {}", extra.name, describe(&hits))
+                format!(
+                    "modules_to_save tensor {:?} is ambiguous in the base: {}",
+                    extra.name,
+                    describe(&hits)
+                )
             }));
         };
         let info = &shards[s].header.tensors[t];
@@ -468,8 +555,17 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     }
 
     // Plans: output layout per shard.
-    let tile = if opts.tile_elems == 0 { DEFAULT_TILE_ELEMS } else { opts.tile_elems } as u64;
-    let mut report = MergeReport { out: opts.out.clone(), merged, replaced, ..Default::default() };
+    let tile = if opts.tile_elems == 0 {
+        DEFAULT_TILE_ELEMS
+    } else {
+        opts.tile_elems
+    } as u64;
+    let mut report = MergeReport {
+        out: opts.out.clone(),
+        merged,
+        replaced,
+        ..Default::default()
+    };
     struct Plan {
         header: Vec<u8>,
         data_len: u64,
@@ -487,10 +583,16 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             })
             .collect();
         let (header, offsets) = if dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) {
-            (shard.header.raw.clone(), tensors.iter().map(|t| (t.begin, t.end)).collect::<Vec<_>>())
+            (
+                shard.header.raw.clone(),
+                tensors.iter().map(|t| (t.begin, t.end)).collect::<Vec<_>>(),
+            )
         } else {
-            let spec: Vec<(&str, Dtype, &[u64])> =
-                tensors.iter().zip(&dtypes).map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice())).collect();
+            let spec: Vec<(&str, Dtype, &[u64])> = tensors
+                .iter()
+                .zip(&dtypes)
+                .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
+                .collect();
             build_header(&spec, shard.header.metadata.as_ref())?
         };
         let data_len = offsets.last().map_or(0, |o| o.1);
@@ -508,11 +610,24 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
                 Action::Cast => report.cast += 1,
                 _ => {}
             }
-            let out = OutTensor { src: t, dtype: dtypes[t], begin: offsets[t].0, action };
+            let out = OutTensor {
+                src: t,
+                dtype: dtypes[t],
+                begin: offsets[t].0,
+                action,
+            };
             if let Action::Copy = action {
-                let (src, dst, len) = (shard.header.data_start() + info.begin, header.len() as u64 + 8 + out.begin, info.nbytes());
+                let (src, dst, len) = (
+                    shard.header.data_start() + info.begin,
+                    header.len() as u64 + 8 + out.begin,
+                    info.nbytes(),
+                );
                 match work.last_mut() {
-                    Some(Work::Copy { src: s0, dst: d0, len: l0 }) if *s0 + *l0 == src && *d0 + *l0 == dst => *l0 += len,
+                    Some(Work::Copy {
+                        src: s0,
+                        dst: d0,
+                        len: l0,
+                    }) if *s0 + *l0 == src && *d0 + *l0 == dst => *l0 += len,
                     _ if len > 0 => work.push(Work::Copy { src, dst, len }),
                     _ => {}
                 }
@@ -527,7 +642,11 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
                 let mut e0 = 0;
                 while e0 < numel {
                     let e1 = (e0 + step).min(numel);
-                    work.push(Work::Tile { t: outs.len(), e0, e1 });
+                    work.push(Work::Tile {
+                        t: outs.len(),
+                        e0,
+                        e1,
+                    });
                     e0 = e1;
                 }
             }
@@ -542,7 +661,11 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
                     let mut off = 0;
                     while off < len {
                         let n = chunk.min(len - off);
-                        split.push(Work::Copy { src: src + off, dst: dst + off, len: n });
+                        split.push(Work::Copy {
+                            src: src + off,
+                            dst: dst + off,
+                            len: n,
+                        });
                         off += n;
                     }
                 }
@@ -550,15 +673,26 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             }
         }
         report.tensors += tensors.len();
-        plans.push(Plan { header, data_len, outs, work: split });
+        plans.push(Plan {
+            header,
+            data_len,
+            outs,
+            work: split,
+        });
     }
-    control.total.store(plans.iter().map(|p| p.data_len).sum(), Ordering::Relaxed);
+    control
+        .total
+        .store(plans.iter().map(|p| p.data_len).sum(), Ordering::Relaxed);
 
     // Factors, prepared once (small: D floats).
     let pairs = adapter.lora_pairs()?;
     let r = adapter.rank as usize;
-    let prepared: Vec<Prepared> =
-        adapter.modules.iter().zip(&pairs).map(|(m, p)| Prepared::new(m, &p.b, &p.a, r)).collect();
+    let prepared: Vec<Prepared> = adapter
+        .modules
+        .iter()
+        .zip(&pairs)
+        .map(|(m, p)| Prepared::new(m, &p.b, &p.a, r))
+        .collect();
     drop(pairs);
     let scale = adapter.scaling();
 
@@ -574,7 +708,11 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         if control.is_cancelled() {
             return Err(CoreError::Interrupted);
         }
-        let dst_path = if is_dir { staging.path().join(&shard.rel) } else { staging.path().to_path_buf() };
+        let dst_path = if is_dir {
+            staging.path().join(&shard.rel)
+        } else {
+            staging.path().to_path_buf()
+        };
         if let Some(parent) = dst_path.parent() {
             fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
         }
@@ -603,7 +741,9 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             control,
         };
         parallel::install(|| {
-            plan.work.par_iter().try_for_each_init(Scratch::default, |scratch, w| job.run(w, scratch))
+            plan.work
+                .par_iter()
+                .try_for_each_init(Scratch::default, |scratch, w| job.run(w, scratch))
         })?;
         if opts.fsync {
             dst.sync_all().map_err(|e| CoreError::io(&dst_path, e))?;
@@ -616,17 +756,25 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     }
     if is_dir {
         let merged_files: BTreeSet<PathBuf> = shards.iter().map(|s| s.rel.clone()).collect();
-        let index_rel = index.as_ref().and_then(|(p, _)| p.file_name().map(PathBuf::from));
+        let index_rel = index
+            .as_ref()
+            .and_then(|(p, _)| p.file_name().map(PathBuf::from));
         let skip = |rel: &Path| {
             merged_files.contains(rel)
                 || index_rel.as_deref() == Some(rel)
-                || rel.components().next().is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
+                || rel
+                    .components()
+                    .next()
+                    .is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
         };
         let copied = fsutil::copy_tree(&opts.base, staging.path(), &skip)?;
         report.other_files = copied.iter().map(|p| rel_string(p)).collect();
         if let (Some((index_path, value)), Some(index_rel)) = (&index, &index_rel) {
             let dst = staging.path().join(index_rel);
-            let sizes_changed = plans.iter().zip(&shards).any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
+            let sizes_changed = plans
+                .iter()
+                .zip(&shards)
+                .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
             if sizes_changed {
                 let mut value = value.clone();
                 let total: u64 = plans
@@ -642,8 +790,9 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
                     meta.insert("total_size".into(), Value::from(total));
                     obj.insert("metadata".into(), Value::Object(meta));
                 }
-                let mut text = serde_json::to_vec_pretty(&value)
-                    .map_err(|e| CoreError::format(index_path, format!("cannot serialise ({e})")))?;
+                let mut text = serde_json::to_vec_pretty(&value).map_err(|e| {
+                    CoreError::format(index_path, format!("cannot serialise ({e})"))
+                })?;
                 text.push(b'\n');
                 fs::write(&dst, text).map_err(|e| CoreError::io(&dst, e))?;
             } else {
@@ -655,7 +804,9 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         if opts.fsync {
             for rel in &report.other_files {
                 let p = staging.path().join(rel);
-                File::open(&p).and_then(|f| f.sync_all()).map_err(|e| CoreError::io(&p, e))?;
+                File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| CoreError::io(&p, e))?;
             }
         }
     }
@@ -708,27 +859,47 @@ impl ShardJob<'_> {
             Action::Replace(k) => {
                 let extra = self.extras[k];
                 let off = self.adapter.weights.data_start() + extra.begin;
-                (extra.dtype, self.adapter.weights_file(), self.adapter.weights_path.as_path(), off)
+                (
+                    extra.dtype,
+                    self.adapter.weights_file(),
+                    self.adapter.weights_path.as_path(),
+                    off,
+                )
             }
-            _ => (info.dtype, &self.shard.file, self.shard.path.as_path(), self.shard.header.data_start() + info.begin),
+            _ => (
+                info.dtype,
+                &self.shard.file,
+                self.shard.path.as_path(),
+                self.shard.header.data_start() + info.begin,
+            ),
         };
         let in_size = (src_dtype.bits() / 8) as usize;
         let out_size = (out.dtype.bits() / 8) as usize;
         let input = grow(&mut scratch.input, n * in_size);
-        read_exact_at(src_file, input, src_off + e0 * in_size as u64).map_err(|e| CoreError::io(src_path, e))?;
+        read_exact_at(src_file, input, src_off + e0 * in_size as u64)
+            .map_err(|e| CoreError::io(src_path, e))?;
         let output = grow(&mut scratch.output, n * out_size);
         let values = grow(&mut scratch.values, n);
         match out.action {
             Action::Merge(k) => {
                 let prep = &self.prepared[k];
                 convert::decode(src_dtype, input, values)?;
-                prep.apply(values, (e0 / prep.cols as u64) as usize, self.scale, &mut scratch.acc);
+                prep.apply(
+                    values,
+                    (e0 / prep.cols as u64) as usize,
+                    self.scale,
+                    &mut scratch.acc,
+                );
                 convert::encode(out.dtype, values, output)?;
             }
             _ => convert::cast(src_dtype, input, out.dtype, output, values)?,
         }
-        write_all_at(self.dst, output, self.dst_data + out.begin + e0 * out_size as u64)
-            .map_err(|e| CoreError::io(self.dst_path, e))?;
+        write_all_at(
+            self.dst,
+            output,
+            self.dst_data + out.begin + e0 * out_size as u64,
+        )
+        .map_err(|e| CoreError::io(self.dst_path, e))?;
         self.control.add((n * out_size) as u64);
         Ok(())
     }

@@ -131,7 +131,9 @@ impl Dtype {
         match self {
             Dtype::F4 => 4,
             Dtype::F6E2M3 | Dtype::F6E3M2 => 6,
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E5M2 | Dtype::F8E4M3 | Dtype::F8E8M0 => 8,
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E5M2 | Dtype::F8E4M3 | Dtype::F8E8M0 => {
+                8
+            }
             Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 16,
             Dtype::I32 | Dtype::U32 | Dtype::F32 => 32,
             Dtype::F64 | Dtype::I64 | Dtype::U64 | Dtype::C64 => 64,
@@ -197,9 +199,13 @@ pub fn byte_size(dtype: Dtype, shape: &[u64]) -> std::result::Result<u64, String
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| format!("shape {shape:?} overflows"))?;
-    let bits = numel.checked_mul(dtype.bits()).ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    let bits = numel
+        .checked_mul(dtype.bits())
+        .ok_or_else(|| format!("shape {shape:?} overflows"))?;
     if bits % 8 != 0 {
-        return Err(format!("{numel} elements of {dtype} do not fill whole bytes"));
+        return Err(format!(
+            "{numel} elements of {dtype} do not fill whole bytes"
+        ));
     }
     Ok(bits / 8)
 }
@@ -232,7 +238,10 @@ impl<'de> serde::Deserialize<'de> for RawEntries {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawEntries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawEntries, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Value>()? {
                     out.push((k, v));
@@ -254,7 +263,11 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
     {
         let mut done = 0usize;
         while done < buf.len() {
-            match std::os::windows::fs::FileExt::seek_read(file, &mut buf[done..], offset + done as u64) {
+            match std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            ) {
                 Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -275,7 +288,11 @@ pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()>
     {
         let mut done = 0usize;
         while done < buf.len() {
-            match std::os::windows::fs::FileExt::seek_write(file, &buf[done..], offset + done as u64) {
+            match std::os::windows::fs::FileExt::seek_write(
+                file,
+                &buf[done..],
+                offset + done as u64,
+            ) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -317,7 +334,9 @@ impl Header {
             )));
         }
         if n < 2 {
-            return Err(bad(format!("header length {n} is too small for a JSON object")));
+            return Err(bad(format!(
+                "header length {n} is too small for a JSON object"
+            )));
         }
         let mut raw = vec![0u8; n as usize];
         read_exact_at(file, &mut raw, 8).map_err(|e| CoreError::io(path, e))?;
@@ -329,11 +348,14 @@ impl Header {
     pub fn parse(path: &Path, raw: Vec<u8>, file_len: u64) -> Result<Header> {
         let bad = |msg: String| CoreError::format(path, msg);
         if raw.first() != Some(&b'{') {
-            return Err(bad("header does not start with '{': not a safetensors file".into()));
+            return Err(bad(
+                "header does not start with '{': not a safetensors file".into(),
+            ));
         }
-        let text = std::str::from_utf8(&raw).map_err(|e| bad(format!("header is not UTF-8 ({e})")))?;
-        let RawEntries(entries) =
-            serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
+        let text =
+            std::str::from_utf8(&raw).map_err(|e| bad(format!("header is not UTF-8 ({e})")))?;
+        let RawEntries(entries) = serde_json::from_str(text.trim_end_matches(' '))
+            .map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
         let data_len = file_len - 8 - raw.len() as u64;
         let mut metadata = None;
         let mut tensors = Vec::with_capacity(entries.len());
@@ -347,7 +369,9 @@ impl Header {
                     return Err(bad("\"__metadata__\" must be an object of strings".into()));
                 };
                 if let Some((k, _)) = map.iter().find(|(_, v)| !v.is_string()) {
-                    return Err(bad(format!("\"__metadata__\" value of {k:?} is not a string")));
+                    return Err(bad(format!(
+                        "\"__metadata__\" value of {k:?} is not a string"
+                    )));
                 }
                 metadata = Some(map);
                 continue;
@@ -355,7 +379,8 @@ impl Header {
             if by_name.contains_key(&name) {
                 return Err(bad(format!("tensor {name:?} is listed twice")));
             }
-            let info = parse_entry(&name, &value).map_err(|m| bad(format!("tensor {name:?}: {m}")))?;
+            let info =
+                parse_entry(&name, &value).map_err(|m| bad(format!("tensor {name:?}: {m}")))?;
             if info.end > data_len {
                 return Err(bad(format!(
                     "tensor {name:?}: data_offsets [{}, {}] run past the end of the data ({data_len} bytes): \
@@ -392,7 +417,14 @@ impl Header {
         for (k, t) in tensors.iter().enumerate() {
             by_name.insert(t.name.clone(), k);
         }
-        Ok(Header { path: path.to_path_buf(), raw, metadata, tensors, file_len, by_name })
+        Ok(Header {
+            path: path.to_path_buf(),
+            raw,
+            metadata,
+            tensors,
+            file_len,
+            by_name,
+        })
     }
 
     /// Offset of the data buffer in the file: `8 + N`.
@@ -413,14 +445,21 @@ impl Header {
 
 fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorInfo, String> {
     let obj = value.as_object().ok_or("entry is not an object")?;
-    let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or("missing or non-string \"dtype\"")?;
-    let dtype = Dtype::from_name(dtype_name).ok_or_else(|| format!("unknown dtype {dtype_name:?}"))?;
+    let dtype_name = obj
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or("missing or non-string \"dtype\"")?;
+    let dtype =
+        Dtype::from_name(dtype_name).ok_or_else(|| format!("unknown dtype {dtype_name:?}"))?;
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
         .ok_or("missing or non-array \"shape\"")?
         .iter()
-        .map(|d| d.as_u64().ok_or("shape entries must be non-negative integers"))
+        .map(|d| {
+            d.as_u64()
+                .ok_or("shape entries must be non-negative integers")
+        })
         .collect::<std::result::Result<Vec<u64>, _>>()?;
     let offsets = obj
         .get("data_offsets")
@@ -440,8 +479,17 @@ fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorInfo, Str
             end - begin
         ));
     }
-    Ok(TensorInfo { name: name.to_string(), dtype, shape, begin, end })
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
 }
+
+/// Header bytes and each tensor's `(begin, end)` data offsets.
+pub type BuiltHeader = (Vec<u8>, Vec<(u64, u64)>);
 
 /// Serialises a header for `tensors` (laid out in the given order, contiguously) with
 /// optional `metadata`; returns the header bytes (space-padded so that the data starts
@@ -449,7 +497,7 @@ fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorInfo, Str
 pub fn build_header(
     tensors: &[(&str, Dtype, &[u64])],
     metadata: Option<&Map<String, Value>>,
-) -> Result<(Vec<u8>, Vec<(u64, u64)>)> {
+) -> Result<BuiltHeader> {
     let mut root = Map::new();
     if let Some(meta) = metadata {
         root.insert("__metadata__".into(), Value::Object(meta.clone()));
@@ -457,7 +505,8 @@ pub fn build_header(
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut pos = 0u64;
     for &(name, dtype, shape) in tensors {
-        let size = byte_size(dtype, shape).map_err(|m| CoreError::InvalidArgument(format!("tensor {name:?}: {m}")))?;
+        let size = byte_size(dtype, shape)
+            .map_err(|m| CoreError::InvalidArgument(format!("tensor {name:?}: {m}")))?;
         let mut entry = Map::new();
         entry.insert("dtype".into(), Value::from(dtype.name()));
         entry.insert("shape".into(), Value::from(shape.to_vec()));
@@ -530,27 +579,47 @@ mod tests {
     fn rejects_short_and_garbage_files() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"abc").unwrap();
-        assert!(Header::read(f.path()).unwrap_err().to_string().contains("shorter"));
+        assert!(
+            Header::read(f.path())
+                .unwrap_err()
+                .to_string()
+                .contains("shorter")
+        );
         assert!(err_of("[1,2,3]", 0).contains("does not start"));
         assert!(err_of("{\"a\": ", 0).contains("not valid JSON"));
     }
 
     #[test]
     fn rejects_bad_entries() {
-        let e = err_of(r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#, 1);
+        let e = err_of(
+            r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#,
+            1,
+        );
         assert!(e.contains("unknown dtype"), "{e}");
-        let e = err_of(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8);
+        let e = err_of(
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            8,
+        );
         assert!(e.contains("needs 12 bytes"), "{e}");
-        let e = err_of(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4);
+        let e = err_of(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            4,
+        );
         assert!(e.contains("run past the end"), "{e}");
         let e = err_of(
             r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
             12,
         );
         assert!(e.contains("overlap"), "{e}");
-        let e = err_of(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8);
+        let e = err_of(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+        );
         assert!(e.contains("hole"), "{e}");
-        let e = err_of(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8);
+        let e = err_of(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            8,
+        );
         assert!(e.contains("trailing"), "{e}");
         let e = err_of(
             r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
@@ -559,7 +628,10 @@ mod tests {
         assert!(e.contains("listed twice"), "{e}");
         let e = err_of(r#"{"__metadata__":{"x":1}}"#, 0);
         assert!(e.contains("not a string"), "{e}");
-        let e = err_of(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#, 4);
+        let e = err_of(
+            r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#,
+            4,
+        );
         assert!(e.contains("overflows"), "{e}");
     }
 
@@ -569,8 +641,14 @@ mod tests {
         meta.insert("format".into(), Value::from("pt"));
         let shape_a = [3u64, 5];
         let shape_b = [7u64];
-        let (raw, offs) =
-            build_header(&[("z.weight", Dtype::BF16, &shape_a), ("a.bias", Dtype::F32, &shape_b)], Some(&meta)).unwrap();
+        let (raw, offs) = build_header(
+            &[
+                ("z.weight", Dtype::BF16, &shape_a),
+                ("a.bias", Dtype::F32, &shape_b),
+            ],
+            Some(&meta),
+        )
+        .unwrap();
         assert_eq!((8 + raw.len()) % 8, 0);
         assert_eq!(offs, vec![(0, 30), (30, 58)]);
         let hdr = Header::parse(Path::new("x"), raw.clone(), 8 + raw.len() as u64 + 58).unwrap();
