@@ -62,6 +62,15 @@ fn float_size(dtype: Dtype) -> Result<usize> {
 pub fn decode(dtype: Dtype, raw: &[u8], out: &mut [f32]) -> Result<()> {
     let size = float_size(dtype)?;
     debug_assert_eq!(raw.len(), out.len() * size);
+    decode_unchecked(dtype, raw, out);
+    Ok(())
+}
+
+/// [`decode`] for a dtype already known to be BF16, F16, F32 or F64 (anything else is
+/// read as F64); inlined so that a caller compiled for a wider instruction set
+/// vectorises it with that set.
+#[inline(always)]
+pub(crate) fn decode_unchecked(dtype: Dtype, raw: &[u8], out: &mut [f32]) {
     match dtype {
         Dtype::BF16 => {
             for (o, c) in out.iter_mut().zip(raw.chunks_exact(2)) {
@@ -89,7 +98,6 @@ pub fn decode(dtype: Dtype, raw: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// Encodes float32 `src` as `dtype` into `raw` (`src.len() * size` bytes), rounding to
@@ -97,6 +105,14 @@ pub fn decode(dtype: Dtype, raw: &[u8], out: &mut [f32]) -> Result<()> {
 pub fn encode(dtype: Dtype, src: &[f32], raw: &mut [u8]) -> Result<()> {
     let size = float_size(dtype)?;
     debug_assert_eq!(raw.len(), src.len() * size);
+    encode_unchecked(dtype, src, raw);
+    Ok(())
+}
+
+/// [`encode`] for a dtype already known to be BF16, F16, F32 or F64 (anything else is
+/// written as F64); inlined like [`decode_unchecked`].
+#[inline(always)]
+pub(crate) fn encode_unchecked(dtype: Dtype, src: &[f32], raw: &mut [u8]) {
     match dtype {
         Dtype::BF16 => {
             for (c, &v) in raw.chunks_exact_mut(2).zip(src) {
@@ -126,7 +142,6 @@ pub fn encode(dtype: Dtype, src: &[f32], raw: &mut [u8]) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// Converts `n` elements from `src_dtype` bytes to `dst_dtype` bytes with one rounding
