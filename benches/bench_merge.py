@@ -12,8 +12,10 @@ in one run, each in its own child process (so that peak RSS is that process's ow
   the exact LoRA export of the adapter, ``merge_and_unload()``, ``save_pretrained()``.
 
 Caching: page caches cannot be dropped here, so every file is read once before the
-measurements (warm cache for every contender) and each output is deleted before the
-next measurement. Peak RSS comes from ``wait4``'s ``ru_maxrss`` of each child.
+measurements (warm cache for every contender); before each run the previous output is
+deleted and ``sync`` flushes pending writeback. ``cp`` and the merge run ``--repeat``
+times (median reported, all runs printed); the PEFT path runs once. Peak RSS is
+measured by ``/usr/bin/time`` for each child.
 
     python benches/bench_merge.py            # 4 layers: 2.2 GB, 3 shards
     python benches/bench_merge.py --layers 8 --keep
@@ -191,6 +193,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="folder for the files (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of cp and merge (median)")
     args = ap.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_merge_", dir="/tmp"))
@@ -226,27 +229,47 @@ def main() -> int:
 
         rows: list[tuple[str, float, int]] = []
 
-        def measure(label: str, argv: list[str], out: Path) -> tuple[float, int, str]:
+        def once(argv: list[str], out: Path) -> tuple[float, int, str]:
             shutil.rmtree(out, ignore_errors=True)
-            wall, rss, stdout = run_child(argv)
+            os.sync()  # no writeback of an earlier step's output during this one
+            return run_child(argv)
+
+        def measure(label: str, argv: list[str], out: Path, repeat: int) -> tuple[float, int, str]:
+            runs = [once(argv, out) for _ in range(repeat)]
+            walls = sorted(r[0] for r in runs)
+            wall, rss, stdout = walls[len(walls) // 2], max(r[1] for r in runs), runs[-1][2]
             rows.append((label, wall, rss))
-            print(f"  {label:<44} {wall:8.2f} s  peak RSS {rss / 2**20:8.1f} MiB", flush=True)
+            spread = f"  (runs {', '.join(f'{w:.2f}' for w in walls)})" if repeat > 1 else ""
+            print(
+                f"  {label:<44} {wall:8.2f} s  peak RSS {rss / 2**20:8.1f} MiB{spread}", flush=True
+            )
             return wall, rss, stdout
 
         out = root / "out"
-        t_cp, _, _ = measure("cp -r", ["cp", "-r", str(base), str(out)], out)
-        t_sync, rss_sync, _ = run_child([py, "-c", FSYNC_SCRIPT, str(out)])
-        rows.append(("cp -r + fsync", t_cp + t_sync, max(rows[-1][2], rss_sync)))
-        print(f"  {'cp -r + fsync':<44} {t_cp + t_sync:8.2f} s", flush=True)
+        rep = args.repeat
+        cp_runs = []
+        for _ in range(rep):
+            t_cp, rss_cp, _ = once(["cp", "-r", str(base), str(out)], out)
+            t_sync, rss_sync, _ = run_child([py, "-c", FSYNC_SCRIPT, str(out)])
+            cp_runs.append((t_cp, t_cp + t_sync, max(rss_cp, rss_sync)))
+        t_cp = sorted(r[0] for r in cp_runs)[rep // 2]
+        t_cps = sorted(r[1] for r in cp_runs)[rep // 2]
+        rss_cp = max(r[2] for r in cp_runs)
+        rows += [("cp -r", t_cp, rss_cp), ("cp -r + fsync", t_cps, rss_cp)]
+        for label, t, k in (("cp -r", t_cp, 0), ("cp -r + fsync", t_cps, 1)):
+            runs = ", ".join(f"{r[k]:.2f}" for r in cp_runs)
+            print(f"  {label:<44} {t:8.2f} s  (runs {runs})")
         measure(
             "unilora merge (CLI, fsync)",
             [py, "-m", "unilora_rs", "merge", str(base), str(adapter), str(out), "--no-progress"],
             out,
+            rep,
         )
         measure(
             "unilora merge (no fsync)",
             [py, "-c", NO_FSYNC_SCRIPT, str(base), str(adapter), str(out)],
             out,
+            rep,
         )
         ours = root / "ours"
         shutil.rmtree(ours, ignore_errors=True)
@@ -261,6 +284,7 @@ def main() -> int:
                 "PEFT merge_and_unload + save_pretrained",
                 [py, "-c", PEFT_SCRIPT, str(base), str(lora), str(out)],
                 out,
+                1,
             )
             compare(ours, out)
         shutil.rmtree(out, ignore_errors=True)

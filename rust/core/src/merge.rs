@@ -965,3 +965,72 @@ impl ShardJob<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(state: &mut u64) -> f32 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// The run-time selected build (AVX2 here when the CPU has it) and the portable
+    /// build give identical bytes, and both equal the plain triple loop.
+    #[test]
+    fn kernel_builds_agree_with_the_plain_loop() {
+        let mut st = 3u64;
+        for (kind, fin, fout, r) in [
+            (ModuleKind::Linear, 131, 70, 4),
+            (ModuleKind::Conv1d, 45, 97, 3),
+        ] {
+            let module = AdapterModule {
+                name: "m".into(),
+                in_features: fin,
+                out_features: fout,
+                kind,
+            };
+            let (fi, fo) = (fin as usize, fout as usize);
+            let b: Vec<f32> = (0..fo * r).map(|_| lcg(&mut st)).collect();
+            let a: Vec<f32> = (0..r * fi).map(|_| lcg(&mut st)).collect();
+            let prep = Prepared::new(&module, &b, &a, r);
+            let [rows, cols] = module.weight_shape().map(|x| x as usize);
+            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut st)).collect();
+            for (src, dst) in [
+                (Dtype::F32, Dtype::F32),
+                (Dtype::BF16, Dtype::BF16),
+                (Dtype::F16, Dtype::F32),
+            ] {
+                let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
+                let mut input = vec![0u8; rows * cols * isz];
+                convert::encode(src, &w, &mut input).unwrap();
+                let mut fast = vec![0u8; rows * cols * osz];
+                let mut portable = vec![0u8; rows * cols * osz];
+                prep.merge_rows(&input, src, &mut fast, dst, 0, 0.75);
+                prep.merge_rows_body(&input, src, &mut portable, dst, 0, 0.75);
+                assert_eq!(fast, portable);
+                let mut w32 = vec![0f32; rows * cols];
+                convert::decode(src, &input, &mut w32).unwrap();
+                for i in 0..fo {
+                    for j in 0..fi {
+                        let mut acc = 0f32;
+                        for k in 0..r {
+                            acc += b[i * r + k] * a[k * fi + j];
+                        }
+                        let pos = if kind == ModuleKind::Conv1d {
+                            j * fo + i
+                        } else {
+                            i * fi + j
+                        };
+                        w32[pos] += 0.75 * acc;
+                    }
+                }
+                let mut want = vec![0u8; rows * cols * osz];
+                convert::encode(dst, &w32, &mut want).unwrap();
+                assert_eq!(fast, want, "{kind:?} {src} -> {dst}");
+            }
+        }
+    }
+}
