@@ -226,3 +226,24 @@ def get_num_threads() -> int:
 from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config  # noqa: E402
 
 __all__ += ["AdapterConfig", "ModuleSpec", "load_adapter", "load_adapter_config"]
+
+# Merge, exact LoRA export and inspection (numpy only); imported last on purpose.
+from .merging import (  # noqa: E402
+    AdapterInfo,
+    ExportResult,
+    MergedTensor,
+    MergeResult,
+    export_lora,
+    inspect,
+    merge,
+)
+
+__all__ += [
+    "AdapterInfo",
+    "ExportResult",
+    "MergeResult",
+    "MergedTensor",
+    "export_lora",
+    "inspect",
+    "merge",
+]

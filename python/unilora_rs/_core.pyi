@@ -1,16 +1,23 @@
 """Type stubs of the compiled extension ``unilora_rs._core``."""
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
     "SPEC_VERSION",
     "__version__",
+    "export_lora",
     "fingerprint",
     "get_num_threads",
+    "merge",
     "projection",
     "reconstruct",
     "reconstruct_backward",
+    "safetensors_header",
     "set_num_threads",
 ]
 
@@ -29,3 +36,24 @@ def reconstruct_backward(
 def fingerprint(seed: int, d: int, shapes: list[tuple[str, int, int]]) -> str: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+def merge(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    tile_elems: int = 0,
+    fsync: bool = True,
+) -> dict[str, Any]: ...
+def export_lora(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str = "f32",
+    overwrite: bool = False,
+) -> dict[str, Any]: ...
+def safetensors_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int]: ...

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod errors;
+mod merge;
 mod projection;
 
 use pyo3::prelude::*;
@@ -18,6 +19,9 @@ mod _core {
         fingerprint, get_num_threads, projection, reconstruct, reconstruct_backward,
         set_num_threads,
     };
+
+    #[pymodule_export]
+    use crate::merge::{export_lora, merge, safetensors_header};
 
     use pyo3::prelude::*;
 

@@ -6,18 +6,31 @@
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
 //!   without materialising an index array.
 //! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
+//! * [`adapter`]: reading and verifying an adapter directory.
+//! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
+//! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint.
+//! * [`export`]: exact export as a standard PEFT LoRA adapter.
 
 #![deny(missing_docs)]
 
+pub mod adapter;
+pub mod convert;
 pub mod error;
+pub mod export;
 pub mod fingerprint;
+pub mod fsutil;
 mod kernel;
+pub mod merge;
 pub mod parallel;
 pub mod projection;
 pub mod reconstruct;
+pub mod safetensors;
 
+pub use adapter::Adapter;
 pub use error::{CoreError, Result};
+pub use export::{ExportOptions, ExportReport, export_lora};
 pub use fingerprint::fingerprint;
+pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use projection::{Projection, SPEC_VERSION};
 pub use reconstruct::{
     check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,

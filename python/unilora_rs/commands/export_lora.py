@@ -1,0 +1,40 @@
+"""``unilora export-lora ADAPTER OUT``: write the exact PEFT LoRA equivalent."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..merging import export_lora
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export-lora",
+        help="write a standard PEFT LoRA adapter (lora_A / lora_B) equivalent to the adapter",
+        description=(
+            "Reconstructs every LoRA factor from theta_d and writes adapter_config.json "
+            "(peft_type LORA, r, lora_alpha, target_modules) and adapter_model.safetensors "
+            "(base_model.model.<module>.lora_A.weight / lora_B.weight), the layout PEFT, "
+            "vLLM and llama.cpp's LoRA converter read. float32 is exact."
+        ),
+    )
+    p.add_argument("adapter", help="the Uni-LoRA adapter folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "f16", "f32"],
+        default="f32",
+        help="dtype of the LoRA factors (default f32, exact)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = export_lora(args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    saved = f" + {result.saved_tensors} saved tensor(s)" if result.saved_tensors else ""
+    print(
+        f"exported {result.modules} LoRA modules{saved} ({result.lora_parameters:,} parameters, "
+        f"{result.weights_bytes / 2**20:.1f} MiB) to {result.out} in {result.seconds:.2f} s"
+    )
+    return 0

@@ -1,0 +1,384 @@
+"""Merging an adapter into a safetensors checkpoint, exact LoRA export, inspection.
+
+numpy-only wrappers over the Rust core (no torch). The heavy work runs in Rust with the
+GIL released; these functions check arguments and shape the results.
+
+>>> import unilora_rs as ur
+>>> result = ur.merge("llama/", "my-adapter/", "llama-merged/")  # doctest: +SKIP
+>>> result.merged_count  # doctest: +SKIP
+224
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .adapter import CONFIG_NAME, VECTOR_KEY, WEIGHTS_NAME, AdapterConfig, ModuleSpec
+from .errors import FormatError, InvalidArgumentError, MismatchError
+
+__all__ = [
+    "AdapterInfo",
+    "ExportResult",
+    "MergeResult",
+    "MergedTensor",
+    "export_lora",
+    "inspect",
+    "merge",
+]
+
+PathArg = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class MergedTensor:
+    """One adapted module and the base tensor it was merged into."""
+
+    module: str
+    tensor: str
+    file: str
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge` did."""
+
+    out: Path
+    merged: list[MergedTensor]
+    replaced: list[str]
+    cast: int
+    copied: int
+    tensors: int
+    shards: list[str]
+    other_files: list[str]
+    bytes_written: int
+    largest_tensor_bytes: int
+    seconds: float
+
+    @property
+    def merged_count(self) -> int:
+        """Number of base tensors that received a LoRA update."""
+        return len(self.merged)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_lora` wrote."""
+
+    out: Path
+    modules: int
+    saved_tensors: int
+    lora_parameters: int
+    weights_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A summary of an adapter directory (see :func:`inspect`)."""
+
+    path: Path
+    seed: int
+    d: int
+    rank: int
+    alpha: float
+    modules: list[ModuleSpec]
+    lora_parameters: int
+    modules_to_save: list[str]
+    saved_tensors: dict[str, tuple[str, list[int]]]
+    saved_parameters: int
+    fingerprint: str
+    expected_fingerprint: str
+    theta_finite: bool
+    theta_norm: float
+    size_on_disk: int
+    base_model_name_or_path: str | None
+    spec_version: int
+    format_version: int
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fingerprint_ok(self) -> bool:
+        """Whether the stored fingerprint matches seed, ``d`` and the module list."""
+        return self.fingerprint == self.expected_fingerprint
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scaling ``alpha / r``."""
+        return float(self.alpha) / self.rank
+
+    @property
+    def compression(self) -> float:
+        """``D / d``: LoRA parameters per trainable parameter."""
+        return self.lora_parameters / self.d
+
+    @property
+    def lora_bytes(self) -> int:
+        """Tensor bytes of the equivalent float32 LoRA adapter (factors + saved modules)."""
+        return 4 * self.lora_parameters + sum(
+            _DTYPE_SIZES.get(dt, 0) * _numel(shape) for dt, shape in self.saved_tensors.values()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "path": str(self.path),
+            "seed": self.seed,
+            "d": self.d,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scaling": self.scaling,
+            "modules": len(self.modules),
+            "kinds": self.kinds,
+            "lora_parameters": self.lora_parameters,
+            "compression": self.compression,
+            "modules_to_save": self.modules_to_save,
+            "saved_parameters": self.saved_parameters,
+            "trainable_parameters": self.d + self.saved_parameters,
+            "fingerprint": self.fingerprint,
+            "fingerprint_ok": self.fingerprint_ok,
+            "theta_finite": self.theta_finite,
+            "theta_norm": self.theta_norm,
+            "size_on_disk": self.size_on_disk,
+            "lora_bytes": self.lora_bytes,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "spec_version": self.spec_version,
+            "format_version": self.format_version,
+            "module_list": [
+                {
+                    "name": m.name,
+                    "in_features": m.in_features,
+                    "out_features": m.out_features,
+                    "kind": m.kind,
+                }
+                for m in self.modules
+            ],
+        }
+
+
+_DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _path(name: str, value: object) -> Path:
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if str(path) == "":
+            raise InvalidArgumentError(f"{name} must not be empty")
+        return path
+    raise InvalidArgumentError(
+        f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
+    )
+
+
+def _dtype(value: object, *, allow_none: bool) -> str | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return value
+    name = getattr(value, "name", None)  # numpy dtypes
+    if isinstance(name, str):
+        return name
+    from .errors import DtypeError
+
+    raise DtypeError(f"dtype must be one of 'bf16', 'f16', 'f32' (or None), got {value!r}")
+
+
+class _Progress:
+    """A tqdm bar fed by the merge's (done, total) callback; a plain stderr line
+    when tqdm is not installed."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        if self.bar is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.bar = False
+            else:
+                self.bar = tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc
+                )
+        if self.bar is False:
+            pct = 100 * done // total
+            if pct // 10 != self.last // 10 or done == total:
+                print(f"{self.desc}: {pct}%", file=sys.stderr, flush=True)
+                self.last = pct
+        else:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None and self.bar is not False:
+            self.bar.close()
+
+
+def merge(
+    base: PathArg,
+    adapter: PathArg,
+    out: PathArg,
+    *,
+    dtype: str | None = None,
+    show_progress: bool = False,
+    overwrite: bool = False,
+) -> MergeResult:
+    """Merges a Uni-LoRA adapter into a safetensors checkpoint, streaming, in Rust.
+
+    ``base`` is a ``.safetensors`` file (then ``out`` is the output file) or a model
+    folder with ``model.safetensors.index.json`` shards or ``.safetensors`` files (then
+    ``out`` is the output folder: shards keep their names, the index and every other
+    file, such as ``config.json`` and the tokenizer, are copied).
+
+    Each adapted module's weight ``W`` becomes ``W + (alpha / r) * B @ A`` (transposed
+    for ``conv1d`` modules), computed in float32 and rounded once, to nearest even.
+    ``modules_to_save`` tensors of the adapter replace the same-named base tensors.
+    Every other tensor and the header metadata are copied unchanged.
+
+    ``dtype=None`` keeps each tensor's dtype; ``"bf16"``, ``"f16"`` or ``"f32"`` casts
+    every floating tensor (F16, BF16, F32, F64) of the output to that dtype (integer and
+    8-bit tensors are kept); ``config.json`` is copied as it is.
+
+    Every adapted module must match exactly one base tensor (``<name>.weight``, else a
+    unique dotted-suffix match): a missing or ambiguous target raises
+    :class:`MismatchError`. The output is written to temporary files and renamed into
+    place when complete; an existing output raises :class:`FileExistsError` unless
+    ``overwrite``; an output equal to, inside, or containing an input raises
+    :class:`InvalidArgumentError`. The inputs are never modified. Ctrl-C cancels
+    cleanly (no partial output).
+    """
+    base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
+    dt = _dtype(dtype, allow_none=True)
+    progress: _Progress | None = _Progress("merge") if show_progress else None
+    callback: Callable[[int, int], None] | None = progress
+    t0 = time.perf_counter()
+    try:
+        raw = _core.merge(
+            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=callback
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - t0
+    return MergeResult(
+        out=Path(raw["out"]),
+        merged=[MergedTensor(**m) for m in raw["merged"]],
+        replaced=list(raw["replaced"]),
+        cast=raw["cast"],
+        copied=raw["copied"],
+        tensors=raw["tensors"],
+        shards=list(raw["shards"]),
+        other_files=list(raw["other_files"]),
+        bytes_written=raw["bytes_written"],
+        largest_tensor_bytes=raw["largest_tensor_bytes"],
+        seconds=seconds,
+    )
+
+
+def export_lora(
+    adapter: PathArg, out: PathArg, *, dtype: str = "f32", overwrite: bool = False
+) -> ExportResult:
+    """Writes the exact PEFT LoRA equivalent of a Uni-LoRA adapter into folder ``out``.
+
+    ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight``
+    (``r x in``) and ``...lora_B.weight`` (``out x r``) for every module, plus the
+    ``modules_to_save`` tensors as ``base_model.model.<name>``; ``adapter_config.json``
+    has ``peft_type = "LORA"``, the same ``r``, ``lora_alpha = alpha`` and
+    ``target_modules`` listing exactly the adapted modules (``fan_in_fan_out`` is true
+    when every module is a GPT-2 style ``conv1d``). PEFT's ``PeftModel.from_pretrained``,
+    vLLM and llama.cpp's LoRA converter read this layout. ``dtype="f32"`` (default) is
+    exact; ``"bf16"`` or ``"f16"`` round the factors to nearest even.
+    """
+    adapter_p, out_p = _path("adapter", adapter), _path("out", out)
+    dt = _dtype(dtype, allow_none=False)
+    t0 = time.perf_counter()
+    raw = _core.export_lora(adapter_p, out_p, dtype=dt, overwrite=bool(overwrite))
+    return ExportResult(
+        out=Path(raw["out"]),
+        modules=raw["modules"],
+        saved_tensors=raw["saved_tensors"],
+        lora_parameters=raw["lora_parameters"],
+        weights_bytes=raw["weights_bytes"],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def inspect(adapter: PathArg) -> AdapterInfo:
+    """Summarises an adapter: ``d``, seed, rank, modules, parameter counts, the
+    fingerprint check (reported, not raised: see :attr:`AdapterInfo.fingerprint_ok`),
+    and the size on disk against the equivalent float32 LoRA.
+
+    Raises :class:`FormatError` for a malformed config or weights file and
+    ``FileNotFoundError`` when files are missing.
+    """
+    import numpy as np
+
+    from .adapter import load_adapter_config
+
+    path = _path("adapter", adapter)
+    if not path.is_dir():
+        if path.exists():
+            raise InvalidArgumentError(
+                f"{path}: an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+        raise FileNotFoundError(2, "adapter not found", str(path))
+    config: AdapterConfig = load_adapter_config(path, verify=False)
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(2, "adapter weights not found", str(weights))
+    _meta, tensors, data_start = _core.safetensors_header(weights)
+    if VECTOR_KEY not in tensors:
+        raise FormatError(f"{weights}: no {VECTOR_KEY!r} tensor")
+    dtype, shape, (begin, end) = tensors[VECTOR_KEY]
+    if dtype != "F32" or list(shape) != [config.vector_length]:
+        raise MismatchError(
+            f"{weights}: {VECTOR_KEY} is {dtype} {list(shape)}, the config says F32 "
+            f"[{config.vector_length}]"
+        )
+    theta = np.fromfile(weights, dtype="<f4", count=(end - begin) // 4, offset=data_start + begin)
+    finite = bool(np.isfinite(theta).all())
+    saved = {name: (dt, list(sh)) for name, (dt, sh, _) in tensors.items() if name != VECTOR_KEY}
+    kinds: dict[str, int] = {}
+    for m in config.modules:
+        kinds[m.kind] = kinds.get(m.kind, 0) + 1
+    return AdapterInfo(
+        path=path,
+        seed=config.seed,
+        d=config.vector_length,
+        rank=config.rank,
+        alpha=config.alpha,
+        modules=list(config.modules),
+        lora_parameters=config.total_size,
+        modules_to_save=list(config.modules_to_save),
+        saved_tensors=saved,
+        saved_parameters=sum(_numel(sh) for _, sh in saved.values()),
+        fingerprint=config.fingerprint,
+        expected_fingerprint=config.expected_fingerprint(),
+        theta_finite=finite,
+        theta_norm=float(np.linalg.norm(theta.astype(np.float64))) if finite else float("nan"),
+        size_on_disk=_dir_size(path),
+        base_model_name_or_path=config.base_model_name_or_path,
+        spec_version=config.spec_version,
+        format_version=config.format_version,
+        kinds=kinds,
+    )

@@ -1,0 +1,178 @@
+//! Bindings of the streaming merge, the LoRA export and the safetensors header reader.
+//!
+//! The merge runs on a worker thread (which uses the crate's pool) while the calling
+//! thread waits with the GIL released, waking every 100 ms to run Python's signal
+//! handlers (so Ctrl-C cancels the merge, which then removes its temporary output) and
+//! to report progress to an optional callback.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use unilora_core::merge::{Control, MergeOptions};
+use unilora_core::safetensors::{Dtype, Header};
+use unilora_core::{CoreError, ExportOptions};
+
+use crate::errors::IntoPyResult;
+
+/// How often the waiting thread checks signals and reports progress.
+const POLL: Duration = Duration::from_millis(100);
+
+fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<Dtype>> {
+    dtype.map(Dtype::parse_target).transpose().py()
+}
+
+/// Runs `work` on a scoped thread; meanwhile the caller waits without the GIL, checks
+/// signals and calls `progress(done, total)` about every 100 ms. An exception (from a
+/// signal handler or the callback) cancels the work through `control` and is raised
+/// once the worker has cleaned up.
+fn run_with_signals<T: Send>(
+    py: Python<'_>,
+    control: &Control,
+    progress: Option<&Bound<'_, PyAny>>,
+    work: impl FnOnce() -> Result<T, CoreError> + Send,
+) -> PyResult<T> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(work);
+        let mut pending: Option<PyErr> = None;
+        let mut last: Option<Instant> = None;
+        loop {
+            // Signals and progress first (also right after the start), then wait.
+            let finished = handle.is_finished();
+            if pending.is_none() {
+                if let Err(e) = py.check_signals() {
+                    control.cancel();
+                    pending = Some(e);
+                } else if let Some(cb) = progress {
+                    if finished || last.is_none_or(|t| t.elapsed() >= POLL) {
+                        last = Some(Instant::now());
+                        let (done, total) = control.progress();
+                        if let Err(e) = cb.call1((done, total)) {
+                            control.cancel();
+                            pending = Some(e);
+                        }
+                    }
+                }
+            }
+            if finished {
+                break;
+            }
+            py.detach(|| {
+                let start = Instant::now();
+                while !handle.is_finished() && start.elapsed() < POLL {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+        let result = handle
+            .join()
+            .unwrap_or_else(|_| Err(CoreError::InvalidArgument("merge worker panicked".into())));
+        match pending {
+            Some(err) => Err(err),
+            None => result.py(),
+        }
+    })
+}
+
+/// Merges the adapter into a safetensors file or model folder, writing `out`.
+///
+/// Returns a dict with the merged tensors (`merged`: list of dicts with `module`,
+/// `tensor`, `file`), `replaced`, `cast`, `copied`, `tensors`, `shards`,
+/// `other_files`, `bytes_written` and `largest_tensor_bytes`.
+#[pyfunction]
+#[pyo3(signature = (base, adapter, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
+#[allow(clippy::too_many_arguments)]
+pub fn merge<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+    dtype: Option<&str>,
+    overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
+    tile_elems: usize,
+    fsync: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut opts = MergeOptions::new(base, adapter, out);
+    opts.dtype = parse_dtype(dtype)?;
+    opts.overwrite = overwrite;
+    opts.tile_elems = tile_elems;
+    opts.fsync = fsync;
+    let control = Control::new();
+    let report = run_with_signals(py, &control, progress.as_ref(), || {
+        unilora_core::merge(&opts, &control)
+    })?;
+    let d = PyDict::new(py);
+    d.set_item("out", report.out)?;
+    let merged = PyList::empty(py);
+    for m in &report.merged {
+        let item = PyDict::new(py);
+        item.set_item("module", &m.module)?;
+        item.set_item("tensor", &m.tensor)?;
+        item.set_item("file", &m.file)?;
+        merged.append(item)?;
+    }
+    d.set_item("merged", merged)?;
+    d.set_item("replaced", report.replaced)?;
+    d.set_item("cast", report.cast)?;
+    d.set_item("copied", report.copied)?;
+    d.set_item("tensors", report.tensors)?;
+    d.set_item("shards", report.shards)?;
+    d.set_item("other_files", report.other_files)?;
+    d.set_item("bytes_written", report.bytes_written)?;
+    d.set_item("largest_tensor_bytes", report.largest_tensor_bytes)?;
+    Ok(d)
+}
+
+/// Writes the exact PEFT LoRA equivalent of the adapter into the folder `out`.
+///
+/// Returns a dict with `out`, `modules`, `saved_tensors`, `lora_parameters` and
+/// `weights_bytes`.
+#[pyfunction]
+#[pyo3(signature = (adapter, out, *, dtype="f32", overwrite=false))]
+pub fn export_lora<'py>(
+    py: Python<'py>,
+    adapter: PathBuf,
+    out: PathBuf,
+    dtype: &str,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut opts = ExportOptions::new(adapter, out);
+    opts.dtype = Dtype::parse_target(dtype).py()?;
+    opts.overwrite = overwrite;
+    let report = py.detach(|| unilora_core::export_lora(&opts)).py()?;
+    let d = PyDict::new(py);
+    d.set_item("out", report.out)?;
+    d.set_item("modules", report.modules)?;
+    d.set_item("saved_tensors", report.saved_tensors)?;
+    d.set_item("lora_parameters", report.lora_parameters)?;
+    d.set_item("weights_bytes", report.weights_bytes)?;
+    Ok(d)
+}
+
+/// Reads and validates a safetensors header without loading any tensor.
+///
+/// Returns `(metadata or None, {name: (dtype, shape, (begin, end))}, data_start)`, the
+/// tensors in offset order; offsets are relative to the data buffer at `data_start`.
+#[pyfunction]
+pub fn safetensors_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyAny>> {
+    let (_, header) = py.detach(|| Header::read(&path)).py()?;
+    let meta = match &header.metadata {
+        Some(m) => {
+            let d = PyDict::new(py);
+            for (k, v) in m {
+                d.set_item(k, v.as_str().unwrap_or_default())?;
+            }
+            d.into_any()
+        }
+        None => py.None().into_bound(py),
+    };
+    let tensors = PyDict::new(py);
+    for t in &header.tensors {
+        tensors.set_item(&t.name, (t.dtype.name(), t.shape.clone(), (t.begin, t.end)))?;
+    }
+    Ok((meta, tensors, header.data_start())
+        .into_pyobject(py)?
+        .into_any())
+}

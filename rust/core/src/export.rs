@@ -1,0 +1,196 @@
+//! Exact export of a Uni-LoRA adapter as a standard PEFT LoRA adapter.
+//!
+//! The reconstructed factors are written as `base_model.model.<module>.lora_A.weight`
+//! (`r x in`) and `base_model.model.<module>.lora_B.weight` (`out x r`) in
+//! `adapter_model.safetensors`, next to an `adapter_config.json` with `peft_type =
+//! "LORA"`, the same `r` and `lora_alpha = alpha` (so PEFT's scaling `lora_alpha / r` is
+//! the adapter's), and `target_modules` listing exactly the adapted modules. This is the
+//! layout PEFT's `PeftModel.from_pretrained`, vLLM and llama.cpp's LoRA converter read.
+//! In float32 (the default) the export is exact: the LoRA model computes the same
+//! function as the Uni-LoRA one.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value, json};
+
+use crate::adapter::{Adapter, ModuleKind};
+use crate::convert;
+use crate::error::{CoreError, Result};
+use crate::fsutil::{self, TempPath};
+use crate::safetensors::{Dtype, build_header};
+
+/// Prefix PEFT puts before module names in a saved adapter.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// What to export, where, and how.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// The Uni-LoRA adapter directory.
+    pub adapter: PathBuf,
+    /// The output folder (created; must not exist unless `overwrite`).
+    pub out: PathBuf,
+    /// Dtype of the LoRA factors: F32 (exact, the default), BF16 or F16.
+    pub dtype: Dtype,
+    /// Replace an existing output folder.
+    pub overwrite: bool,
+}
+
+impl ExportOptions {
+    /// Float32 export into `out`, no overwrite.
+    pub fn new(adapter: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        ExportOptions {
+            adapter: adapter.into(),
+            out: out.into(),
+            dtype: Dtype::F32,
+            overwrite: false,
+        }
+    }
+}
+
+/// What an export wrote.
+#[derive(Clone, Debug, Default)]
+pub struct ExportReport {
+    /// The output folder.
+    pub out: PathBuf,
+    /// Number of LoRA modules written.
+    pub modules: usize,
+    /// Number of `modules_to_save` tensors written.
+    pub saved_tensors: usize,
+    /// LoRA parameters written (`D`).
+    pub lora_parameters: u64,
+    /// Size of the written `adapter_model.safetensors` in bytes.
+    pub weights_bytes: u64,
+}
+
+/// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter`.
+pub fn peft_config(adapter: &Adapter) -> Value {
+    let alpha = if adapter.alpha.fract() == 0.0 && adapter.alpha.abs() < 2f64.powi(53) {
+        Value::from(adapter.alpha as i64)
+    } else {
+        Value::from(adapter.alpha)
+    };
+    let all_conv = adapter.modules.iter().all(|m| m.kind == ModuleKind::Conv1d);
+    let targets: Vec<Value> = adapter
+        .modules
+        .iter()
+        .map(|m| Value::from(m.name.clone()))
+        .collect();
+    let to_save = if adapter.modules_to_save.is_empty() {
+        Value::Null
+    } else {
+        Value::from(adapter.modules_to_save.clone())
+    };
+    json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "r": adapter.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "fan_in_fan_out": all_conv,
+        "bias": "none",
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": to_save,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    })
+}
+
+/// Writes the PEFT LoRA equivalent of the adapter at `opts.adapter` into `opts.out`.
+pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
+    if !matches!(opts.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+        return Err(CoreError::Dtype(format!(
+            "export dtype {} is not one of bf16, f16, f32",
+            opts.dtype
+        )));
+    }
+    fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
+    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
+        return Err(fsutil::already_exists(&opts.out));
+    }
+    let adapter = Adapter::open(&opts.adapter)?;
+    let pairs = adapter.lora_pairs()?;
+    let r = adapter.rank;
+
+    let mut names = Vec::with_capacity(2 * adapter.modules.len());
+    let mut shapes = Vec::with_capacity(names.capacity());
+    for m in &adapter.modules {
+        names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), opts.dtype));
+        shapes.push(vec![r, m.in_features]);
+        names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), opts.dtype));
+        shapes.push(vec![m.out_features, r]);
+    }
+    let extras: Vec<_> = adapter.extra_tensors().cloned().collect();
+    for t in &extras {
+        names.push((format!("{PEFT_PREFIX}{}", t.name), t.dtype));
+        shapes.push(t.shape.clone());
+    }
+    let spec: Vec<(&str, Dtype, &[u64])> = names
+        .iter()
+        .zip(&shapes)
+        .map(|((n, d), s)| (n.as_str(), *d, s.as_slice()))
+        .collect();
+    let mut meta = Map::new();
+    meta.insert("format".into(), Value::from("pt"));
+    let (header, offsets) = build_header(&spec, Some(&meta))?;
+
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    let staging = TempPath::new(&opts.out, "tmp")?;
+    fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
+    let weights = staging.path().join("adapter_model.safetensors");
+    let io = |e| CoreError::io(&weights, e);
+    let file = File::create(&weights).map_err(io)?;
+    let mut w = BufWriter::with_capacity(1 << 20, &file);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    let size = (opts.dtype.bits() / 8) as usize;
+    let mut buf = Vec::new();
+    for pair in &pairs {
+        for mat in [&pair.a, &pair.b] {
+            buf.resize(mat.len() * size, 0);
+            convert::encode(opts.dtype, mat, &mut buf)?;
+            w.write_all(&buf).map_err(io)?;
+        }
+    }
+    for t in &extras {
+        buf.resize(t.nbytes() as usize, 0);
+        adapter.read_weights(t.begin, &mut buf)?;
+        w.write_all(&buf).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    file.sync_all().map_err(io)?;
+    let weights_bytes = 8 + header.len() as u64 + offsets.last().map_or(0, |o| o.1);
+
+    let config_path = staging.path().join("adapter_config.json");
+    let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))
+        .map_err(|e| CoreError::InvalidArgument(format!("cannot serialise the config: {e}")))?;
+    text.push(b'\n');
+    write_synced(&config_path, &text)?;
+    staging.commit(opts.overwrite)?;
+    Ok(ExportReport {
+        out: opts.out.clone(),
+        modules: adapter.modules.len(),
+        saved_tensors: extras.len(),
+        lora_parameters: adapter.total_size(),
+        weights_bytes,
+    })
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let io = |e| CoreError::io(path, e);
+    let mut f = File::create(path).map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)
+}

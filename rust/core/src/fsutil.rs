@@ -1,0 +1,417 @@
+//! File-system helpers of the writers: path resolution and overlap checks, atomic
+//! output (temporary sibling, renamed into place when complete), in-kernel range
+//! copies and space reservation.
+
+use std::fs::{self, File};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{CoreError, Result};
+use crate::safetensors::{read_exact_at, write_all_at};
+
+/// Makes `path` absolute and resolves symbolic links in its longest existing prefix;
+/// the remaining components are appended as they are (`..` among them is applied
+/// lexically).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).map_err(|e| CoreError::io(path, e))?;
+    let mut existing = abs.clone();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(canon) = existing.canonicalize() {
+            let mut out = canon;
+            for comp in rest.iter().rev() {
+                if comp == ".." {
+                    out.pop();
+                } else if comp != "." {
+                    out.push(comp);
+                }
+            }
+            return Ok(out);
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => return Ok(abs),
+        }
+    }
+}
+
+/// Fails when `out` is `input`, lies inside it, or contains it.
+pub fn check_disjoint(out: &Path, input: &Path, what: &str) -> Result<()> {
+    let (o, i) = (resolve(out)?, resolve(input)?);
+    if o == i {
+        return Err(CoreError::InvalidArgument(format!(
+            "output {} is the {what} itself: write the result somewhere else",
+            out.display()
+        )));
+    }
+    if o.starts_with(&i) {
+        return Err(CoreError::InvalidArgument(format!(
+            "output {} lies inside the {what} {}: write the result somewhere else",
+            out.display(),
+            input.display()
+        )));
+    }
+    if i.starts_with(&o) {
+        return Err(CoreError::InvalidArgument(format!(
+            "output {} contains the {what} {}: replacing it would destroy the input",
+            out.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a file name read from a shard index: relative, made of normal components
+/// only (no `..`, no root, no drive, no backslash), so that it stays inside its folder.
+pub fn check_relative_name(name: &str, index: &Path) -> Result<PathBuf> {
+    let bad = |why: &str| {
+        CoreError::format(
+            index,
+            format!("shard name {name:?} {why}: shard files must lie inside the model folder"),
+        )
+    };
+    if name.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if name.contains('\\') || name.contains('\0') {
+        return Err(bad("contains a backslash or NUL"));
+    }
+    let path = Path::new(name);
+    let mut out = PathBuf::new();
+    for comp in path.components() {
+        match comp {
+            Component::Normal(c) => out.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(bad("contains '..'")),
+            Component::RootDir | Component::Prefix(_) => return Err(bad("is absolute")),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(bad("names no file"));
+    }
+    Ok(out)
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary sibling of `target` (`.<name>.unilora-<tag>-<pid>-<n>`), removed on drop
+/// unless [`TempPath::commit`] renamed it into place.
+#[derive(Debug)]
+pub struct TempPath {
+    path: PathBuf,
+    target: PathBuf,
+    done: bool,
+}
+
+impl TempPath {
+    /// Reserves a temporary name next to `target` (nothing is created yet).
+    pub fn new(target: &Path, tag: &str) -> Result<TempPath> {
+        let name = target.file_name().ok_or_else(|| {
+            CoreError::InvalidArgument(format!("output {} has no file name", target.display()))
+        })?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp_name = format!(
+            ".{}.unilora-{tag}-{}-{n}",
+            name.to_string_lossy(),
+            std::process::id()
+        );
+        let path = target.with_file_name(tmp_name);
+        Ok(TempPath {
+            path,
+            target: target.to_path_buf(),
+            done: false,
+        })
+    }
+
+    /// The temporary path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the temporary file or folder onto the target. With `overwrite`, an
+    /// existing target is replaced (a folder is first moved aside, then removed once
+    /// the new one is in place); without it the target must not exist.
+    pub fn commit(mut self, overwrite: bool) -> Result<()> {
+        let exists = fs::symlink_metadata(&self.target).is_ok();
+        if exists && !overwrite {
+            return Err(already_exists(&self.target));
+        }
+        let is_dir = self.path.is_dir();
+        if exists && is_dir {
+            let old = TempPath::new(&self.target, "old")?;
+            fs::rename(&self.target, &old.path).map_err(|e| CoreError::io(&self.target, e))?;
+            if let Err(e) = fs::rename(&self.path, &self.target) {
+                let _ = fs::rename(&old.path, &self.target);
+                return Err(CoreError::io(&self.target, e));
+            }
+            self.done = true;
+            drop(old); // removes the previous output
+        } else {
+            if exists && fs::metadata(&self.target).is_ok_and(|m| m.is_dir()) {
+                return Err(CoreError::InvalidArgument(format!(
+                    "output {} is a folder; the output of a single-file merge is a file",
+                    self.target.display()
+                )));
+            }
+            fs::rename(&self.path, &self.target).map_err(|e| CoreError::io(&self.target, e))?;
+            self.done = true;
+        }
+        sync_parent(&self.target);
+        Ok(())
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if !self.done {
+            if self.path.is_dir() {
+                let _ = fs::remove_dir_all(&self.path);
+            } else {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// The error for an output that exists while overwriting was not asked for.
+pub fn already_exists(path: &Path) -> CoreError {
+    CoreError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "output exists (pass overwrite=True or --overwrite to replace it)",
+        ),
+    }
+}
+
+/// Best-effort fsync of the folder holding `path`, so that a rename is durable.
+pub fn sync_parent(path: &Path) {
+    #[cfg(unix)]
+    if let Some(parent) = path.parent() {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        if let Ok(dir) = File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+}
+
+/// Reserves `len` bytes for `file` where the file system supports it, so that a full
+/// disk is reported before any work is done; elsewhere only sets the length.
+pub fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if len > 0 {
+            let Ok(len_off) = libc::off_t::try_from(len) else {
+                return Err(CoreError::InvalidArgument(format!(
+                    "{}: {len} bytes is too large",
+                    path.display()
+                )));
+            };
+            // SAFETY: `file` is an open descriptor for the call's duration; the call
+            // takes plain integers and touches no memory of ours.
+            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
+            match rc {
+                0 => return Ok(()),
+                libc::EOPNOTSUPP | libc::EINVAL => {}
+                errno => {
+                    return Err(CoreError::io(
+                        path,
+                        std::io::Error::from_raw_os_error(errno),
+                    ));
+                }
+            }
+        }
+    }
+    file.set_len(len).map_err(|e| CoreError::io(path, e))
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off` (in the kernel with
+/// `copy_file_range` where available, else through a buffer). `on_progress` is called
+/// with each chunk's byte count; returning `false` from `keep_going` stops the copy
+/// with [`CoreError::Interrupted`].
+#[allow(clippy::too_many_arguments)]
+pub fn copy_range(
+    src: &File,
+    src_path: &Path,
+    src_off: u64,
+    dst: &File,
+    dst_path: &Path,
+    dst_off: u64,
+    len: u64,
+    keep_going: &dyn Fn() -> bool,
+    on_progress: &dyn Fn(u64),
+) -> Result<()> {
+    const CHUNK: u64 = 32 << 20;
+    let mut done = 0u64;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        while done < len {
+            if !keep_going() {
+                return Err(CoreError::Interrupted);
+            }
+            let want = (len - done).min(CHUNK) as usize;
+            let mut off_in = (src_off + done) as libc::loff_t;
+            let mut off_out = (dst_off + done) as libc::loff_t;
+            // SAFETY: both descriptors are open for the call's duration; the offset
+            // pointers refer to live locals; the kernel reads/writes no other memory.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    want,
+                    0,
+                )
+            };
+            if n > 0 {
+                done += n as u64;
+                on_progress(n as u64);
+                continue;
+            }
+            if n == 0 {
+                return Err(CoreError::io(
+                    src_path,
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM,
+                ) => break,
+                _ => {
+                    let path = if err.raw_os_error() == Some(libc::ENOSPC) {
+                        dst_path
+                    } else {
+                        src_path
+                    };
+                    return Err(CoreError::io(path, err));
+                }
+            }
+        }
+    }
+    let mut buf = vec![0u8; (len - done).min(8 << 20) as usize];
+    while done < len {
+        if !keep_going() {
+            return Err(CoreError::Interrupted);
+        }
+        let n = ((len - done) as usize).min(buf.len());
+        read_exact_at(src, &mut buf[..n], src_off + done)
+            .map_err(|e| CoreError::io(src_path, e))?;
+        write_all_at(dst, &buf[..n], dst_off + done).map_err(|e| CoreError::io(dst_path, e))?;
+        done += n as u64;
+        on_progress(n as u64);
+    }
+    Ok(())
+}
+
+/// Copies the regular files under `src` (recursively, following links) into `dst`,
+/// except those for which `skip(relative path)` is true. Returns the relative paths
+/// copied, sorted.
+pub fn copy_tree(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let mut copied = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = src.join(&rel);
+        let mut entries: Vec<_> = fs::read_dir(&dir)
+            .map_err(|e| CoreError::io(&dir, e))?
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| CoreError::io(&dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let rel_child = rel.join(entry.file_name());
+            let from = entry.path();
+            let meta = fs::metadata(&from).map_err(|e| CoreError::io(&from, e))?;
+            if meta.is_dir() {
+                let to = dst.join(&rel_child);
+                fs::create_dir_all(&to).map_err(|e| CoreError::io(&to, e))?;
+                stack.push(rel_child);
+            } else if meta.is_file() && !skip(&rel_child) {
+                let to = dst.join(&rel_child);
+                fs::copy(&from, &to).map_err(|e| CoreError::io(&to, e))?;
+                copied.push(rel_child);
+            }
+        }
+    }
+    copied.sort();
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_must_stay_inside() {
+        let idx = Path::new("model.safetensors.index.json");
+        assert_eq!(
+            check_relative_name("model-1.safetensors", idx).unwrap(),
+            PathBuf::from("model-1.safetensors")
+        );
+        assert_eq!(
+            check_relative_name("./sub/a.safetensors", idx).unwrap(),
+            PathBuf::from("sub/a.safetensors")
+        );
+        for bad in [
+            "../x.safetensors",
+            "/etc/passwd",
+            "a/../../b",
+            "",
+            "..\\x",
+            "sub/..",
+            ".",
+        ] {
+            let e = check_relative_name(bad, idx).unwrap_err();
+            assert!(matches!(e, CoreError::Format { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn disjointness() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        fs::create_dir(&base).unwrap();
+        assert!(check_disjoint(&base, &base, "base").is_err());
+        assert!(check_disjoint(&base.join("out"), &base, "base").is_err());
+        assert!(check_disjoint(&base.join("a/../../base"), &base, "base").is_err());
+        assert!(check_disjoint(dir.path(), &base, "base").is_err());
+        check_disjoint(&dir.path().join("out"), &base, "base").unwrap();
+        check_disjoint(&dir.path().join("base2"), &base, "base").unwrap();
+    }
+
+    #[test]
+    fn temp_paths_clean_up_and_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        {
+            let t = TempPath::new(&target, "tmp").unwrap();
+            fs::create_dir(t.path()).unwrap();
+            fs::write(t.path().join("x"), b"1").unwrap();
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        let t = TempPath::new(&target, "tmp").unwrap();
+        fs::create_dir(t.path()).unwrap();
+        t.commit(false).unwrap();
+        assert!(target.is_dir());
+        let t = TempPath::new(&target, "tmp").unwrap();
+        fs::create_dir(t.path()).unwrap();
+        assert!(matches!(t.commit(false), Err(CoreError::Io { .. })));
+        let t = TempPath::new(&target, "tmp").unwrap();
+        fs::create_dir(t.path()).unwrap();
+        fs::write(t.path().join("new"), b"1").unwrap();
+        t.commit(true).unwrap();
+        assert!(target.join("new").exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,1036 @@
+//! Streaming merge of a Uni-LoRA adapter into a safetensors checkpoint.
+//!
+//! For every adapted module the base weight `W` becomes `W + (alpha / r) * B @ A`
+//! (`(B @ A)^T` for GPT-2 style `conv1d` weights), computed in float32 and rounded once
+//! to the output dtype, to nearest, ties to even. Element `(i, j)` is computed as
+//!
+//! ```text
+//! acc = 0.0
+//! for k in 0..r:  acc = acc + B[i, k] * A[k, j]      (float32, each operation rounded)
+//! W'[i, j] = round(float32(W[i, j]) + s * acc)       (s = float32(alpha / r))
+//! ```
+//!
+//! without fused multiply-adds, so the result is the same on every machine and for
+//! every thread count and tile size.
+//!
+//! The work is streamed: each output file is written to a temporary sibling, header
+//! first (the input header byte for byte when no dtype changes), then tensors at their
+//! offsets. Untouched tensors are copied as raw bytes (in the kernel where possible);
+//! adapted, replaced and cast tensors are processed in independent tiles of rows,
+//! in parallel, each tile read with one positional read and written with one
+//! positional write. Neither `B @ A` nor a whole tensor or shard is ever held in
+//! memory. Output appears only when complete (renamed into place, after `fsync`);
+//! the inputs are opened read-only and never modified.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::adapter::{Adapter, AdapterModule, ModuleKind};
+use crate::convert;
+use crate::error::{CoreError, Result};
+use crate::fsutil::{self, TempPath};
+use crate::parallel;
+use crate::safetensors::{
+    Dtype, Header, TensorInfo, build_header, byte_size, read_exact_at, write_all_at,
+};
+
+/// Default number of elements per tile.
+pub const DEFAULT_TILE_ELEMS: usize = 1 << 18;
+
+/// Name of the Hugging Face shard index.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// What to merge, where, and how.
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    /// A `.safetensors` file, or a model folder (with `model.safetensors.index.json`
+    /// shards, or with `.safetensors` files).
+    pub base: PathBuf,
+    /// The adapter directory.
+    pub adapter: PathBuf,
+    /// The output: a file for a file base, a folder for a folder base.
+    pub out: PathBuf,
+    /// `None` keeps every tensor's dtype; `Some(BF16 | F16 | F32)` casts every
+    /// floating tensor (F16, BF16, F32, F64) of the output to it.
+    pub dtype: Option<Dtype>,
+    /// Replace an existing output.
+    pub overwrite: bool,
+    /// Elements per tile (0: [`DEFAULT_TILE_ELEMS`]); results do not depend on it.
+    pub tile_elems: usize,
+    /// `fsync` every output file before renaming it into place.
+    pub fsync: bool,
+}
+
+impl MergeOptions {
+    /// Options with the defaults: keep dtypes, no overwrite, default tiles, fsync.
+    pub fn new(
+        base: impl Into<PathBuf>,
+        adapter: impl Into<PathBuf>,
+        out: impl Into<PathBuf>,
+    ) -> Self {
+        MergeOptions {
+            base: base.into(),
+            adapter: adapter.into(),
+            out: out.into(),
+            dtype: None,
+            overwrite: false,
+            tile_elems: 0,
+            fsync: true,
+        }
+    }
+}
+
+/// Progress and cancellation shared between a running merge and its caller.
+#[derive(Debug, Default)]
+pub struct Control {
+    done: AtomicU64,
+    total: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl Control {
+    /// A fresh control: nothing done, not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the running work to stop; it returns [`CoreError::Interrupted`] soon after
+    /// and leaves no output behind.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Control::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// `(bytes done, bytes in total)` of the tensor data to write (the total is 0
+    /// until planning is over).
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+
+    fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One adapted module and the base tensor it was merged into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergedTensor {
+    /// The adapter's module name.
+    pub module: String,
+    /// The base tensor name.
+    pub tensor: String,
+    /// The file (relative to the base folder, or the base file name) holding it.
+    pub file: String,
+}
+
+/// What a merge did.
+#[derive(Clone, Debug, Default)]
+pub struct MergeReport {
+    /// The output path.
+    pub out: PathBuf,
+    /// The merged tensors, in adapter module order (each module exactly once).
+    pub merged: Vec<MergedTensor>,
+    /// Base tensors replaced by the adapter's `modules_to_save` tensors.
+    pub replaced: Vec<String>,
+    /// Tensors whose dtype was changed (besides merged and replaced ones).
+    pub cast: usize,
+    /// Tensors copied byte for byte.
+    pub copied: usize,
+    /// Tensors in the output.
+    pub tensors: usize,
+    /// The safetensors files written (relative names).
+    pub shards: Vec<String>,
+    /// Other files copied from the base folder (relative names).
+    pub other_files: Vec<String>,
+    /// Bytes of all safetensors files written.
+    pub bytes_written: u64,
+    /// Size in bytes of the largest base tensor.
+    pub largest_tensor_bytes: u64,
+}
+
+/// An input safetensors file.
+struct Shard {
+    rel: PathBuf,
+    path: PathBuf,
+    file: File,
+    header: Header,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    Copy,
+    Cast,
+    Merge(usize),
+    Replace(usize),
+}
+
+struct OutTensor {
+    src: usize,
+    dtype: Dtype,
+    begin: u64,
+    action: Action,
+}
+
+enum Work {
+    Copy { src: u64, dst: u64, len: u64 },
+    Tile { t: usize, e0: u64, e1: u64 },
+}
+
+/// A module's factors arranged for row-wise merging: output row `t` of the weight is
+/// `sum_k coef[t, k] * m[k, :]`.
+struct Prepared {
+    coef: Vec<f32>,
+    m: Vec<f32>,
+    r: usize,
+    cols: usize,
+}
+
+impl Prepared {
+    fn new(module: &AdapterModule, b: &[f32], a: &[f32], r: usize) -> Prepared {
+        let (out_f, in_f) = (module.out_features as usize, module.in_features as usize);
+        match module.kind {
+            // W [out, in]: row i = sum_k B[i, k] * A[k, :].
+            ModuleKind::Linear => Prepared {
+                coef: b.to_vec(),
+                m: a.to_vec(),
+                r,
+                cols: in_f,
+            },
+            // W [in, out]: row j = sum_k A[k, j] * B[:, k]^T.
+            ModuleKind::Conv1d => {
+                let mut coef = vec![0f32; in_f * r];
+                for k in 0..r {
+                    for j in 0..in_f {
+                        coef[j * r + k] = a[k * in_f + j];
+                    }
+                }
+                let mut m = vec![0f32; r * out_f];
+                for i in 0..out_f {
+                    for k in 0..r {
+                        m[k * out_f + i] = b[i * r + k];
+                    }
+                }
+                Prepared {
+                    coef,
+                    m,
+                    r,
+                    cols: out_f,
+                }
+            }
+        }
+    }
+
+    /// Merges the full rows held in `input`, the first being row `row0`: decodes them
+    /// (`src` dtype), adds `s * (coef @ m)` and encodes them into `output` (`dst`
+    /// dtype), in chunks of 64 columns that stay in registers / L1. The AVX2 build is
+    /// used where the CPU has it; both builds perform the same IEEE operations in the
+    /// same order (no fused multiply-add), so their results are identical.
+    fn merge_rows(
+        &self,
+        input: &[u8],
+        src: Dtype,
+        output: &mut [u8],
+        dst: Dtype,
+        row0: usize,
+        s: f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.merge_rows_avx2(input, src, output, dst, row0, s) };
+        }
+        self.merge_rows_body(input, src, output, dst, row0, s);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn merge_rows_avx2(
+        &self,
+        input: &[u8],
+        src: Dtype,
+        output: &mut [u8],
+        dst: Dtype,
+        row0: usize,
+        s: f32,
+    ) {
+        self.merge_rows_body(input, src, output, dst, row0, s);
+    }
+
+    #[inline(always)]
+    fn merge_rows_body(
+        &self,
+        input: &[u8],
+        src: Dtype,
+        output: &mut [u8],
+        dst: Dtype,
+        row0: usize,
+        s: f32,
+    ) {
+        const CHUNK: usize = 64;
+        let (cols, r) = (self.cols, self.r);
+        let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
+        let mut w = [0f32; CHUNK];
+        for (i, (in_row, out_row)) in input
+            .chunks_exact(cols * isz)
+            .zip(output.chunks_exact_mut(cols * osz))
+            .enumerate()
+        {
+            let coef = &self.coef[(row0 + i) * r..][..r];
+            let mut j0 = 0;
+            while j0 < cols {
+                let n = CHUNK.min(cols - j0);
+                let mut acc = [0f32; CHUNK];
+                for (k, &c) in coef.iter().enumerate() {
+                    let mk = &self.m[k * cols + j0..][..n];
+                    for (a, &y) in acc[..n].iter_mut().zip(mk) {
+                        *a += c * y;
+                    }
+                }
+                convert::decode_unchecked(src, &in_row[j0 * isz..][..n * isz], &mut w[..n]);
+                for (x, &a) in w[..n].iter_mut().zip(&acc[..n]) {
+                    *x += s * a;
+                }
+                convert::encode_unchecked(dst, &w[..n], &mut out_row[j0 * osz..][..n * osz]);
+                j0 += n;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    input: Vec<u8>,
+    output: Vec<u8>,
+    values: Vec<f32>,
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// Finds the tensors that a name refers to: the exact name, else every tensor whose
+/// name ends with `.` + `name` or that `name` ends with (`.` + tensor name).
+fn lookup<'a>(
+    index: &'a HashMap<&'a str, Vec<(usize, usize)>>,
+    name: &str,
+    suffix: &str,
+) -> Vec<(usize, usize)> {
+    if let Some(hits) = index.get(name) {
+        return hits.clone();
+    }
+    let mut hits: Vec<(usize, usize)> = index
+        .iter()
+        .filter(|(key, _)| {
+            key.ends_with(suffix)
+                && key.len() > suffix.len()
+                && ((key.len() > name.len()
+                    && key.ends_with(name)
+                    && key.as_bytes()[key.len() - name.len() - 1] == b'.')
+                    || (name.len() > key.len()
+                        && name.ends_with(*key)
+                        && name.as_bytes()[name.len() - key.len() - 1] == b'.'))
+        })
+        .flat_map(|(_, v)| v.iter().copied())
+        .collect();
+    hits.sort_unstable();
+    hits
+}
+
+fn rel_string(p: &Path) -> String {
+    p.to_string_lossy().replace('\\', "/")
+}
+
+/// The base's safetensors files and the shard index (if any).
+/// The shard files of a folder (relative names) and its parsed index, if any.
+type Discovered = (Vec<PathBuf>, Option<(PathBuf, Value)>);
+
+fn discover(base: &Path) -> Result<Discovered> {
+    let index_path = base.join(INDEX_NAME);
+    let index_path = if index_path.exists() {
+        Some(index_path)
+    } else {
+        let mut found: Vec<PathBuf> = fs::read_dir(base)
+            .map_err(|e| CoreError::io(base, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json"))
+            })
+            .collect();
+        found.sort();
+        if found.len() > 1 {
+            return Err(CoreError::InvalidArgument(format!(
+                "{}: several shard indexes ({}); keep one",
+                base.display(),
+                found
+                    .iter()
+                    .map(|p| rel_string(p.file_name().unwrap_or_default().as_ref()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        found.pop()
+    };
+    if let Some(index_path) = index_path {
+        let text = fs::read(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
+        let value: Value = serde_json::from_slice(&text)
+            .map_err(|e| CoreError::format(&index_path, format!("invalid JSON ({e})")))?;
+        let map = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| CoreError::format(&index_path, "no \"weight_map\" object"))?;
+        let mut names = BTreeSet::new();
+        for (tensor, shard) in map {
+            let shard = shard.as_str().ok_or_else(|| {
+                CoreError::format(
+                    &index_path,
+                    format!("weight_map[{tensor:?}] is not a string"),
+                )
+            })?;
+            names.insert(fsutil::check_relative_name(shard, &index_path)?);
+        }
+        if names.is_empty() {
+            return Err(CoreError::format(&index_path, "\"weight_map\" is empty"));
+        }
+        return Ok((names.into_iter().collect(), Some((index_path, value))));
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(base)
+        .map_err(|e| CoreError::io(base, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| PathBuf::from(e.file_name()))
+        .filter(|n| n.extension().is_some_and(|x| x == "safetensors") && base.join(n).is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: no .safetensors file and no {INDEX_NAME} in this folder",
+            base.display()
+        )));
+    }
+    Ok((files, None))
+}
+
+/// Merges the adapter into the base checkpoint (see the module docs).
+///
+/// Every adapted module must match exactly one base tensor (`<name>.weight`, else a
+/// unique dotted-suffix match); a missing or ambiguous target, a shape or dtype
+/// mismatch, a corrupt file, an unsafe shard name, an output that overlaps an input,
+/// or an existing output without `overwrite` is an error, and nothing is written.
+pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
+    let base_meta = fs::metadata(&opts.base).map_err(|e| CoreError::io(&opts.base, e))?;
+    let is_dir = base_meta.is_dir();
+    fsutil::check_disjoint(&opts.out, &opts.base, "base")?;
+    fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
+    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
+        return Err(fsutil::already_exists(&opts.out));
+    }
+    if let Some(dt) = opts.dtype {
+        if !matches!(dt, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+            return Err(CoreError::Dtype(format!(
+                "output dtype {dt} is not one of bf16, f16, f32"
+            )));
+        }
+    }
+    let adapter = Adapter::open(&opts.adapter)?;
+
+    // Inputs.
+    let (rel_names, index) = if is_dir {
+        discover(&opts.base)?
+    } else {
+        let name = opts
+            .base
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("model.safetensors"));
+        (vec![name], None)
+    };
+    let mut shards = Vec::with_capacity(rel_names.len());
+    for rel in rel_names {
+        let path = if is_dir {
+            opts.base.join(&rel)
+        } else {
+            opts.base.clone()
+        };
+        let (file, header) = Header::read(&path)?;
+        shards.push(Shard {
+            rel,
+            path,
+            file,
+            header,
+        });
+    }
+    if let Some((index_path, value)) = &index {
+        let by_rel: HashMap<PathBuf, usize> = shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.rel.clone(), k))
+            .collect();
+        for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
+            let rel = fsutil::check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
+            if shards[by_rel[&rel]].header.get(tensor).is_none() {
+                return Err(CoreError::format(
+                    index_path,
+                    format!(
+                        "weight_map maps {tensor:?} to {shard} but that file has no such tensor"
+                    ),
+                ));
+            }
+        }
+    }
+
+    // Targets.
+    let mut names: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+    for (s, shard) in shards.iter().enumerate() {
+        for (t, info) in shard.header.tensors.iter().enumerate() {
+            names.entry(info.name.as_str()).or_default().push((s, t));
+        }
+    }
+    let describe = |hits: &[(usize, usize)]| {
+        hits.iter()
+            .map(|&(s, t)| {
+                format!(
+                    "{} in {}",
+                    shards[s].header.tensors[t].name,
+                    rel_string(&shards[s].rel)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut actions: HashMap<(usize, usize), Action> = HashMap::new();
+    let mut merged = Vec::with_capacity(adapter.modules.len());
+    for (k, module) in adapter.modules.iter().enumerate() {
+        let target = format!("{}.weight", module.name);
+        let hits = lookup(&names, &target, ".weight");
+        let &[(s, t)] = hits.as_slice() else {
+            return Err(CoreError::Mismatch(if hits.is_empty() {
+                format!(
+                    "adapted module {:?}: the base has no tensor {target:?} (nor one unique dotted-suffix match)",
+                    module.name
+                )
+            } else {
+                format!(
+                    "adapted module {:?} is ambiguous in the base: {}",
+                    module.name,
+                    describe(&hits)
+                )
+            }));
+        };
+        let info = &shards[s].header.tensors[t];
+        if info.shape != module.weight_shape() {
+            return Err(CoreError::Mismatch(format!(
+                "adapted module {:?}: base tensor {:?} has shape {:?}, the adapter expects {:?} ({} {}x{})",
+                module.name,
+                info.name,
+                info.shape,
+                module.weight_shape(),
+                if module.kind == ModuleKind::Conv1d {
+                    "conv1d, in x out"
+                } else {
+                    "linear, out x in"
+                },
+                module.weight_shape()[0],
+                module.weight_shape()[1]
+            )));
+        }
+        if !matches!(info.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+            return Err(CoreError::Dtype(format!(
+                "adapted module {:?}: base tensor {:?} is {}; merging supports BF16, F16 and F32 weights",
+                module.name, info.name, info.dtype
+            )));
+        }
+        if let Some(prev) = actions.insert((s, t), Action::Merge(k)) {
+            let Action::Merge(j) = prev else {
+                unreachable!()
+            };
+            return Err(CoreError::Mismatch(format!(
+                "adapted modules {:?} and {:?} both resolve to base tensor {:?}",
+                adapter.modules[j].name, module.name, info.name
+            )));
+        }
+        merged.push(MergedTensor {
+            module: module.name.clone(),
+            tensor: info.name.clone(),
+            file: rel_string(&shards[s].rel),
+        });
+    }
+    let extras: Vec<&TensorInfo> = adapter.extra_tensors().collect();
+    let mut replaced = Vec::new();
+    for (k, extra) in extras.iter().enumerate() {
+        let hits = lookup(&names, &extra.name, "");
+        let &[(s, t)] = hits.as_slice() else {
+            return Err(CoreError::Mismatch(if hits.is_empty() {
+                format!(
+                    "modules_to_save tensor {:?} of the adapter is not in the base",
+                    extra.name
+                )
+            } else {
+                format!(
+                    "modules_to_save tensor {:?} is ambiguous in the base: {}",
+                    extra.name,
+                    describe(&hits)
+                )
+            }));
+        };
+        let info = &shards[s].header.tensors[t];
+        if info.shape != extra.shape {
+            return Err(CoreError::Mismatch(format!(
+                "modules_to_save tensor {:?}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
+                extra.name, extra.shape, info.name, info.shape
+            )));
+        }
+        if !info.dtype.is_float() || !extra.dtype.is_float() {
+            return Err(CoreError::Dtype(format!(
+                "modules_to_save tensor {:?}: {} in the adapter, {} in the base; only floating tensors can be replaced",
+                extra.name, extra.dtype, info.dtype
+            )));
+        }
+        if actions.insert((s, t), Action::Replace(k)).is_some() {
+            return Err(CoreError::Mismatch(format!(
+                "base tensor {:?} is both an adapted module and a modules_to_save tensor",
+                info.name
+            )));
+        }
+        replaced.push(info.name.clone());
+    }
+
+    // Plans: output layout per shard.
+    let tile = if opts.tile_elems == 0 {
+        DEFAULT_TILE_ELEMS
+    } else {
+        opts.tile_elems
+    } as u64;
+    let mut report = MergeReport {
+        out: opts.out.clone(),
+        merged,
+        replaced,
+        ..Default::default()
+    };
+    struct Plan {
+        header: Vec<u8>,
+        data_len: u64,
+        outs: Vec<OutTensor>,
+        work: Vec<Work>,
+    }
+    let mut plans = Vec::with_capacity(shards.len());
+    for (s, shard) in shards.iter().enumerate() {
+        let tensors = &shard.header.tensors;
+        let dtypes: Vec<Dtype> = tensors
+            .iter()
+            .map(|t| match opts.dtype {
+                Some(dt) if t.dtype.is_float() => dt,
+                _ => t.dtype,
+            })
+            .collect();
+        let (header, offsets) = if dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) {
+            (
+                shard.header.raw.clone(),
+                tensors.iter().map(|t| (t.begin, t.end)).collect::<Vec<_>>(),
+            )
+        } else {
+            let spec: Vec<(&str, Dtype, &[u64])> = tensors
+                .iter()
+                .zip(&dtypes)
+                .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
+                .collect();
+            build_header(&spec, shard.header.metadata.as_ref())?
+        };
+        let data_len = offsets.last().map_or(0, |o| o.1);
+        let mut outs = Vec::with_capacity(tensors.len());
+        let mut work = Vec::new();
+        for (t, info) in tensors.iter().enumerate() {
+            report.largest_tensor_bytes = report.largest_tensor_bytes.max(info.nbytes());
+            let action = match actions.get(&(s, t)) {
+                Some(a) => *a,
+                None if dtypes[t] != info.dtype => Action::Cast,
+                None => Action::Copy,
+            };
+            match action {
+                Action::Copy => report.copied += 1,
+                Action::Cast => report.cast += 1,
+                _ => {}
+            }
+            let out = OutTensor {
+                src: t,
+                dtype: dtypes[t],
+                begin: offsets[t].0,
+                action,
+            };
+            if let Action::Copy = action {
+                let (src, dst, len) = (
+                    shard.header.data_start() + info.begin,
+                    header.len() as u64 + 8 + out.begin,
+                    info.nbytes(),
+                );
+                match work.last_mut() {
+                    Some(Work::Copy {
+                        src: s0,
+                        dst: d0,
+                        len: l0,
+                    }) if *s0 + *l0 == src && *d0 + *l0 == dst => *l0 += len,
+                    _ if len > 0 => work.push(Work::Copy { src, dst, len }),
+                    _ => {}
+                }
+            } else {
+                let numel = info.numel();
+                let step = if let Action::Merge(_) = action {
+                    let cols = info.shape[1];
+                    (tile / cols).max(1) * cols
+                } else {
+                    tile
+                };
+                let mut e0 = 0;
+                while e0 < numel {
+                    let e1 = (e0 + step).min(numel);
+                    work.push(Work::Tile {
+                        t: outs.len(),
+                        e0,
+                        e1,
+                    });
+                    e0 = e1;
+                }
+            }
+            outs.push(out);
+        }
+        // Split long copies so that progress and cancellation stay responsive.
+        let mut split = Vec::with_capacity(work.len());
+        for w in work {
+            match w {
+                Work::Copy { src, dst, len } => {
+                    let chunk = 64 << 20;
+                    let mut off = 0;
+                    while off < len {
+                        let n = chunk.min(len - off);
+                        split.push(Work::Copy {
+                            src: src + off,
+                            dst: dst + off,
+                            len: n,
+                        });
+                        off += n;
+                    }
+                }
+                tile => split.push(tile),
+            }
+        }
+        report.tensors += tensors.len();
+        plans.push(Plan {
+            header,
+            data_len,
+            outs,
+            work: split,
+        });
+    }
+    control
+        .total
+        .store(plans.iter().map(|p| p.data_len).sum(), Ordering::Relaxed);
+
+    // Factors, prepared once (small: D floats).
+    let pairs = adapter.lora_pairs()?;
+    let r = adapter.rank as usize;
+    let prepared: Vec<Prepared> = adapter
+        .modules
+        .iter()
+        .zip(&pairs)
+        .map(|(m, p)| Prepared::new(m, &p.b, &p.a, r))
+        .collect();
+    drop(pairs);
+    let scale = adapter.scaling();
+
+    // Output.
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    let staging = TempPath::new(&opts.out, "tmp")?;
+    if is_dir {
+        fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
+    }
+    for (shard, plan) in shards.iter().zip(&plans) {
+        if control.is_cancelled() {
+            return Err(CoreError::Interrupted);
+        }
+        let dst_path = if is_dir {
+            staging.path().join(&shard.rel)
+        } else {
+            staging.path().to_path_buf()
+        };
+        if let Some(parent) = dst_path.parent() {
+            fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+        }
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&dst_path)
+            .map_err(|e| CoreError::io(&dst_path, e))?;
+        let total_len = 8 + plan.header.len() as u64 + plan.data_len;
+        fsutil::preallocate(&dst, total_len, &dst_path)?;
+        let mut head = Vec::with_capacity(8 + plan.header.len());
+        head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
+        head.extend_from_slice(&plan.header);
+        write_all_at(&dst, &head, 0).map_err(|e| CoreError::io(&dst_path, e))?;
+        let job = ShardJob {
+            shard,
+            outs: &plan.outs,
+            dst: &dst,
+            dst_path: &dst_path,
+            dst_data: 8 + plan.header.len() as u64,
+            adapter: &adapter,
+            extras: &extras,
+            prepared: &prepared,
+            scale,
+            control,
+        };
+        parallel::install(|| {
+            plan.work
+                .par_iter()
+                .try_for_each_init(Scratch::default, |scratch, w| job.run(w, scratch))
+        })?;
+        if opts.fsync {
+            dst.sync_all().map_err(|e| CoreError::io(&dst_path, e))?;
+        }
+        report.shards.push(rel_string(&shard.rel));
+        report.bytes_written += total_len;
+    }
+    if control.is_cancelled() {
+        return Err(CoreError::Interrupted);
+    }
+    if is_dir {
+        let merged_files: BTreeSet<PathBuf> = shards.iter().map(|s| s.rel.clone()).collect();
+        let index_rel = index
+            .as_ref()
+            .and_then(|(p, _)| p.file_name().map(PathBuf::from));
+        let skip = |rel: &Path| {
+            merged_files.contains(rel)
+                || index_rel.as_deref() == Some(rel)
+                || rel
+                    .components()
+                    .next()
+                    .is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
+        };
+        let copied = fsutil::copy_tree(&opts.base, staging.path(), &skip)?;
+        report.other_files = copied.iter().map(|p| rel_string(p)).collect();
+        if let (Some((index_path, value)), Some(index_rel)) = (&index, &index_rel) {
+            let dst = staging.path().join(index_rel);
+            let sizes_changed = plans
+                .iter()
+                .zip(&shards)
+                .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
+            if sizes_changed {
+                let mut value = value.clone();
+                let total: u64 = plans
+                    .iter()
+                    .zip(&shards)
+                    .flat_map(|(p, s)| p.outs.iter().map(move |o| (o, &s.header.tensors[o.src])))
+                    .map(|(o, t)| byte_size(o.dtype, &t.shape).unwrap_or(0))
+                    .sum();
+                if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+                    meta.insert("total_size".into(), Value::from(total));
+                } else if let Some(obj) = value.as_object_mut() {
+                    let mut meta = Map::new();
+                    meta.insert("total_size".into(), Value::from(total));
+                    obj.insert("metadata".into(), Value::Object(meta));
+                }
+                let mut text = serde_json::to_vec_pretty(&value).map_err(|e| {
+                    CoreError::format(index_path, format!("cannot serialise ({e})"))
+                })?;
+                text.push(b'\n');
+                fs::write(&dst, text).map_err(|e| CoreError::io(&dst, e))?;
+            } else {
+                fs::copy(index_path, &dst).map_err(|e| CoreError::io(&dst, e))?;
+            }
+            report.other_files.push(rel_string(index_rel));
+            report.other_files.sort();
+        }
+        if opts.fsync {
+            for rel in &report.other_files {
+                let p = staging.path().join(rel);
+                File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| CoreError::io(&p, e))?;
+            }
+        }
+    }
+    if control.is_cancelled() {
+        return Err(CoreError::Interrupted);
+    }
+    staging.commit(opts.overwrite)?;
+    Ok(report)
+}
+
+struct ShardJob<'a> {
+    shard: &'a Shard,
+    outs: &'a [OutTensor],
+    dst: &'a File,
+    dst_path: &'a Path,
+    dst_data: u64,
+    adapter: &'a Adapter,
+    extras: &'a [&'a TensorInfo],
+    prepared: &'a [Prepared],
+    scale: f32,
+    control: &'a Control,
+}
+
+impl ShardJob<'_> {
+    fn run(&self, work: &Work, scratch: &mut Scratch) -> Result<()> {
+        if self.control.is_cancelled() {
+            return Err(CoreError::Interrupted);
+        }
+        match *work {
+            Work::Copy { src, dst, len } => fsutil::copy_range(
+                &self.shard.file,
+                &self.shard.path,
+                src,
+                self.dst,
+                self.dst_path,
+                dst,
+                len,
+                &|| !self.control.is_cancelled(),
+                &|n| self.control.add(n),
+            ),
+            Work::Tile { t, e0, e1 } => self.tile(t, e0, e1, scratch),
+        }
+    }
+
+    fn tile(&self, t: usize, e0: u64, e1: u64, scratch: &mut Scratch) -> Result<()> {
+        let out = &self.outs[t];
+        let info = &self.shard.header.tensors[out.src];
+        let n = (e1 - e0) as usize;
+        let (src_dtype, src_file, src_path, src_off) = match out.action {
+            Action::Replace(k) => {
+                let extra = self.extras[k];
+                let off = self.adapter.weights.data_start() + extra.begin;
+                (
+                    extra.dtype,
+                    self.adapter.weights_file(),
+                    self.adapter.weights_path.as_path(),
+                    off,
+                )
+            }
+            _ => (
+                info.dtype,
+                &self.shard.file,
+                self.shard.path.as_path(),
+                self.shard.header.data_start() + info.begin,
+            ),
+        };
+        let in_size = (src_dtype.bits() / 8) as usize;
+        let out_size = (out.dtype.bits() / 8) as usize;
+        let input = grow(&mut scratch.input, n * in_size);
+        read_exact_at(src_file, input, src_off + e0 * in_size as u64)
+            .map_err(|e| CoreError::io(src_path, e))?;
+        let output = grow(&mut scratch.output, n * out_size);
+        match out.action {
+            Action::Merge(k) => {
+                let prep = &self.prepared[k];
+                prep.merge_rows(
+                    input,
+                    src_dtype,
+                    output,
+                    out.dtype,
+                    (e0 / prep.cols as u64) as usize,
+                    self.scale,
+                );
+            }
+            _ => convert::cast(
+                src_dtype,
+                input,
+                out.dtype,
+                output,
+                grow(&mut scratch.values, n),
+            )?,
+        }
+        write_all_at(
+            self.dst,
+            output,
+            self.dst_data + out.begin + e0 * out_size as u64,
+        )
+        .map_err(|e| CoreError::io(self.dst_path, e))?;
+        self.control.add((n * out_size) as u64);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(state: &mut u64) -> f32 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// The run-time selected build (AVX2 here when the CPU has it) and the portable
+    /// build give identical bytes, and both equal the plain triple loop.
+    #[test]
+    fn kernel_builds_agree_with_the_plain_loop() {
+        let mut st = 3u64;
+        for (kind, fin, fout, r) in [
+            (ModuleKind::Linear, 131, 70, 4),
+            (ModuleKind::Conv1d, 45, 97, 3),
+        ] {
+            let module = AdapterModule {
+                name: "m".into(),
+                in_features: fin,
+                out_features: fout,
+                kind,
+            };
+            let (fi, fo) = (fin as usize, fout as usize);
+            let b: Vec<f32> = (0..fo * r).map(|_| lcg(&mut st)).collect();
+            let a: Vec<f32> = (0..r * fi).map(|_| lcg(&mut st)).collect();
+            let prep = Prepared::new(&module, &b, &a, r);
+            let [rows, cols] = module.weight_shape().map(|x| x as usize);
+            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut st)).collect();
+            for (src, dst) in [
+                (Dtype::F32, Dtype::F32),
+                (Dtype::BF16, Dtype::BF16),
+                (Dtype::F16, Dtype::F32),
+            ] {
+                let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
+                let mut input = vec![0u8; rows * cols * isz];
+                convert::encode(src, &w, &mut input).unwrap();
+                let mut fast = vec![0u8; rows * cols * osz];
+                let mut portable = vec![0u8; rows * cols * osz];
+                prep.merge_rows(&input, src, &mut fast, dst, 0, 0.75);
+                prep.merge_rows_body(&input, src, &mut portable, dst, 0, 0.75);
+                assert_eq!(fast, portable);
+                let mut w32 = vec![0f32; rows * cols];
+                convert::decode(src, &input, &mut w32).unwrap();
+                for i in 0..fo {
+                    for j in 0..fi {
+                        let mut acc = 0f32;
+                        for k in 0..r {
+                            acc += b[i * r + k] * a[k * fi + j];
+                        }
+                        let pos = if kind == ModuleKind::Conv1d {
+                            j * fo + i
+                        } else {
+                            i * fi + j
+                        };
+                        w32[pos] += 0.75 * acc;
+                    }
+                }
+                let mut want = vec![0u8; rows * cols * osz];
+                convert::encode(dst, &w32, &mut want).unwrap();
+                assert_eq!(fast, want, "{kind:?} {src} -> {dst}");
+            }
+        }
+    }
+}

@@ -1,0 +1,417 @@
+"""The streaming merge against an independent numpy/torch reference, and every bad input."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import unilora_rs as ur
+from merge_helpers import (
+    llama_like_tensors,
+    llama_modules,
+    lora_factors,
+    raw_tensors,
+    reference_merge,
+    tree_hash,
+    ulp_distance,
+    write_adapter,
+    write_checkpoint,
+)
+from safetensors.torch import load_file
+from unilora_rs import _core
+from unilora_rs.adapter import ModuleSpec
+
+NP_OF = {"F32": np.float32, "F16": np.float16}
+
+
+def to_f32(dtype: str, raw: bytes, shape: list[int]) -> np.ndarray:
+    if dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    return np.frombuffer(raw, dtype=NP_OF[dtype]).astype(np.float32).reshape(shape)
+
+
+def files_of(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
+def check_merge(
+    base: Path,
+    out: Path,
+    adapter: Path,
+    out_dtype: str | None = None,
+    replaced: tuple[str, ...] = (),
+) -> None:
+    """Merged tensors equal the float32 reference rounded by torch (within one ULP as
+    required; in fact bit for bit) and stay within the float32 error bound of a float64
+    matmul reference; all other tensors are byte-identical."""
+    config = ur.load_adapter_config(adapter)
+    theta = load_file(str(adapter / "adapter_model.safetensors"))["theta_d"].numpy()
+    factors = lora_factors(config, theta)
+    kinds = {m.name: m.kind for m in config.modules}
+    seen = set()
+    for src, dst in zip(files_of(base), files_of(out), strict=True):
+        assert src.name == dst.name or base.is_file()
+        head_in, tin = raw_tensors(src)
+        head_out, tout = raw_tensors(dst)
+        assert list(tin) == list(tout)
+        if out_dtype is None:
+            assert head_in == head_out  # header and metadata unchanged
+        meta_in = json.loads(head_in[8:]).get("__metadata__")
+        assert json.loads(head_out[8:]).get("__metadata__") == meta_in
+        ours = load_file(str(dst))
+        for name, (dt, shape, raw) in tin.items():
+            module = name.removesuffix(".weight")
+            if name in replaced:
+                continue
+            if module not in factors:
+                if out_dtype is None or dt not in ("F32", "F16", "BF16", "F64"):
+                    assert tout[name][2] == raw, f"{name} changed"
+                continue
+            seen.add(module)
+            b, a = factors[module]
+            want32 = reference_merge(to_f32(dt, raw, shape), b, a, config.scaling, kinds[module])
+            target = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[
+                out_dtype or {"BF16": "bf16", "F16": "f16", "F32": "f32"}[dt]
+            ]
+            want = torch.from_numpy(want32).to(target)  # torch rounds to nearest even
+            got = ours[name]
+            assert got.dtype == target
+            assert ulp_distance(got, want) <= 1, name  # the requirement
+            assert torch.equal(got, want), name  # in fact: identical (same order, same RNE)
+            # An independent float64 matmul reference: the float32 arithmetic and the one
+            # final rounding stay within their error bound, relative to |W| + s |B| |A|.
+            w64 = torch.from_numpy(to_f32(dt, raw, shape)).double()
+            b64, a64 = torch.from_numpy(b).double(), torch.from_numpy(a).double()
+            d64 = config.scaling * (b64 @ a64)
+            mag = config.scaling * (b64.abs() @ a64.abs())
+            if kinds[module] == "conv1d":
+                d64, mag = d64.T, mag.T
+            r = b.shape[1]
+            unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[
+                target
+            ]
+            bound = (unit + (r + 2) * 2.0**-24) * (w64.abs() + mag) + 2.0**-24
+            assert bool(((got.double() - (w64 + d64)).abs() <= bound).all()), name
+    assert seen == set(factors)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path) -> Path:
+    write_adapter(tmp_path / "adapter", llama_modules())
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_single_file_merge_matches_reference(tmp_path: Path, adapter_dir: Path, dtype: str) -> None:
+    base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors(dtype))
+    before = tree_hash(base)
+    out = tmp_path / "merged.safetensors"
+    result = ur.merge(base, adapter_dir, out)
+    assert result.merged_count == len(llama_modules()) == 21
+    assert result.tensors == len(llama_like_tensors(dtype))
+    assert result.copied == result.tensors - 21
+    assert {m.module for m in result.merged} == {m.name for m in llama_modules()}
+    check_merge(base, out, adapter_dir)
+    assert tree_hash(base) == before
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_three_shard_folder(tmp_path: Path, adapter_dir: Path, dtype: str) -> None:
+    base = write_checkpoint(tmp_path / "base", llama_like_tensors(dtype, seed=3), shards=3)
+    before = tree_hash(base)
+    out = tmp_path / "merged"
+    result = ur.merge(base, adapter_dir, out, show_progress=True)
+    assert result.merged_count == 21
+    assert result.shards == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    check_merge(base, out, adapter_dir)
+    assert tree_hash(base) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_dtype_cast(tmp_path: Path, adapter_dir: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", llama_like_tensors("bf16"), shards=3)
+    out = tmp_path / "merged"
+    result = ur.merge(base, adapter_dir, out, dtype="f32")
+    sd_in = load_file(str(base / "model-00001-of-00003.safetensors"))
+    assert result.cast == sum(1 for n in llama_like_tensors("bf16") if "proj" not in n) - 1
+    sd = load_file(str(out / "model-00001-of-00003.safetensors"))
+    assert sd["model.embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(sd["model.embed_tokens.weight"], sd_in["model.embed_tokens.weight"].float())
+    last = load_file(str(out / "model-00003-of-00003.safetensors"))
+    assert last["model.position_ids"].dtype == torch.int64
+    check_merge(base, out, adapter_dir, out_dtype="f32")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    sizes = sum(
+        v.numel() * v.element_size()
+        for p in out.glob("*.safetensors")
+        for v in load_file(str(p)).values()
+    )
+    assert index["metadata"]["total_size"] == sizes
+
+
+def test_conv1d_and_modules_to_save(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    sd = {
+        "transformer.h.0.attn.c_attn.weight": torch.randn(32, 96, generator=g),  # [in, out]
+        "transformer.h.0.mlp.c_fc.weight": torch.randn(32, 64, generator=g),
+        "score.weight": torch.randn(3, 32, generator=g).to(torch.bfloat16),
+    }
+    base = write_checkpoint(tmp_path / "gpt.safetensors", sd)
+    mods = [
+        ModuleSpec("transformer.h.0.attn.c_attn", 32, 96, "conv1d"),
+        ModuleSpec("transformer.h.0.mlp.c_fc", 32, 64, "conv1d"),
+    ]
+    new_score = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    write_adapter(tmp_path / "ad", mods, d=300, alpha=2.0, extra={"score.weight": new_score})
+    result = ur.merge(base, tmp_path / "ad", tmp_path / "out.safetensors")
+    assert result.merged_count == 2 and result.replaced == ["score.weight"]
+    check_merge(base, tmp_path / "out.safetensors", tmp_path / "ad", replaced=("score.weight",))
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert out["score.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["score.weight"], torch.from_numpy(new_score).to(torch.bfloat16))
+
+
+def test_thread_count_and_tiles_do_not_change_bytes(tmp_path: Path, adapter_dir: Path) -> None:
+    base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors("bf16"))
+    outs = []
+    try:
+        for k, (threads, tile) in enumerate([(1, 0), (2, 0), (2, 5), (3, 1 << 12)]):
+            ur.set_num_threads(threads)
+            out = tmp_path / f"o{k}.safetensors"
+            _core.merge(base, adapter_dir, out, tile_elems=tile)
+            outs.append(out.read_bytes())
+    finally:
+        ur.set_num_threads(0)
+    assert all(o == outs[0] for o in outs)
+
+
+def test_suffix_matching(tmp_path: Path) -> None:
+    sd = {k.removeprefix("model."): v for k, v in llama_like_tensors("f32").items()}
+    base = write_checkpoint(tmp_path / "b.safetensors", sd)
+    write_adapter(tmp_path / "ad", llama_modules())  # names carry "model."
+    result = ur.merge(base, tmp_path / "ad", tmp_path / "o.safetensors")
+    assert result.merged[0].tensor == "layers.0.self_attn.q_proj.weight"
+
+
+def test_progress_callback_and_gil_release(tmp_path: Path, adapter_dir: Path) -> None:
+    base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors("f32"))
+    calls: list[tuple[int, int]] = []
+    _core.merge(
+        base, adapter_dir, tmp_path / "o.safetensors", progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls and calls[-1][0] == calls[-1][1] > 0
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(calls))
+
+    # Another Python thread keeps running while a merge works (the GIL is released).
+    ticks = 0
+    done = threading.Event()
+
+    def work() -> None:
+        ur.set_num_threads(1)
+        try:
+            for k in range(5):
+                _core.merge(base, adapter_dir, tmp_path / f"g{k}.safetensors", tile_elems=64)
+        finally:
+            ur.set_num_threads(0)
+            done.set()
+
+    t = threading.Thread(target=work)
+    t.start()
+    while not done.is_set():
+        ticks += 1
+    t.join()
+    assert ticks > 1000
+
+
+def test_callback_error_cancels_and_leaves_nothing(tmp_path: Path, adapter_dir: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", llama_like_tensors("bf16"), shards=3)
+
+    calls = []
+
+    def boom(done: int, total: int) -> None:
+        calls.append(done)
+        raise KeyboardInterrupt  # on the first call, right after the merge started
+
+    with pytest.raises(KeyboardInterrupt):
+        _core.merge(base, adapter_dir, tmp_path / "out", progress=boom)
+    assert len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def sharded(tmp_path: Path, adapter_dir: Path) -> tuple[Path, Path]:
+    base = write_checkpoint(tmp_path / "base", llama_like_tensors("bf16"), shards=3)
+    return base, adapter_dir
+
+
+def expect_failure(
+    tmp_path: Path, base: Path, adapter: Path, exc: type[BaseException], match: str, **kw: object
+) -> None:
+    before = tree_hash(base)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(exc, match=match):
+        ur.merge(base, adapter, tmp_path / "out", **kw)  # type: ignore[arg-type]
+    assert tree_hash(base) == before, "the base was modified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing, "output or temp files left"
+
+
+def shard1(base: Path) -> Path:
+    return base / "model-00001-of-00003.safetensors"
+
+
+def test_truncated_shard(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    data = shard1(base).read_bytes()
+    shard1(base).write_bytes(data[: len(data) - 10])
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "truncated")
+
+
+def test_corrupt_header(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    data = bytearray(shard1(base).read_bytes())
+    data[8:14] = b"{{{{{{"
+    shard1(base).write_bytes(bytes(data))
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "not valid JSON")
+
+
+def test_header_size_bomb(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    data = bytearray(shard1(base).read_bytes())
+    data[:8] = (2**62).to_bytes(8, "little")
+    shard1(base).write_bytes(bytes(data))
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "exceeds")
+    data[:8] = (len(data) + 1).to_bytes(8, "little")
+    shard1(base).write_bytes(bytes(data))
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "past the end of the file")
+
+
+def test_overlapping_offsets(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    blob = shard1(base).read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    b0, b1 = header[names[1]]["data_offsets"]
+    header[names[1]]["data_offsets"] = [b0 - 2, b1 - 2]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    assert len(text) == n
+    shard1(base).write_bytes(blob[:8] + text + blob[8 + n :])
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "overlap")
+
+
+@pytest.mark.parametrize(
+    "bad", ["../evil.safetensors", "/etc/passwd", "sub/../../evil.safetensors"]
+)
+def test_index_path_traversal(tmp_path: Path, sharded: tuple[Path, Path], bad: str) -> None:
+    base, adapter = sharded
+    index_path = base / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = bad
+    index_path.write_text(json.dumps(index))
+    (tmp_path / "evil.safetensors").write_bytes(shard1(base).read_bytes())
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "inside the model folder")
+
+
+def test_shape_mismatch(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, _ = sharded
+    mods = [ModuleSpec("model.layers.0.mlp.down_proj", 48, 80)]  # in/out swapped
+    write_adapter(tmp_path / "ad", mods, d=64)
+    expect_failure(tmp_path, base, tmp_path / "ad", ur.MismatchError, "shape")
+
+
+def test_missing_and_ambiguous_targets(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, _ = sharded
+    write_adapter(tmp_path / "ad", [ModuleSpec("model.layers.7.mlp.down_proj", 80, 48)], d=64)
+    expect_failure(tmp_path, base, tmp_path / "ad", ur.MismatchError, "has no tensor")
+    shutil.rmtree(tmp_path / "ad")
+    write_adapter(tmp_path / "ad", [ModuleSpec("self_attn.q_proj", 48, 48)], d=64)
+    expect_failure(tmp_path, base, tmp_path / "ad", ur.MismatchError, "ambiguous")
+
+
+def test_fingerprint_tampering(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["seed"] += 1
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    expect_failure(tmp_path, base, adapter, ur.MismatchError, "fingerprint mismatch")
+
+
+def test_unknown_dtype(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    expect_failure(tmp_path, base, adapter, ur.DtypeError, "bf16, f16, f32", dtype="int4")
+
+
+def test_output_overlapping_inputs(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    before = tree_hash(base)
+    for out in (base, base / "sub", adapter, adapter / "x"):
+        with pytest.raises(ur.InvalidArgumentError):
+            ur.merge(base, adapter, out, overwrite=True)
+    with pytest.raises(ur.InvalidArgumentError, match="contains"):
+        ur.merge(base, adapter, tmp_path, overwrite=True)
+    assert tree_hash(base) == before
+    assert not (base / "sub").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    base, adapter = sharded
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        ur.merge(base, adapter, out)
+    assert (out / "old.txt").read_text() == "keep me"
+    ur.merge(base, adapter, out, overwrite=True)
+    assert not (out / "old.txt").exists()
+    assert (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_base(tmp_path: Path, adapter_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        ur.merge(tmp_path / "nope", adapter_dir, tmp_path / "out")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk(tmp_path: Path, adapter_dir: Path, tiny_disk: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", llama_like_tensors("f32"), shards=3)  # ~400 KB
+    before = tree_hash(base)
+    with pytest.raises(OSError) as info:
+        ur.merge(base, adapter_dir, tiny_disk / "out")
+    assert info.value.errno == errno.ENOSPC
+    assert list(tiny_disk.iterdir()) == []
+    assert tree_hash(base) == before
