@@ -41,6 +41,8 @@ test: lint test-rust test-python
 
 bench: build
 	$(PY) benches/bench_reconstruct.py
+	$(PY) benches/bench_merge.py
+	$(PY) benches/bench_train.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .ruff_cache .mypy_cache
