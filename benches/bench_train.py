@@ -7,7 +7,7 @@ all alike; peak memory is measured with each variant alone in a subprocess. Prin
 median step time, ratios against PEFT LoRA and PEFT Uni-LoRA from the same run, peak
 memory, and the bytes of index tensors each adapter keeps.
 
-    python benches/bench_train.py                  # CPU, writes docs/bench_train.md
+    python benches/bench_train.py                  # CPU; --out FILE also writes the table
     python benches/bench_train.py --device cuda --hidden 2048 --layers 8 --seq 512
 """
 
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("peft-lora", "peft-unilora", "ours-on-the-fly", "ours-cached")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _build(args: argparse.Namespace, variant: str) -> tuple[Any, int]:
@@ -203,7 +202,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_train.md")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the table to this markdown file"
+    )
     args = parser.parse_args()
 
     if args.variant:
@@ -259,9 +260,9 @@ def main() -> int:
     print(header)
     print()
     print(table)
-    if not args.out.parent.exists():
-        args.out.parent.mkdir(parents=True)
-    args.out.write_text(f"# Training step benchmark\n\n{header}\n\n{table}\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# Training step benchmark\n\n{header}\n\n{table}\n")
     return 0
 
 
