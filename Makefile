@@ -27,8 +27,8 @@ demo: build
 lint: build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --release -- -D warnings
-	ruff check python tests benches
-	ruff format --check python tests benches
+	ruff check python tests benches examples
+	ruff format --check python tests benches examples
 	$(PY) -m mypy.stubtest unilora_rs._core
 
 test-rust:
