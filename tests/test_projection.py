@@ -337,3 +337,12 @@ def test_backward_bad_input() -> None:
         ur.reconstruct_backward(np.ones(5, np.int64), 0, 2)
     with pytest.raises(ur.InvalidArgumentError, match="1-D"):
         ur.reconstruct_backward(np.ones((5, 1), np.float32), 0, 2)
+
+
+def test_impossible_allocations_raise_memory_error() -> None:
+    # 4 PiB: beyond any address space, so the allocation fails on every system
+    # (the process must not abort).
+    with pytest.raises(MemoryError, match="cannot allocate"):
+        ur.reconstruct(np.ones(4, np.float32), 0, [(2**50, 1)])
+    with pytest.raises(MemoryError, match="cannot allocate"):
+        ur.projection(0, 2**50, 4)

@@ -4,7 +4,7 @@
 //! `UniLoraError` and `ValueError`/`TypeError`); they are looked up once and cached.
 //! I/O errors become Python's own `OSError` subclasses, chosen by errno.
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -58,6 +58,7 @@ pub fn to_pyerr(err: CoreError) -> PyErr {
                 return PyOSError::new_err((errno, source.to_string(), path.display().to_string()));
             }
             CoreError::Interrupted => return PyKeyboardInterrupt::new_err("interrupted"),
+            CoreError::OutOfMemory { .. } => return PyMemoryError::new_err(msg),
             _ => return PyRuntimeError::new_err(msg),
         };
         match cls {

@@ -19,12 +19,7 @@ pub fn projection<'py>(
     d: u64,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>)> {
     let proj = Projection::new(seed, total, d).py()?;
-    let n = usize::try_from(total).map_err(|_| {
-        pyo3::exceptions::PyMemoryError::new_err(format!(
-            "total = {total} rows do not fit in memory"
-        ))
-    })?;
-    let (idx, scale) = py.detach(|| proj.materialize(n));
+    let (idx, scale) = py.detach(|| proj.materialize()).py()?;
     let scale = scale.into_pyarray(py);
     if d <= i32::MAX as u64 {
         let idx32: Vec<i32> = idx.into_iter().map(|j| j as i32).collect();

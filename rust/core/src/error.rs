@@ -43,6 +43,14 @@ pub enum CoreError {
     /// The operation was cancelled (e.g. by a Python KeyboardInterrupt).
     #[error("interrupted")]
     Interrupted,
+    /// An output buffer could not be allocated.
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory {
+        /// How many bytes were asked for.
+        bytes: u128,
+        /// What the memory was for.
+        what: &'static str,
+    },
 }
 
 impl CoreError {
@@ -54,6 +62,30 @@ impl CoreError {
         }
     }
 
+    /// A zero-filled vector of `n` elements, or [`CoreError::OutOfMemory`] instead of
+    /// aborting the process when the allocation fails. Like `vec![0; n]`, fresh pages
+    /// come zeroed from the system, so nothing is written here.
+    pub fn try_zeroed<T: ZeroValid>(n: u64, what: &'static str) -> Result<Vec<T>> {
+        let oom = || CoreError::OutOfMemory {
+            bytes: u128::from(n) * std::mem::size_of::<T>() as u128,
+            what,
+        };
+        let n = usize::try_from(n).map_err(|_| oom())?;
+        let layout = std::alloc::Layout::array::<T>(n).map_err(|_| oom())?;
+        if layout.size() == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+        if ptr.is_null() {
+            return Err(oom());
+        }
+        // SAFETY: `ptr` comes from the global allocator with the layout of `[T; n]`, its
+        // bytes are all zero, which is a valid `T` (the `ZeroValid` contract), and
+        // length == capacity == n.
+        Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    }
+
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         CoreError::Format {
@@ -62,3 +94,16 @@ impl CoreError {
         }
     }
 }
+
+/// Types for which the all-zero bit pattern is a valid value (`0`, `0.0`).
+///
+/// # Safety
+/// Implement only for types whose all-zero bytes form a valid value.
+pub unsafe trait ZeroValid: Copy {}
+
+// SAFETY: all-zero bytes are 0.0 / 0 for these primitive types.
+unsafe impl ZeroValid for f32 {}
+// SAFETY: as above.
+unsafe impl ZeroValid for u32 {}
+// SAFETY: as above.
+unsafe impl ZeroValid for u64 {}

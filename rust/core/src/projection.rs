@@ -308,12 +308,13 @@ pub fn gather_rows(p: &Projection, vector: &[f32], start: u64, out: &mut [f32], 
 }
 
 impl Projection {
-    /// The whole map as explicit arrays `(idx, scale)` of `n = D` rows, in parallel.
-    pub fn materialize(&self, n: usize) -> (Vec<u64>, Vec<f32>) {
+    /// The whole map as explicit arrays `(idx, scale)` of all `D` rows, in parallel.
+    ///
+    /// Errors (instead of aborting) when the arrays cannot be allocated.
+    pub fn materialize(&self) -> Result<(Vec<u64>, Vec<f32>)> {
         use rayon::prelude::*;
-        debug_assert_eq!(n as u64, self.total);
-        let mut idx = vec![0u64; n];
-        let mut scale = vec![0f32; n];
+        let mut idx: Vec<u64> = CoreError::try_zeroed(self.total, "the explicit index map")?;
+        let mut scale: Vec<f32> = CoreError::try_zeroed(self.total, "the explicit scale map")?;
         const CHUNK: usize = 1 << 16;
         crate::parallel::install(|| {
             idx.par_chunks_mut(CHUNK)
@@ -324,6 +325,6 @@ impl Projection {
                     let _ = self.fill((c * CHUNK) as u64, i, s);
                 });
         });
-        (idx, scale)
+        Ok((idx, scale))
     }
 }

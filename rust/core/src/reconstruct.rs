@@ -100,8 +100,8 @@ pub fn reconstruct(vector: &[f32], seed: u64, shapes: &[(u64, u64)]) -> Result<V
     total_size(shapes)?;
     let mut outs: Vec<Vec<f32>> = shapes
         .iter()
-        .map(|&(r, c)| vec![0f32; (r * c) as usize])
-        .collect();
+        .map(|&(r, c)| CoreError::try_zeroed(r * c, "the reconstructed matrices"))
+        .collect::<Result<_>>()?;
     {
         let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         reconstruct_into(vector, seed, shapes, &mut views)?;
@@ -121,7 +121,7 @@ const COLUMN_CHUNK: usize = 1 << 12;
 pub fn reconstruct_backward(grad: &[f32], seed: u64, d: u64) -> Result<Vec<f32>> {
     let total = grad.len() as u64;
     let proj = Projection::new(seed, total, d)?;
-    let mut out = vec![0f32; d as usize];
+    let mut out = CoreError::try_zeroed(d, "the gradient of theta_d")?;
     parallel::install(|| {
         out.par_chunks_mut(COLUMN_CHUNK)
             .enumerate()

@@ -7,7 +7,7 @@ use unilora_core::projection::{KernelImpl, gather_rows};
 use unilora_core::{CoreError, Projection, parallel, reconstruct, reconstruct_into};
 
 fn map(p: &Projection) -> (Vec<u64>, Vec<f32>) {
-    p.materialize(p.total() as usize)
+    p.materialize().unwrap()
 }
 
 fn checksum(idx: &[u64], scale: &[f32]) -> String {
