@@ -346,3 +346,28 @@ def test_impossible_allocations_raise_memory_error() -> None:
         ur.reconstruct(np.ones(4, np.float32), 0, [(2**50, 1)])
     with pytest.raises(MemoryError, match="cannot allocate"):
         ur.projection(0, 2**50, 4)
+
+
+_FORK_SCRIPT = """
+import os, warnings, numpy as np, unilora_rs as ur
+warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (Python >= 3.12)
+ur.set_num_threads(2)
+v = np.linspace(-1, 1, 5000, dtype=np.float32)
+want = ur.reconstruct(v, 3, [(200_000, 2)])[0]   # the parent's pool now has threads
+pid = os.fork()
+if pid == 0:
+    got = ur.reconstruct(v, 3, [(200_000, 2)])[0]   # the child must build its own pool
+    os._exit(0 if np.array_equal(got, want) else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_parallel_work_after_fork() -> None:
+    """A forked child gets a fresh thread pool instead of deadlocking on the parent's."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "child exit 0"
