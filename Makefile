@@ -26,13 +26,13 @@ demo: build
 
 lint: build
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets --release -- -D warnings
+	cargo clippy --workspace --all-targets --all-features --release -- -D warnings
 	ruff check python tests benches examples
 	ruff format --check python tests benches examples
 	$(PY) -m mypy.stubtest unilora_rs._core
 
 test-rust:
-	cargo test -p unilora-core --release
+	cargo test -p unilora-core --release --all-features
 
 test-python: build
 	$(PY) -m pytest

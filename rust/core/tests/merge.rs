@@ -535,3 +535,25 @@ fn export_writes_peft_layout() {
     let e = export_lora(&ExportOptions::new(&fx.adapter, &out)).unwrap_err();
     assert!(matches!(e, CoreError::Io { .. }));
 }
+
+#[cfg(feature = "progress")]
+#[test]
+fn merge_with_progress_bar_gives_the_same_output() {
+    use unilora_core::merge::merge_with_progress_bar;
+    let fx = fixture(Dtype::BF16);
+    let plain = fx.root.join("plain.safetensors");
+    let with_bar = fx.root.join("bar.safetensors");
+    merge(
+        &MergeOptions::new(&fx.base, &fx.adapter, &plain),
+        &Control::new(),
+    )
+    .unwrap();
+    let report =
+        merge_with_progress_bar(&MergeOptions::new(&fx.base, &fx.adapter, &with_bar)).unwrap();
+    assert_eq!(report.merged.len(), 3);
+    assert_eq!(fs::read(&plain).unwrap(), fs::read(&with_bar).unwrap());
+    // Errors pass through unchanged (an existing output without overwrite).
+    let err =
+        merge_with_progress_bar(&MergeOptions::new(&fx.base, &fx.adapter, &with_bar)).unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+}
