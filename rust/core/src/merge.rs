@@ -966,6 +966,44 @@ impl ShardJob<'_> {
     }
 }
 
+/// [`merge`] with a progress bar on stderr (bytes of tensor data written), for Rust
+/// programs; the Python CLI draws its own bar from [`Control::progress`]. The bar is
+/// hidden when stderr is not a terminal. Needs the `progress` feature.
+#[cfg(feature = "progress")]
+pub fn merge_with_progress_bar(opts: &MergeOptions) -> Result<MergeReport> {
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    let control = Control::new();
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message("merging");
+    let result = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| merge(opts, &control));
+        while !worker.is_finished() {
+            let (done, total) = control.progress();
+            bar.set_length(total);
+            bar.set_position(done);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
+    let (done, total) = control.progress();
+    bar.set_length(total);
+    bar.set_position(done);
+    if result.is_ok() {
+        bar.finish_with_message("merged");
+    } else {
+        bar.abandon_with_message("failed");
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1033,42 +1071,4 @@ mod tests {
             }
         }
     }
-}
-
-/// [`merge`] with a progress bar on stderr (bytes of tensor data written), for Rust
-/// programs; the Python CLI draws its own bar from [`Control::progress`]. The bar is
-/// hidden when stderr is not a terminal. Needs the `progress` feature.
-#[cfg(feature = "progress")]
-pub fn merge_with_progress_bar(opts: &MergeOptions) -> Result<MergeReport> {
-    use indicatif::{ProgressBar, ProgressStyle};
-
-    let control = Control::new();
-    let bar = ProgressBar::new(0);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message("merging");
-    let result = std::thread::scope(|scope| {
-        let worker = scope.spawn(|| merge(opts, &control));
-        while !worker.is_finished() {
-            let (done, total) = control.progress();
-            bar.set_length(total);
-            bar.set_position(done);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        worker
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
-    let (done, total) = control.progress();
-    bar.set_length(total);
-    bar.set_position(done);
-    if result.is_ok() {
-        bar.finish_with_message("merged");
-    } else {
-        bar.abandon_with_message("failed");
-    }
-    result
 }
