@@ -14,6 +14,7 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from tiny_models import tiny_llama  # noqa: E402
 from unilora_rs.cli import main  # noqa: E402
 from unilora_rs.errors import InvalidArgumentError  # noqa: E402
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model  # noqa: E402
@@ -21,17 +22,7 @@ from unilora_rs.torch.onnx_export import export_onnx  # noqa: E402
 
 
 def _tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(0).eval()
 
 
 def test_export_merged_model_matches_torch(tmp_path: Path) -> None:

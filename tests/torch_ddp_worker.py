@@ -9,7 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-import transformers
+from tiny_models import tiny_llama
 from torch.nn.parallel import DistributedDataParallel as DDP
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model
 
@@ -20,17 +20,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     # Different initial theta_d per rank on purpose: DDP must broadcast rank 0's.
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    base = transformers.LlamaForCausalLM(cfg)
+    base = tiny_llama(0)
     torch.manual_seed(100 + rank)
     model = get_unilora_model(
         base, UniLoRAConfig(rank=4, vector_length=512, target_modules="all-linear")
