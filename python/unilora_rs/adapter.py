@@ -99,6 +99,11 @@ class AdapterConfig:
     format_version: int = FORMAT_VERSION
     spec_version: int = 1
     library_version: str = __version__
+    #: What the trained model is for, so that a merge can rebuild it without the training
+    #: code: ``{"type": "sequence-classification" | "causal-lm", "config": {keys set in
+    #: the merged config.json (architectures, id2label, ...)}, "new_tensors": [tensors
+    #: the base checkpoint lacks, written from the adapter, e.g. a new head]}``.
+    task: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -159,6 +164,8 @@ class AdapterConfig:
         """A JSON-ready dict (modules as a list of objects)."""
         out = asdict(self)
         out["modules"] = [asdict(m) for m in self.modules]
+        if out["task"] is None:
+            del out["task"]
         return out
 
     @classmethod
