@@ -43,7 +43,7 @@ TARGETS = ["query", "value"]
 
 #: method -> (variants, learning-rate grid). A variant is d (Uni-LoRA), r (LoRA).
 METHODS: dict[str, tuple[list[int], list[float]]] = {
-    "head-only": ([0], [2e-3, 5e-3, 1e-2, 2e-2]),
+    "head-only": ([0], [2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]),
     "unilora": ([5760, 2880, 1440, 720, 360], [5e-3, 1e-2, 2e-2, 5e-2]),
     "peft-unilora": ([5760], [5e-3, 1e-2, 2e-2, 5e-2]),
     "peft-lora": ([1, 2, 4, 8], [5e-4, 1e-3, 2e-3, 5e-3]),

@@ -137,3 +137,8 @@ def test_packaged_sentiment_sentences() -> None:
     assert counts == {"negative": 5326, "positive": 5242}
     assert rows[0]["text"].startswith("The Rock is destined to be the 21st Century's new")
     assert rows[0]["label"] == "positive"
+
+
+def test_quoted_newlines_survive(tmp_path: Path) -> None:
+    p = _write(tmp_path / "d.csv", 'text,label\n"line one\nline two",1\nb,0\n')
+    assert read_records(p) == [{"text": "line one\nline two", "label": "1"}, {"text": "b", "label": "0"}]
