@@ -317,6 +317,32 @@ def test_backward_is_transpose_and_thread_independent(seed: int, total: int, fra
     np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("seed", "total", "d"),
+    [
+        (0, 1, 1),
+        (3, 700, 9),
+        (4, 640, 10),
+        (5, 641, 10),
+        (6, 20_000, 1),
+        (7, 50_000, 777),
+        (2**64 - 1, 4097, 4097),
+        (8, 130_000, 3),
+    ],
+)
+def test_backward_is_the_spec_order_bit_for_bit(seed: int, total: int, d: int) -> None:
+    """Chunks of 64 t values, summed in order, then the chunk sums in order (SPEC 1.4)."""
+    grad = np.random.default_rng(seed % 1000).standard_normal(total).astype(np.float32)
+    want = ref.backward(grad, seed, d)
+    for threads in (1, 2):
+        try:
+            ur.set_num_threads(threads)
+            got = ur.reconstruct_backward(grad, seed, d)
+        finally:
+            ur.set_num_threads(0)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_backward_matches_adjoint_of_reconstruct() -> None:
     """<P x, g> == <x, P^T g> (the defining property of the backward pass)."""
     rng = np.random.default_rng(5)

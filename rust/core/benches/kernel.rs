@@ -10,12 +10,12 @@ fn main() {
     let mut buf = vec![0f32; 1 << 16];
     let mut acc = 0f32;
     for r in 0..reps {
-        unilora_core::projection::gather_rows(
+        unilora_core::kernel::gather_rows(
             &p,
             &v,
             (r * (1u64 << 16)) % (total - 70000),
             &mut buf,
-            unilora_core::projection::KernelImpl::Auto,
+            unilora_core::kernel::KernelImpl::Auto,
         );
         acc += buf[r as usize % 65536];
     }

@@ -10,37 +10,12 @@
 //! output element is a pure function of its row, so results never depend on blocking
 //! or threading.
 
-use crate::projection::{Projection, ROUNDS, low_mask, mix32};
+use crate::fastdiv::DivMagic;
+use crate::feistel::{Feistel, low_mask};
+use crate::projection::Projection;
 
 /// Rows handled per block (the block's scratch lives on the stack).
 const BLOCK: usize = 2048;
-
-/// The 32-bit view of a projection whose Feistel domain fits in `u32`.
-#[derive(Clone, Copy)]
-struct Feistel32 {
-    keys: [u32; ROUNDS],
-    wl: u32,
-    wr: u32,
-    /// `D - 1`: values above it walk again.
-    last: u32,
-}
-
-impl Feistel32 {
-    #[inline(always)]
-    fn encrypt(&self, x: u32) -> u32 {
-        let (mut wl, mut wr) = (self.wl, self.wr);
-        let mut l = x >> wr;
-        let mut r = x & low_mask(wr);
-        for &key in &self.keys {
-            let f = mix32(r ^ key) & low_mask(wl);
-            let new_r = l ^ f;
-            l = r;
-            r = new_r;
-            std::mem::swap(&mut wl, &mut wr);
-        }
-        (l << wr) | r
-    }
-}
 
 /// `y mod d` for `y < 2^32`, `1 <= d <= 2^32`, without a division instruction.
 #[derive(Clone, Copy)]
@@ -57,10 +32,9 @@ impl Modulus {
         if d.is_power_of_two() {
             Modulus::Mask((d - 1) as u32)
         } else {
-            Modulus::Magic {
-                div: DivMagic::new(d as u32),
-                d: d as u32,
-            }
+            let div = DivMagic::new(d as u32);
+            debug_assert_eq!(div.shift1, 1);
+            Modulus::Magic { div, d: d as u32 }
         }
     }
 }
@@ -76,19 +50,19 @@ pub enum KernelImpl {
     Scalar,
 }
 
-/// Fills `out` with rows `start ..` of the reconstruction.
+/// Fills `out` with rows `start ..` of the reconstruction:
+/// `out[t] = vector[idx(start + t)] * scale(start + t)`.
 pub(crate) fn gather(p: &Projection, vector: &[f32], start: u64, out: &mut [f32]) {
-    gather_with(p, vector, start, out, KernelImpl::Auto);
+    gather_rows(p, vector, start, out, KernelImpl::Auto);
 }
 
-/// [`gather`] with an explicit choice of implementation.
-pub(crate) fn gather_with(
-    p: &Projection,
-    vector: &[f32],
-    start: u64,
-    out: &mut [f32],
-    which: KernelImpl,
-) {
+/// [`gather`] with an explicit choice of implementation (for tests and benchmarks of
+/// the kernel alone).
+///
+/// # Panics
+/// When `vector.len() != d` or the rows leave `[0, D)`.
+#[doc(hidden)]
+pub fn gather_rows(p: &Projection, vector: &[f32], start: u64, out: &mut [f32], which: KernelImpl) {
     assert_eq!(vector.len() as u64, p.d(), "vector length must equal d");
     assert!(
         start
@@ -96,22 +70,7 @@ pub(crate) fn gather_with(
             .is_some_and(|end| end <= p.total())
     );
     if p.domain_bits() <= 32 && which != KernelImpl::Scalar {
-        let (wl, wr) = p.widths();
-        let f = Feistel32 {
-            keys: p.round_keys(),
-            wl,
-            wr,
-            last: (p.total() - 1) as u32,
-        };
-        let (_, rem, hi, lo) = p.balance();
-        let ctx = Ctx32 {
-            f,
-            d: p.d(),
-            modulus: Modulus::new(p.d()),
-            rem: rem as u32,
-            hi,
-            lo,
-        };
+        let ctx = Ctx32::new(p);
         if which == KernelImpl::Auto {
             gather32_dispatch(&ctx, vector, start as u32, out);
         } else {
@@ -125,14 +84,33 @@ pub(crate) fn gather_with(
     }
 }
 
+/// A projection whose Feistel domain fits in `u32`, with its column constants.
 #[derive(Clone, Copy)]
 struct Ctx32 {
-    f: Feistel32,
+    f: Feistel,
+    /// `D - 1`: values above it walk again.
+    last: u32,
     d: u64,
     modulus: Modulus,
     rem: u32,
     hi: f32,
     lo: f32,
+}
+
+impl Ctx32 {
+    fn new(p: &Projection) -> Self {
+        debug_assert!(p.domain_bits() <= 32);
+        let b = p.balance();
+        Self {
+            f: *p.feistel(),
+            last: (p.total() - 1) as u32,
+            d: p.d(),
+            modulus: Modulus::new(p.d()),
+            rem: b.rem as u32,
+            hi: b.scale_hi,
+            lo: b.scale_lo,
+        }
+    }
 }
 
 fn gather32_dispatch(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
@@ -149,7 +127,7 @@ fn gather32_dispatch(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
 }
 
 fn gather32(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
-    let f = ctx.f;
+    let (f, last) = (ctx.f, ctx.last);
     let mut buf = [0u32; BLOCK];
     let mut walk = [0u32; BLOCK];
     let mut pos = [0u16; BLOCK];
@@ -165,7 +143,7 @@ fn gather32(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
         for (t, &y) in buf.iter().enumerate() {
             walk[m] = y;
             pos[m] = t as u16;
-            m += usize::from(y > f.last);
+            m += usize::from(y > last);
         }
         while m > 0 {
             for y in &mut walk[..m] {
@@ -178,7 +156,7 @@ fn gather32(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
                 buf[t as usize] = y;
                 walk[k] = y;
                 pos[k] = t;
-                k += usize::from(y > f.last);
+                k += usize::from(y > last);
             }
             m = k;
         }
@@ -198,46 +176,11 @@ fn write_block(ctx: &Ctx32, vector: &[f32], ys: &[u32], out: &mut [f32]) {
         }
         Modulus::Magic { div, d } => {
             for (o, &y) in out.iter_mut().zip(ys) {
-                let j = y - d * div.div(y);
+                let j = y - d * div.quotient(y);
                 let s = if j < ctx.rem { ctx.hi } else { ctx.lo };
                 *o = vector[j as usize] * s;
             }
         }
-    }
-}
-
-/// Division by a run-time constant `d` (`2 <= d < 2^32`, not a power of two) with one
-/// multiply-high, add and shift (the round-up method with an add indicator).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct DivMagic {
-    magic: u32,
-    shift: u32,
-}
-
-impl DivMagic {
-    pub(crate) fn new(d: u32) -> Self {
-        debug_assert!(d >= 2 && !d.is_power_of_two());
-        let log2 = 31 - d.leading_zeros();
-        // 2^(32 + log2) / d, then one more bit of precision.
-        let num = 1u64 << (32 + log2);
-        let m = num / u64::from(d);
-        let rem = (num % u64::from(d)) as u32;
-        let mut m2 = (m as u32).wrapping_add(m as u32);
-        let twice = rem.wrapping_add(rem);
-        if twice >= d || twice < rem {
-            m2 = m2.wrapping_add(1);
-        }
-        Self {
-            magic: m2.wrapping_add(1),
-            shift: log2,
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn div(self, y: u32) -> u32 {
-        let q = ((u64::from(self.magic) * u64::from(y)) >> 32) as u32;
-        let t = ((y - q) >> 1) + q;
-        t >> self.shift
     }
 }
 
@@ -317,7 +260,7 @@ mod avx2 {
         _mm256_movemask_ps(_mm256_castsi256_ps(gt))
     }
 
-    /// Vector `y / d` (quotient) for a non-power-of-two `d`.
+    /// Vector `y / d` (quotient) for a non-power-of-two `d` (so the first shift is 1).
     #[inline]
     #[target_feature(enable = "avx2")]
     fn div(y: __m256i, magic: __m256i, shift: __m128i) -> __m256i {
@@ -335,14 +278,14 @@ mod avx2 {
     /// asserted by the caller.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
-        let f = ctx.f;
+        let (wl, wr) = ctx.f.widths();
         let c = Consts {
-            keys: f.keys.map(|k| _mm256_set1_epi32(k as i32)),
-            wr: _mm_cvtsi32_si128(f.wr as i32),
-            mask_l: _mm256_set1_epi32(super::low_mask(f.wl) as i32),
-            mask_r: _mm256_set1_epi32(super::low_mask(f.wr) as i32),
+            keys: ctx.f.keys().map(|k| _mm256_set1_epi32(k as i32)),
+            wr: _mm_cvtsi32_si128(wr as i32),
+            mask_l: _mm256_set1_epi32(super::low_mask(wl) as i32),
+            mask_r: _mm256_set1_epi32(super::low_mask(wr) as i32),
             bias: _mm256_set1_epi32(i32::MIN),
-            last_b: _mm256_set1_epi32((f.last ^ 0x8000_0000) as i32),
+            last_b: _mm256_set1_epi32((ctx.last ^ 0x8000_0000) as i32),
             c1: _mm256_set1_epi32(0x21F0_AAADu32 as i32),
             c2: _mm256_set1_epi32(0xD35A_2D97u32 as i32),
         };
@@ -356,7 +299,7 @@ mod avx2 {
             Modulus::Magic { div, d } => (
                 None,
                 _mm256_set1_epi32(div.magic as i32),
-                _mm_cvtsi32_si128(div.shift as i32),
+                _mm_cvtsi32_si128(div.shift2 as i32),
                 d as i32,
             ),
         };
@@ -460,90 +403,38 @@ mod avx2 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::DivMagic;
-
-    #[test]
-    fn div_magic_matches_division() {
-        let mut state = 0x1234_5678_9abc_def0u64;
-        let mut next = || crate::projection::splitmix64(&mut state);
-        let mut divisors: Vec<u32> = vec![3, 5, 6, 7, 23_040, 1_000_003, 0x7FFF_FFFF, 0xFFFF_FFFF];
-        divisors.extend((0..200).map(|_| (next() as u32).max(3)));
-        for d in divisors.into_iter().filter(|d| !d.is_power_of_two()) {
-            let m = DivMagic::new(d);
-            let edges = [
-                0u32,
-                1,
-                d - 1,
-                d,
-                d + 1,
-                u32::MAX,
-                u32::MAX - 1,
-                u32::MAX / d * d,
-            ];
-            for y in edges.into_iter().chain((0..2000).map(|_| next() as u32)) {
-                assert_eq!(m.div(y), y / d, "y = {y}, d = {d}");
-            }
-        }
-        // Exhaustive over all numerators for one small divisor.
-        let m = DivMagic::new(7);
-        for y in (0..=u32::MAX).step_by(97) {
-            assert_eq!(m.div(y), y / 7);
-        }
-    }
-}
-
 /// Writes `perm^-1(start + t)` for `t < out.len()` (all inside `[0, D)`), for a domain
 /// of at most 32 bits: one decryption pass over the block, then the values that walk
 /// on are re-decrypted until they fall inside `[0, D)`.
 #[inline(always)]
-fn inverse_block32(f: &Feistel32, start: u32, out: &mut [u32]) {
+fn inverse_block32(f: &Feistel, last: u32, start: u32, out: &mut [u32]) {
     for (t, y) in out.iter_mut().enumerate() {
         *y = f.decrypt(start.wrapping_add(t as u32));
     }
     for y in out.iter_mut() {
-        while *y > f.last {
+        while *y > last {
             *y = f.decrypt(*y);
         }
     }
 }
 
-impl Feistel32 {
-    #[inline(always)]
-    fn decrypt(&self, y: u32) -> u32 {
-        // After an even number of rounds the widths are back to (wl, wr).
-        let (mut wl, mut wr) = (self.wl, self.wr);
-        let mut l = y >> wr;
-        let mut r = y & low_mask(wr);
-        for &key in self.keys.iter().rev() {
-            std::mem::swap(&mut wl, &mut wr);
-            let prev_r = l;
-            l = r ^ (mix32(prev_r ^ key) & low_mask(wl));
-            r = prev_r;
-        }
-        (l << wr) | r
-    }
-}
-
-/// `acc[j - j0] += grad[perm^-1(t d + j)]` for `t = 0, 1, ...` in order and `j` in
-/// `[j0, j0 + acc.len())`: the deterministic backward of the gather for a slice of
-/// columns. `acc` starts at zero; the caller multiplies by the column scales.
-pub(crate) fn accumulate_columns(p: &Projection, grad: &[f32], j0: u64, acc: &mut [f32]) {
+/// `acc[k] += grad[perm^-1(t d + j0 + k)]` for `t` in `ts`, in increasing order, and
+/// every `k < acc.len()` with `t d + j0 + k < D`: one chunk of the deterministic
+/// backward of the gather for a block of columns (see `reconstruct_backward`).
+pub(crate) fn accumulate_columns(
+    p: &Projection,
+    grad: &[f32],
+    ts: std::ops::Range<u64>,
+    j0: u64,
+    acc: &mut [f32],
+) {
     assert_eq!(grad.len() as u64, p.total(), "gradient length must equal D");
-    let (d, total) = (p.d(), p.total());
-    let n_t = total.div_ceil(d);
     if p.domain_bits() <= 32 {
-        let (wl, wr) = p.widths();
-        let f = Feistel32 {
-            keys: p.round_keys(),
-            wl,
-            wr,
-            last: (total - 1) as u32,
-        };
-        accumulate32_dispatch(&f, grad, d, n_t, j0, acc);
+        let ctx = Ctx32::new(p);
+        accumulate32_dispatch(&ctx, grad, ts, j0, acc);
     } else {
-        for t in 0..n_t {
+        let (d, total) = (p.d(), p.total());
+        for t in ts {
             for (k, a) in acc.iter_mut().enumerate() {
                 let y = t * d + j0 + k as u64;
                 if y < total {
@@ -554,37 +445,49 @@ pub(crate) fn accumulate_columns(p: &Projection, grad: &[f32], j0: u64, acc: &mu
     }
 }
 
-fn accumulate32_dispatch(f: &Feistel32, grad: &[f32], d: u64, n_t: u64, j0: u64, acc: &mut [f32]) {
+fn accumulate32_dispatch(
+    ctx: &Ctx32,
+    grad: &[f32],
+    ts: std::ops::Range<u64>,
+    j0: u64,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, the only requirement of the target feature.
-            unsafe { accumulate32_avx2(f, grad, d, n_t, j0, acc) };
+            unsafe { accumulate32_avx2(ctx, grad, ts, j0, acc) };
             return;
         }
     }
-    accumulate32(f, grad, d, n_t, j0, acc);
+    accumulate32(ctx, grad, ts, j0, acc);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn accumulate32_avx2(f: &Feistel32, grad: &[f32], d: u64, n_t: u64, j0: u64, acc: &mut [f32]) {
-    accumulate32(f, grad, d, n_t, j0, acc);
+fn accumulate32_avx2(
+    ctx: &Ctx32,
+    grad: &[f32],
+    ts: std::ops::Range<u64>,
+    j0: u64,
+    acc: &mut [f32],
+) {
+    accumulate32(ctx, grad, ts, j0, acc);
 }
 
 #[inline(always)]
-fn accumulate32(f: &Feistel32, grad: &[f32], d: u64, n_t: u64, j0: u64, acc: &mut [f32]) {
-    let total = u64::from(f.last) + 1;
+fn accumulate32(ctx: &Ctx32, grad: &[f32], ts: std::ops::Range<u64>, j0: u64, acc: &mut [f32]) {
+    let total = u64::from(ctx.last) + 1;
     let mut rows = [0u32; BLOCK];
-    for t in 0..n_t {
-        let y0 = t * d + j0;
+    for t in ts {
+        let y0 = t * ctx.d + j0;
         if y0 >= total {
             break;
         }
         let len = (acc.len() as u64).min(total - y0) as usize;
         for (c, a) in acc[..len].chunks_mut(BLOCK).enumerate() {
             let rows = &mut rows[..a.len()];
-            inverse_block32(f, (y0 + (c * BLOCK) as u64) as u32, rows);
+            inverse_block32(&ctx.f, ctx.last, (y0 + (c * BLOCK) as u64) as u32, rows);
             for (x, &r) in a.iter_mut().zip(rows.iter()) {
                 *x += grad[r as usize];
             }

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
-use unilora_core::projection::{KernelImpl, gather_rows};
+use unilora_core::kernel::{KernelImpl, gather_rows};
 use unilora_core::{CoreError, Projection, parallel, reconstruct, reconstruct_into};
 
 fn map(p: &Projection) -> (Vec<u64>, Vec<f32>) {
@@ -284,8 +284,8 @@ fn bad_arguments_are_specific_errors() {
 }
 
 #[test]
-fn backward_is_the_ordered_inverse_sum_for_any_thread_count() {
-    use unilora_core::reconstruct_backward;
+fn backward_is_the_chunked_inverse_sum_for_any_thread_count() {
+    use unilora_core::{BACKWARD_T_CHUNK, reconstruct_backward};
     for &(seed, total, d) in &[
         (3u64, 1u64, 1u64),
         (4, 1000, 7),
@@ -293,20 +293,27 @@ fn backward_is_the_ordered_inverse_sum_for_any_thread_count() {
         (6, (1 << 20) + 1, 524_288),
         (7, 300_000, 1),
         (8, 50_000, 50_000),
+        (9, 640, 10),
+        (10, 641, 10),
+        (11, 200_000, 4_097),
+        (12, 1_000_000, 3),
     ] {
         let p = Projection::new(seed, total, d).unwrap();
         let grad: Vec<f32> = (0..total)
             .map(|i| ((i * 2_654_435_761) % 1997) as f32 * 1e-3 - 1.0)
             .collect();
+        // The spec's order: chunks of 64 consecutive t, each summed from 0.0 in t
+        // order, then the chunk sums added in chunk order from 0.0, then the scale.
         let mut want = vec![0f32; d as usize];
         for (j, w) in want.iter_mut().enumerate() {
+            let rows: Vec<u64> = p.rows_of_column(j as u64).collect();
             let mut acc = 0f32;
-            for row in p.rows_of_column(j as u64) {
-                acc += grad[row as usize];
+            for chunk in rows.chunks(BACKWARD_T_CHUNK as usize) {
+                acc += chunk.iter().fold(0f32, |s, &r| s + grad[r as usize]);
             }
             *w = acc * p.column_scale(j as u64);
         }
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             parallel::set_num_threads(threads);
             let got = reconstruct_backward(&grad, seed, d).unwrap();
             assert!(
