@@ -222,10 +222,7 @@ pub(crate) type Outputs<'py> = (Vec<Bound<'py, PyAny>>, Vec<PyReadwriteArray2<'p
 
 /// The `out=` arrays: one writable, C-contiguous float32 array per shape, given in the
 /// same structure as the result (a list, or a dict keyed by the shapes' names).
-pub(crate) fn outputs<'py>(
-    obj: &Bound<'py, PyAny>,
-    shapes: &Shapes,
-) -> PyResult<Outputs<'py>> {
+pub(crate) fn outputs<'py>(obj: &Bound<'py, PyAny>, shapes: &Shapes) -> PyResult<Outputs<'py>> {
     let n = shapes.dims.len();
     let items: Vec<Bound<'py, PyAny>> = match (&shapes.names, obj.cast::<PyMapping>()) {
         (Some(names), Ok(map)) => {

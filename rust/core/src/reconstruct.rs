@@ -12,6 +12,9 @@ use crate::projection::Projection;
 /// Rows per parallel work item.
 const CHUNK: usize = 1 << 16;
 
+/// Reconstructions of at least this many rows (64 MiB) use streaming stores.
+const STREAM_ROWS: u64 = 1 << 24;
+
 /// Validates `shapes` and returns `D`, the sum of `rows * cols`.
 pub fn total_size(shapes: &[(u64, u64)]) -> Result<u64> {
     if shapes.is_empty() {
@@ -88,9 +91,11 @@ pub fn reconstruct_into(
         }
         offset += size;
     }
+    // Outputs far larger than the caches are written with streaming stores.
+    let stream = total >= STREAM_ROWS;
     parallel::install(|| {
         work.par_iter_mut()
-            .for_each(|(start, chunk)| crate::kernel::gather(&proj, vector, *start, chunk));
+            .for_each(|(start, chunk)| crate::kernel::gather(&proj, vector, *start, chunk, stream));
     });
     Ok(())
 }
