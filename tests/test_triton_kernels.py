@@ -259,3 +259,37 @@ def test_gpu_custom_op_and_autograd() -> None:
     expected = ur.reconstruct_backward(upstream.cpu().numpy(), 5, 4096)
     assert theta.grad is not None
     assert np.array_equal(theta.grad.cpu().numpy(), expected)
+
+
+def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path: Path) -> None:
+    """benches/bench_gpu.py end to end on a tiny D (a smoke test, not a measurement),
+    and benches/gpu_check.sh parses."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "benches" / "bench_gpu.py"),
+            "--device",
+            "cpu",
+            "--total",
+            "3000",
+            "--d",
+            "10",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert "forward == gather bit for bit: True" in text
+    assert "backward deterministic: True" in text
+    script = HERE.parent / "benches" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
