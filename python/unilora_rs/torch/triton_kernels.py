@@ -78,39 +78,34 @@ def _mix32(x):
 
 
 @triton.jit
-def _encrypt(x, k0, k1, k2, k3, wr, mask_l, mask_r):
-    """E(x): the 4 rounds; widths wl, wr, wl, wr (x: uint32 or uint64 lanes)."""
-    left = (x >> wr).to(tl.uint32)
-    right = (x & mask_r.to(x.dtype)).to(tl.uint32)
-    f = _mix32(right ^ k0) & mask_l
-    left, right = right, left ^ f
-    f = _mix32(right ^ k1) & mask_r
-    left, right = right, left ^ f
-    f = _mix32(right ^ k2) & mask_l
-    left, right = right, left ^ f
-    f = _mix32(right ^ k3) & mask_r
-    left, right = right, left ^ f
-    return (left.to(x.dtype) << wr) | right.to(x.dtype)
+def _round(left, right, key, mask):
+    """One Feistel round: ``(L, R) -> (R, L ^ (mix32(R ^ K) & mask))``."""
+    return right, left ^ (_mix32(right ^ key) & mask)
 
 
 @triton.jit
-def _decrypt(y, k0, k1, k2, k3, wr, mask_l, mask_r):
-    """E^-1(y): the rounds of :func:`_encrypt` undone, last first."""
-    left = (y >> wr).to(tl.uint32)
-    right = (y & mask_r.to(y.dtype)).to(tl.uint32)
-    prev = left
-    left = right ^ (_mix32(prev ^ k3) & mask_r)
-    right = prev
-    prev = left
-    left = right ^ (_mix32(prev ^ k2) & mask_l)
-    right = prev
-    prev = left
-    left = right ^ (_mix32(prev ^ k1) & mask_r)
-    right = prev
-    prev = left
-    left = right ^ (_mix32(prev ^ k0) & mask_l)
-    right = prev
-    return (left.to(y.dtype) << wr) | right.to(y.dtype)
+def _unround(left, right, key, mask):
+    """The inverse of :func:`_round`."""
+    return right ^ (_mix32(left ^ key) & mask), left
+
+
+@triton.jit
+def _feistel(x, k0, k1, k2, k3, wr, mask_l, mask_r, INVERSE: tl.constexpr):
+    """E(x) (4 rounds, widths wl, wr, wl, wr) or, with INVERSE, E^-1(x) (the rounds
+    undone, last first); x: uint32 or uint64 lanes."""
+    left = (x >> wr).to(tl.uint32)
+    right = (x & mask_r.to(x.dtype)).to(tl.uint32)
+    if INVERSE:
+        left, right = _unround(left, right, k3, mask_r)
+        left, right = _unround(left, right, k2, mask_l)
+        left, right = _unround(left, right, k1, mask_r)
+        left, right = _unround(left, right, k0, mask_l)
+    else:
+        left, right = _round(left, right, k0, mask_l)
+        left, right = _round(left, right, k1, mask_r)
+        left, right = _round(left, right, k2, mask_l)
+        left, right = _round(left, right, k3, mask_r)
+    return (left.to(x.dtype) << wr) | right.to(x.dtype)
 
 
 @triton.jit
@@ -171,7 +166,7 @@ def _forward_kernel(
     last = (total - 1).to(x.dtype)
     rem_x = rem.to(x.dtype)
     while tl.max(active.to(tl.int32), axis=0) > 0:
-        x = _encrypt(x, k0, k1, k2, k3, wr, mask_l, mask_r)
+        x = _feistel(x, k0, k1, k2, k3, wr, mask_l, mask_r, False)
         done = active & (x <= last)
         j = _column(x, d, magic, shift1, shift2, WIDE)
         scale = tl.where(j < rem_x, scale_hi, scale_lo)
@@ -203,7 +198,7 @@ def _backward_chunk_kernel(grad_ptr, part_ptr, prm_ptr, LANES: tl.constexpr, WID
     last = (total - 1).to(x.dtype)
     acc = tl.zeros([LANES], dtype=tl.float32)
     while tl.max(active.to(tl.int32), axis=0) > 0:
-        x = _decrypt(x, k0, k1, k2, k3, wr, mask_l, mask_r)
+        x = _feistel(x, k0, k1, k2, k3, wr, mask_l, mask_r, True)
         done = active & (x <= last)
         g = tl.load(grad_ptr + x.to(tl.int64), mask=done, other=0.0)
         acc = tl.where(done, acc + g, acc)

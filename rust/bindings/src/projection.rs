@@ -9,6 +9,20 @@ use unilora_core::{BACKWARD_T_CHUNK, Projection, parallel};
 use crate::convert::{Shapes, invalid, outputs, uint, vector};
 use crate::errors::IntoPyResult;
 
+/// The projection of `(seed, total, d)` given as Python integers.
+fn projection_of(
+    seed: &Bound<'_, PyAny>,
+    total: &Bound<'_, PyAny>,
+    d: &Bound<'_, PyAny>,
+) -> PyResult<Projection> {
+    Projection::new(
+        uint(seed, "seed", 0)?,
+        uint(total, "total", 0)?,
+        uint(d, "d", 0)?,
+    )
+    .py()
+}
+
 /// The explicit map of `total` rows onto `d` columns: `(idx, scale)`.
 ///
 /// `idx` is int32 when `d <= 2**31 - 1`, else int64; `scale` is float32.
@@ -20,12 +34,8 @@ pub fn projection<'py>(
     total: &Bound<'py, PyAny>,
     d: &Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>)> {
-    let (seed, total, d) = (
-        uint(seed, "seed", 0)?,
-        uint(total, "total", 0)?,
-        uint(d, "d", 0)?,
-    );
-    let proj = Projection::new(seed, total, d).py()?;
+    let proj = projection_of(seed, total, d)?;
+    let d = proj.d();
     let (idx, scale) = py.detach(|| proj.materialize()).py()?;
     let scale = scale.into_pyarray(py);
     if d <= i32::MAX as u64 {
@@ -48,12 +58,8 @@ pub fn projection_params<'py>(
     total: &Bound<'py, PyAny>,
     d: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (seed, total, d) = (
-        uint(seed, "seed", 0)?,
-        uint(total, "total", 0)?,
-        uint(d, "d", 0)?,
-    );
-    let p = Projection::new(seed, total, d).py()?;
+    let p = projection_of(seed, total, d)?;
+    let (seed, total, d) = (p.seed(), p.total(), p.d());
     let (wl, wr) = p.widths();
     let b = p.balance();
     let div = p.narrow_divisor();

@@ -84,6 +84,36 @@ fn div(y: __m256i, magic: __m256i, shift: __m128i) -> __m256i {
     _mm256_srl_epi32(t, shift)
 }
 
+/// Appends the lanes of `bits` of `y` (values) and `p` (positions) to `walk` and `pos`
+/// at index `at`, in lane order (branch-free, through the permutation table); returns
+/// how many.
+///
+/// # Safety
+/// `walk` and `pos` have at least `at + 8` slots.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn append(
+    walk: &mut [u32],
+    pos: &mut [u32],
+    at: usize,
+    bits: usize,
+    y: __m256i,
+    p: __m256i,
+) -> usize {
+    debug_assert!(at + 8 <= walk.len().min(pos.len()));
+    let perm = PACK[bits];
+    // SAFETY: both lists have `at + 8` slots (the caller's contract).
+    unsafe {
+        let values = _mm256_permutevar8x32_epi32(y, perm);
+        _mm256_storeu_si256(walk.as_mut_ptr().add(at).cast(), values);
+        _mm256_storeu_si256(
+            pos.as_mut_ptr().add(at).cast(),
+            _mm256_permutevar8x32_epi32(p, perm),
+        );
+    }
+    bits.count_ones() as usize
+}
+
 /// # Safety
 /// The CPU must support AVX2, and `ctx.d < 2^30` (indices are used as signed
 /// 32-bit gather offsets). `vector.len() == d` and `start + out.len() <= D` are
@@ -136,22 +166,13 @@ pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [
             );
             let y = encrypt(x, &c);
             let bits = out_of_range(y, &c) as usize;
-            let perm = PACK[bits];
             let p = _mm256_add_epi32(_mm256_set1_epi32((v * 8) as i32), lane);
             // SAFETY: buf has BLOCK (a multiple of 8) slots and v * 8 + 8 <= BLOCK;
             // walk/pos have BLOCK + 8 slots and m <= v * 8.
             unsafe {
                 _mm256_storeu_si256(buf.as_mut_ptr().add(v * 8).cast(), y);
-                _mm256_storeu_si256(
-                    walk.as_mut_ptr().add(m).cast(),
-                    _mm256_permutevar8x32_epi32(y, perm),
-                );
-                _mm256_storeu_si256(
-                    pos.as_mut_ptr().add(m).cast(),
-                    _mm256_permutevar8x32_epi32(p, perm),
-                );
+                m += append(&mut walk, &mut pos, m, bits, y, p);
             }
-            m += bits.count_ones() as usize;
         }
         // Rows of the last, partial vector beyond `n` must not walk.
         while m > 0 && pos[m - 1] as usize >= n {
@@ -177,16 +198,7 @@ pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [
                         *buf.get_unchecked_mut(*pos.get_unchecked(s + lane) as usize) =
                             *walk.get_unchecked(s + lane);
                     }
-                    let perm = PACK[bits];
-                    _mm256_storeu_si256(
-                        walk.as_mut_ptr().add(k).cast(),
-                        _mm256_permutevar8x32_epi32(y, perm),
-                    );
-                    _mm256_storeu_si256(
-                        pos.as_mut_ptr().add(k).cast(),
-                        _mm256_permutevar8x32_epi32(p, perm),
-                    );
-                    k += bits.count_ones() as usize;
+                    k += append(&mut walk, &mut pos, k, bits, y, p);
                 }
             }
             m = k;

@@ -108,6 +108,44 @@ fn column(y: __m512i, c: &Consts) -> __m512i {
     }
 }
 
+/// Lanes `0 .. min(count, 16)`.
+#[inline]
+fn live_mask(count: usize) -> __mmask16 {
+    if count >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << count) - 1
+    }
+}
+
+/// Appends the lanes of `keep` of `y` (values) and `p` (positions) to `walk` and `pos`
+/// at index `at`, in lane order; returns how many.
+///
+/// # Safety
+/// `walk` and `pos` have at least `at + 16` slots.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn append(
+    walk: &mut [u32],
+    pos: &mut [u32],
+    at: usize,
+    keep: __mmask16,
+    y: __m512i,
+    p: __m512i,
+) -> usize {
+    debug_assert!(at + 16 <= walk.len().min(pos.len()));
+    // SAFETY: both lists have `at + 16` slots (the caller's contract).
+    unsafe {
+        let values = _mm512_maskz_compress_epi32(keep, y);
+        _mm512_storeu_si512(walk.as_mut_ptr().add(at).cast(), values);
+        _mm512_storeu_si512(
+            pos.as_mut_ptr().add(at).cast(),
+            _mm512_maskz_compress_epi32(keep, p),
+        );
+    }
+    keep.count_ones() as usize
+}
+
 /// # Safety
 /// The CPU must support AVX-512F, and `ctx.d < 2^30` (indices are used as signed
 /// 32-bit gather offsets). `vector.len() == d` and `start + out.len() <= D` are
@@ -127,11 +165,7 @@ pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [
         //    `cols`, the other values are compressed into `walk` with their positions.
         let mut m = 0usize;
         for v in 0..n.div_ceil(16) {
-            let live: __mmask16 = if n - v * 16 >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (n - v * 16)) - 1
-            };
+            let live = live_mask(n - v * 16);
             let offset = _mm512_add_epi32(_mm512_set1_epi32((v * 16) as i32), lane);
             let x = _mm512_add_epi32(_mm512_set1_epi32(base as i32), offset);
             let y = encrypt(x, &c);
@@ -140,27 +174,15 @@ pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [
             // walk and pos have BLOCK + 16 slots and m <= v * 16.
             unsafe {
                 _mm512_storeu_si512(cols.as_mut_ptr().add(v * 16).cast(), column(y, &c));
-                _mm512_storeu_si512(
-                    walk.as_mut_ptr().add(m).cast(),
-                    _mm512_maskz_compress_epi32(outside, y),
-                );
-                _mm512_storeu_si512(
-                    pos.as_mut_ptr().add(m).cast(),
-                    _mm512_maskz_compress_epi32(outside, offset),
-                );
+                m += append(&mut walk, &mut pos, m, outside, y, offset);
             }
-            m += outside.count_ones() as usize;
         }
         // 2. Walk the compressed values 16 at a time until every one lies in [0, D);
         //    finished lanes write their column through their position.
         while m > 0 {
             let mut k = 0usize;
             for s in (0..m).step_by(16) {
-                let live: __mmask16 = if m - s >= 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << (m - s)) - 1
-                };
+                let live = live_mask(m - s);
                 // SAFETY: walk/pos have BLOCK + 16 slots, s < m <= BLOCK and k <= s; the
                 // positions are rows < n <= BLOCK.
                 unsafe {
@@ -175,15 +197,7 @@ pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [
                         column(y, &c),
                         4,
                     );
-                    _mm512_storeu_si512(
-                        walk.as_mut_ptr().add(k).cast(),
-                        _mm512_maskz_compress_epi32(outside, y),
-                    );
-                    _mm512_storeu_si512(
-                        pos.as_mut_ptr().add(k).cast(),
-                        _mm512_maskz_compress_epi32(outside, p),
-                    );
-                    k += outside.count_ones() as usize;
+                    k += append(&mut walk, &mut pos, k, outside, y, p);
                 }
             }
             m = k;
@@ -191,11 +205,7 @@ pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [
         // 3. Gather and scale, 16 lanes at a time.
         let out_ptr = chunk.as_mut_ptr();
         for v in 0..n.div_ceil(16) {
-            let live: __mmask16 = if n - v * 16 >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (n - v * 16)) - 1
-            };
+            let live = live_mask(n - v * 16);
             // SAFETY: cols has BLOCK slots (v * 16 + 16 <= BLOCK); every j < d < 2^30 and
             // vector has d floats; the stored lanes are rows < n of `chunk`.
             unsafe {

@@ -254,7 +254,13 @@ pub(crate) fn accumulate_columns(
     assert_eq!(grad.len() as u64, p.total(), "gradient length must equal D");
     if p.domain_bits() <= 32 {
         let ctx = Ctx32::new(p);
-        accumulate32_dispatch(&ctx, grad, ts, j0, acc);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the only requirement of the target feature.
+            unsafe { accumulate32_avx2(&ctx, grad, ts, j0, acc) };
+            return;
+        }
+        accumulate32(&ctx, grad, ts, j0, acc);
     } else {
         let (d, total) = (p.d(), p.total());
         for t in ts {
@@ -266,24 +272,6 @@ pub(crate) fn accumulate_columns(
             }
         }
     }
-}
-
-fn accumulate32_dispatch(
-    ctx: &Ctx32,
-    grad: &[f32],
-    ts: std::ops::Range<u64>,
-    j0: u64,
-    acc: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the only requirement of the target feature.
-            unsafe { accumulate32_avx2(ctx, grad, ts, j0, acc) };
-            return;
-        }
-    }
-    accumulate32(ctx, grad, ts, j0, acc);
 }
 
 #[cfg(target_arch = "x86_64")]
