@@ -77,6 +77,42 @@ def projection(
     return idx, scale
 
 
+#: Consecutive t values summed into one partial sum by the backward pass (SPEC 1.4).
+T_CHUNK = 64
+
+
+def backward(grad: npt.NDArray[np.float32], seed: int, d: int) -> npt.NDArray[np.float32]:
+    """``P^T grad`` in the spec's summation order, float32 throughout.
+
+    Column ``j`` owns the images ``y = j + t d``; chunk ``c`` holds ``t`` in
+    ``[64 c, 64 c + 64)``. Each chunk sum starts at 0.0 and adds ``grad[perm^-1(y)]`` in
+    increasing ``t``; the chunk sums are added in chunk order from 0.0; the total is
+    multiplied by the column's scale. Vectorised over the columns (the order per column
+    is unchanged: every addition below is one float32 addition per column).
+    """
+    total = len(grad)
+    y = permute(np.arange(total, dtype=np.uint64), seed, total)  # perm(i)
+    inv = np.empty(total, dtype=np.int64)
+    inv[y.astype(np.int64)] = np.arange(total)  # perm^-1
+    n_t = -(-total // d)
+    acc = np.zeros(d, dtype=np.float32)
+    for c0 in range(0, n_t, T_CHUNK):
+        part = np.zeros(d, dtype=np.float32)
+        for t in range(c0, min(n_t, c0 + T_CHUNK)):
+            ys = np.arange(t * d, min(total, (t + 1) * d))
+            part[: len(ys)] = part[: len(ys)] + grad[inv[ys]]
+        acc = acc + part
+    _, scale_of_column = projection_scales(total, d)
+    return acc * scale_of_column
+
+
+def projection_scales(total: int, d: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Per column: ``n_j`` and ``scale_j = float32(1 / sqrt(n_j))``."""
+    q, rem = divmod(total, d)
+    n = np.where(np.arange(d) < rem, q + 1, q)
+    return n, (1.0 / np.sqrt(n.astype(np.float64))).astype(np.float32)
+
+
 def reconstruct(
     vector: npt.NDArray[np.float32], seed: int, shapes: list[tuple[int, int]]
 ) -> list[npt.NDArray[np.float32]]:

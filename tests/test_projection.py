@@ -136,7 +136,7 @@ def test_same_result_for_one_and_two_threads() -> None:
 def test_gil_is_released_during_reconstruct() -> None:
     """A Python thread keeps running while a large reconstruct is in progress."""
     vector = np.random.default_rng(2).uniform(-1, 1, 1 << 16).astype(np.float32)
-    shapes = [(30_000_000, 1)]
+    shapes = [(16_000_000, 4)]
     ticks: list[float] = []
     stop = threading.Event()
 
@@ -148,11 +148,13 @@ def test_gil_is_released_during_reconstruct() -> None:
     th = threading.Thread(target=ticker)
     th.start()
     try:
+        ur.set_num_threads(1)  # a longer call
         time.sleep(0.02)
         t0 = time.perf_counter()
         ur.reconstruct(vector, 1, shapes)
         t1 = time.perf_counter()
     finally:
+        ur.set_num_threads(0)
         stop.set()
         th.join()
     assert t1 - t0 > 0.05, "the call was too short to tell"
@@ -182,14 +184,14 @@ def test_fingerprint_matches_reference_and_depends_on_everything() -> None:
 @pytest.mark.parametrize(
     ("call", "exc", "match"),
     [
-        (lambda: ur.projection(0, 10, 0), ur.InvalidArgumentError, "d must be in"),
+        (lambda: ur.projection(0, 10, 0), ur.InvalidArgumentError, "must be at least 1"),
         (lambda: ur.projection(0, 10, 11), ur.InvalidArgumentError, "larger than the total"),
         (lambda: ur.projection(-1, 10, 1), ur.InvalidArgumentError, "seed"),
         (lambda: ur.projection(2**64, 10, 1), ur.InvalidArgumentError, "seed"),
         (
             lambda: ur.reconstruct(np.zeros(0, np.float32), 0, [(2, 2)]),
             ur.InvalidArgumentError,
-            "empty",
+            "must be at least 1",
         ),
         (
             lambda: ur.reconstruct(np.ones(5, np.float32), 0, [(2, 2)]),
@@ -317,6 +319,32 @@ def test_backward_is_transpose_and_thread_independent(seed: int, total: int, fra
     np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("seed", "total", "d"),
+    [
+        (0, 1, 1),
+        (3, 700, 9),
+        (4, 640, 10),
+        (5, 641, 10),
+        (6, 20_000, 1),
+        (7, 50_000, 777),
+        (2**64 - 1, 4097, 4097),
+        (8, 130_000, 3),
+    ],
+)
+def test_backward_is_the_spec_order_bit_for_bit(seed: int, total: int, d: int) -> None:
+    """Chunks of 64 t values, summed in order, then the chunk sums in order (SPEC 1.4)."""
+    grad = np.random.default_rng(seed % 1000).standard_normal(total).astype(np.float32)
+    want = ref.backward(grad, seed, d)
+    for threads in (1, 2):
+        try:
+            ur.set_num_threads(threads)
+            got = ur.reconstruct_backward(grad, seed, d)
+        finally:
+            ur.set_num_threads(0)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_backward_matches_adjoint_of_reconstruct() -> None:
     """<P x, g> == <x, P^T g> (the defining property of the backward pass)."""
     rng = np.random.default_rng(5)
@@ -371,3 +399,126 @@ def test_parallel_work_after_fork() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "child exit 0"
+
+
+_V = np.ones(4, np.float32)
+_G = np.ones(8, np.float32)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: ur.reconstruct(_V, 0, [(2**64, 1)]),
+        lambda: ur.reconstruct(_V, 0, [(1, 2**64 + 5)]),
+        lambda: ur.reconstruct(_V, 0, [(2**63, 2**63)]),
+        lambda: ur.reconstruct(_V, 0, [(2**63, 1), (2**63, 1)]),
+        lambda: ur.reconstruct(_V, 2**64, [(2, 2)]),
+        lambda: ur.reconstruct(_V, -1, [(2, 2)]),
+        lambda: ur.reconstruct(_V, "0", [(2, 2)]),
+        lambda: ur.reconstruct(_V, 1.5, [(2, 2)]),
+        lambda: ur.reconstruct(_V, True, [(2, 2)]),
+        lambda: ur.reconstruct(_V, 0, [("a", 2)]),
+        lambda: ur.reconstruct(_V, 0, [None]),
+        lambda: ur.reconstruct(_V, 0, None),
+        lambda: ur.reconstruct(_V, 0, {"a": (2**64, 1)}),
+        lambda: ur.reconstruct("abc", 0, [(2, 2)]),
+        lambda: ur.reconstruct([[1.0]], 0, [(2, 2)]),
+        lambda: ur.projection(0, 2**64, 1),
+        lambda: ur.projection(0, 10, 2**70),
+        lambda: ur.projection(0, 10.0, 1),
+        lambda: ur.projection(0, 2**33, 2**32 + 1),
+        lambda: ur.fingerprint(2**64, 1, [(1, 1)]),
+        lambda: ur.fingerprint(0, 2**64, [(1, 1)]),
+        lambda: ur.fingerprint(0, 1, {"m.lora_A": (4, 2**64 + 5)}),
+        lambda: ur.total_size([(2**64, 1)]),
+        lambda: ur.total_size([(2**40, 2**40)]),
+        lambda: ur.reconstruct_backward(_G, 2**64, 1),
+        lambda: ur.reconstruct_backward(_G, 0, 2**64),
+        lambda: ur.reconstruct_backward(_G, 0, -1),
+        lambda: ur.reconstruct_backward(_G.astype(np.int8), 0, 1),
+        lambda: ur.set_num_threads(2**64),
+        lambda: ur.set_num_threads(-1),
+        lambda: ur.set_num_threads(10**6),
+        lambda: ur.set_num_threads("2"),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[np.zeros((2, 2), np.float64)]),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[np.zeros((2, 3), np.float32)]),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[np.zeros(4, np.float32)]),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[]),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=np.zeros((2, 2), np.float32)),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[np.zeros((2, 4), np.float32)[:, ::2]]),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[np.zeros((2, 2), np.float32)] * 2),
+        lambda: ur.reconstruct(_V, 0, {"a": (2, 2)}, out={"b": np.zeros((2, 2), np.float32)}),
+        lambda: ur.reconstruct(_V, 0, [(2, 2)], out=[_readonly((2, 2))]),
+        lambda: ur.reconstruct(_V, 0, [(1, 4)], out=[_V.reshape(1, 4)]),
+        lambda: ur.reconstruct(_V, 0, [(2, 2), (2, 2)], out=[_SHARED, _SHARED]),
+    ],
+)
+def test_every_bad_input_raises_a_package_error(call) -> None:  # type: ignore[no-untyped-def]
+    """Out-of-range integers, wrong types and bad out= buffers: never a bare
+    OverflowError/TypeError, always a UniLoraError subclass with a message."""
+    with pytest.raises(ur.UniLoraError) as info:
+        call()
+    assert str(info.value)
+
+
+def _readonly(shape: tuple[int, int]) -> np.ndarray:
+    a = np.zeros(shape, np.float32)
+    a.flags.writeable = False
+    return a
+
+
+_SHARED = np.zeros((2, 2), np.float32)
+
+
+def test_out_of_range_integers_name_the_argument() -> None:
+    with pytest.raises(ur.InvalidArgumentError, match=r"shape #0 = \(18446744073709551616, 1\)"):
+        ur.reconstruct(_V, 0, [(2**64, 1)])
+    with pytest.raises(ur.InvalidArgumentError, match=r"seed must be in \[0, 2\*\*64 - 1\]"):
+        ur.reconstruct(_V, 2**64, [(2, 2)])
+    with pytest.raises(ur.InvalidArgumentError, match="seed must be an integer, got bool"):
+        ur.reconstruct(_V, True, [(2, 2)])
+    with pytest.raises(ur.InvalidArgumentError, match="overflows the total size"):
+        ur.total_size([(2**40, 2**40)])
+    # numpy integers are integers
+    assert ur.total_size([(np.int64(3), np.uint8(2))]) == 6
+
+
+def test_reconstruct_into_out_buffers() -> None:
+    rng = np.random.default_rng(3)
+    shapes = [(64, 4), (4, 96), (7, 7)]
+    out = [np.full(s, np.nan, np.float32) for s in shapes]
+    for _ in range(2):  # the same buffers, reused
+        v = rng.uniform(-1, 1, 300).astype(np.float32)
+        got = ur.reconstruct(v, 11, shapes, out=out)
+        assert all(g is o for g, o in zip(got, out, strict=True))
+        for g, want in zip(got, ref.reconstruct(v, 11, shapes), strict=True):
+            np.testing.assert_array_equal(g, want)
+    named = {"b": (64, 4), "a": (4, 96)}
+    bufs = {"a": np.zeros((4, 96), np.float32), "b": np.zeros((64, 4), np.float32)}
+    got_d = ur.reconstruct(v, 11, named, out=bufs)
+    assert list(got_d) == ["b", "a"] and got_d["a"] is bufs["a"]
+    np.testing.assert_array_equal(got_d["b"], ur.reconstruct(v, 11, named)["b"])
+
+
+def test_thread_limit() -> None:
+    assert ur.MAX_THREADS >= 256
+    with pytest.raises(ur.InvalidArgumentError, match="limit"):
+        ur.set_num_threads(ur.MAX_THREADS + 1)
+    assert ur.get_num_threads() <= ur.MAX_THREADS
+
+
+def test_thread_environment_variable_is_clamped_with_a_warning() -> None:
+    code = (
+        "import warnings, numpy as np\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import unilora_rs as ur\n"
+        "print(ur.get_num_threads() == ur.MAX_THREADS, [str(x.message) for x in w])\n"
+        "ur.reconstruct(np.ones(16, np.float32), 0, [(4, 4)])\n"
+    )
+    env = {**__import__("os").environ, "UNILORA_NUM_THREADS": "1000000"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True") and "exceeds the limit" in out.stdout

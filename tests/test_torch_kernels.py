@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import reference  # noqa: E402
 import unilora_rs as ur  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -47,16 +44,6 @@ def _autograd_reference(theta: torch.Tensor, seed: int, total: int) -> torch.Ten
     """theta[idx] * scale with the explicit map (plain torch autograd)."""
     idx, scale = ur.projection(seed, total, theta.numel())
     return theta[torch.from_numpy(idx.astype(np.int64))] * torch.from_numpy(scale)
-
-
-def test_params_follow_spec() -> None:
-    for seed, total, d in CASES:
-        p = K.ProjectionParams.create(seed, total, d)
-        spec = Spec(seed, total, d)
-        assert list(p.keys) == spec.keys
-        assert (p.wl, p.wr) == (spec.wl, spec.wr)
-        assert np.float32(p.scale_lo) == spec.scale(d - 1)
-        assert p.q * d + p.rem == total
 
 
 @pytest.mark.parametrize(("seed", "total", "d"), CASES)
@@ -130,14 +117,20 @@ def test_gradient_matches_autograd(mode: str, seed: int, total: int, d: int) -> 
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_backward_is_deterministic_and_follows_spec() -> None:
-    seed, total, d = 3, 700, 9
+@pytest.mark.parametrize(
+    ("seed", "total", "d"), [(3, 700, 9), (4, 641, 10), (5, 30_000, 2), (6, 350_000, 5000)]
+)
+def test_torch_backward_is_the_spec_order_bit_for_bit(seed: int, total: int, d: int) -> None:
+    """The int64-torch fallback sums in the chunked order of SPEC 1.4: whole chunks per
+    step (small d) and parts of one chunk per step (d above CHUNK_ROWS / 64)."""
     p = K.ProjectionParams.create(seed, total, d)
     grad = torch.randn(total, generator=torch.Generator().manual_seed(2))
     first = K.rebuild_backward_reference(grad, p)
-    assert torch.equal(first, K.rebuild_backward_reference(grad, p))
-    expected = torch.from_numpy(Spec(seed, total, d).backward(grad.numpy()))
-    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+    want = reference.backward(grad.numpy(), seed, d)
+    assert np.array_equal(first.numpy().view(np.uint32), want.view(np.uint32))
+    if total <= 1000:
+        spec = Spec(seed, total, d).backward(grad.numpy())
+        assert np.array_equal(first.numpy().view(np.uint32), spec.view(np.uint32))
 
 
 @pytest.mark.parametrize(("seed", "total", "d"), [c for c in CASES if c[1] <= 6000])
@@ -167,49 +160,6 @@ def test_bad_arguments_are_refused() -> None:
     if not K._triton_interpret():
         with pytest.raises(InvalidArgumentError, match="needs Triton and a CUDA tensor"):
             K.rebuild(torch.zeros(4), p, backend="triton")
-
-
-_INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import numpy as np, torch, unilora_rs as ur
-    from torch_spec_reference import Spec
-    from unilora_rs.torch import kernels as K
-    from unilora_rs.torch import triton_kernels as T
-
-    cases = [(0, 1, 1), (1, 2, 1), (3, 3, 2), (7, 300, 37), (2**64 - 1, 1025, 100),
-             (12, 257, 5), (9, 200, 200)]
-    for seed, total, d in cases:
-        p = K.ProjectionParams.create(seed, total, d)
-        gen = torch.Generator().manual_seed(seed % 97)
-        theta = torch.randn(d, generator=gen)
-        out = T.rebuild_forward(theta, p)
-        (ref,) = ur.reconstruct(theta.numpy(), seed, [(total, 1)])
-        assert torch.equal(out, torch.from_numpy(ref.reshape(-1))), ("forward", seed, total, d)
-        # through the custom op and autograd, backend="triton"
-        t = theta.clone().requires_grad_(True)
-        grad = torch.randn(total, generator=gen)
-        (K.rebuild(t, p, backend="triton") * grad).sum().backward()
-        expected = Spec(seed, total, d).backward(grad.numpy())
-        assert np.array_equal(t.grad.numpy(), expected), ("backward", seed, total, d)
-        assert torch.equal(T.rebuild_backward(grad, p), t.grad)
-    print("triton-interpreter-ok", len(cases))
-    """
-)
-
-
-def test_triton_kernels_in_interpreter_are_bit_exact() -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE))
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "triton-interpreter-ok 7" in proc.stdout
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,7 +1,8 @@
 """An independent, pure-Python reading of docs/SPEC.md section 1 (Python integers only).
 
 Used by the torch tests as the reference for the generator at sizes (D > 2^32) that the
-Rust map cannot materialise, and for the backward pass's summation order.
+Rust map cannot materialise, and for the backward pass's summation order (chunks of 64
+consecutive t, see SPEC 1.4).
 """
 
 from __future__ import annotations
@@ -81,12 +82,16 @@ class Spec:
     def scale(self, j: int) -> np.float32:
         return np.float32(1.0 / math.sqrt(float(self.count(j))))
 
-    def backward(self, grad: np.ndarray) -> np.ndarray:
-        """grad_theta[j] = scale_j * (sum over t in order of grad[perm^-1(j + t d)]), float32."""
+    def backward(self, grad: np.ndarray, t_chunk: int = 64) -> np.ndarray:
+        """grad_theta[j] = scale_j * sum over chunks c (in order) of the chunk's sum over
+        t in [c t_chunk, (c + 1) t_chunk) (in order) of grad[perm^-1(j + t d)], float32."""
         out = np.zeros(self.d, dtype=np.float32)
         for j in range(self.d):
             acc = np.float32(0.0)
-            for t in range(self.count(j)):
-                acc = np.float32(acc + grad[self.perm_inv(j + t * self.d)])
+            for c0 in range(0, self.count(j), t_chunk):
+                part = np.float32(0.0)
+                for t in range(c0, min(self.count(j), c0 + t_chunk)):
+                    part = np.float32(part + grad[self.perm_inv(j + t * self.d)])
+                acc = np.float32(acc + part)
             out[j] = np.float32(acc * self.scale(j))
         return out

@@ -1,13 +1,14 @@
 """Type stubs of the compiled extension ``unilora_rs._core``."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_THREADS",
     "SPEC_VERSION",
     "__version__",
     "export_lora",
@@ -15,25 +16,31 @@ __all__ = [
     "get_num_threads",
     "merge",
     "projection",
+    "projection_params",
     "reconstruct",
     "reconstruct_backward",
     "safetensors_header",
     "set_num_threads",
+    "total_size",
 ]
 
 __version__: str
 SPEC_VERSION: int
+MAX_THREADS: int
+
+_Shapes = Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]]
+_Out = Sequence[npt.NDArray[np.float32]] | Mapping[str, npt.NDArray[np.float32]]
 
 def projection(
     seed: int, total: int, d: int
 ) -> tuple[npt.NDArray[np.int32] | npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+def projection_params(seed: int, total: int, d: int) -> dict[str, Any]: ...
+def total_size(shapes: _Shapes) -> int: ...
 def reconstruct(
-    vector: npt.NDArray[np.float32], seed: int, shapes: list[tuple[int, int]]
-) -> list[npt.NDArray[np.float32]]: ...
-def reconstruct_backward(
-    grad: npt.NDArray[np.float32], seed: int, d: int
-) -> npt.NDArray[np.float32]: ...
-def fingerprint(seed: int, d: int, shapes: list[tuple[str, int, int]]) -> str: ...
+    vector: npt.ArrayLike, seed: int, shapes: _Shapes, *, out: _Out | None = None
+) -> list[npt.NDArray[np.float32]] | dict[str, npt.NDArray[np.float32]]: ...
+def reconstruct_backward(grad: npt.ArrayLike, seed: int, d: int) -> npt.NDArray[np.float32]: ...
+def fingerprint(seed: int, d: int, shapes: _Shapes) -> str: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def merge(

@@ -22,15 +22,13 @@ graph breaks and DDP / gradient checkpointing treat it like any other differenti
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
+from .params import ProjectionParams
 
 __all__ = [
     "BACKENDS",
@@ -55,76 +53,6 @@ _MIX_C1 = 0x21F0AAAD
 _MIX_C2 = 0xD35A2D97
 #: Rows per chunk of the torch fallback (bounds its temporary int64 memory).
 CHUNK_ROWS = 1 << 18
-
-
-def _splitmix64(state: int) -> tuple[int, int]:
-    state = (state + 0x9E3779B97F4A7C15) & _U64
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
-    return state, z ^ (z >> 31)
-
-
-@dataclass(frozen=True)
-class ProjectionParams:
-    """The constants of one projection (seed, ``D``, ``d``), as in SPEC.md section 1."""
-
-    seed: int
-    total: int
-    d: int
-    keys: tuple[int, int, int, int]
-    wl: int
-    wr: int
-    q: int
-    rem: int
-    scale_hi: float
-    scale_lo: float
-
-    @staticmethod
-    @lru_cache(maxsize=64)
-    def create(seed: int, total: int, d: int) -> ProjectionParams:
-        """Derives round keys, half widths and the two scales; validates the sizes."""
-        if not 0 <= seed <= _U64:
-            raise InvalidArgumentError(f"seed must be in [0, 2**64 - 1], got {seed}")
-        if d < 1:
-            raise InvalidArgumentError(
-                f"d (the trainable vector length) must be at least 1, got {d}"
-            )
-        if total < 1:
-            raise InvalidArgumentError(f"the total size D must be at least 1, got {total}")
-        if d > total:
-            raise InvalidArgumentError(
-                f"d = {d} is larger than the total size D = {total}; d must satisfy 1 <= d <= D"
-            )
-        if d > 1 << 32:
-            raise InvalidArgumentError(f"d = {d} exceeds the spec v1 limit of 2^32 columns")
-        if total > (1 << 62):
-            raise InvalidArgumentError(f"D = {total} is too large for the torch kernels (max 2^62)")
-        state = seed
-        keys = []
-        for _ in range(4):
-            state, z = _splitmix64(state)
-            keys.append(z >> 32)
-        bits = max(2, (total - 1).bit_length())
-        wl = bits // 2
-        q, rem = divmod(total, d)
-        return ProjectionParams(
-            seed=seed,
-            total=total,
-            d=d,
-            keys=(keys[0], keys[1], keys[2], keys[3]),
-            wl=wl,
-            wr=bits - wl,
-            q=q,
-            rem=rem,
-            scale_hi=_scale(q + 1),
-            scale_lo=_scale(q),
-        )
-
-
-def _scale(n: int) -> float:
-    """``float32(1 / sqrt(float64(n)))`` as a Python float (exactly representable in f32)."""
-    return float(np.float32(1.0 / math.sqrt(float(n))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,25 +161,44 @@ def _forward_torch(theta: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
 
 
 def _backward_torch(grad: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
-    """``grad_theta[j] = scale_j * sum_t grad[perm^-1(j + t d)]``: deterministic, no atomics.
+    """``P^T grad`` in the order of docs/SPEC.md section 1.4: deterministic, no atomics.
 
-    Images ``y`` are visited in order; a chunk of whole "t-rows" (``d`` images each)
-    is gathered through ``perm^-1`` and reduced over ``t``.
+    The images ``y = j + t d`` are gathered through ``perm^-1`` a block of ``t`` at a
+    time. Each chunk of ``t_chunk`` consecutive ``t`` is summed in increasing ``t``
+    from zero (one float32 addition per step, vectorised over columns and chunks), the
+    chunk sums are added in chunk order, and the total is scaled once.
     """
-    d, total = p.d, p.total
-    acc = torch.zeros(d, dtype=torch.float32, device=grad.device)
-    t_rows = max(1, CHUNK_ROWS // d)
-    n_t = -(-total // d)
-    for t0 in range(0, n_t, t_rows):
-        y0 = t0 * d
-        y1 = min(total, (t0 + t_rows) * d)
-        rows = inverse_permute(torch.arange(y0, y1, dtype=torch.int64, device=grad.device), p)
+    d, total, t_chunk = p.d, p.total, p.t_chunk
+    n_t = p.n_t
+    dev = grad.device
+    acc = torch.zeros(d, dtype=torch.float32, device=dev)
+    # t values per step: whole chunks when a chunk is small, else a power of two that
+    # divides t_chunk (so a step never straddles two chunks).
+    span = max(1, CHUNK_ROWS // d)
+    span = span // t_chunk * t_chunk if span >= t_chunk else 1 << (span.bit_length() - 1)
+    part = torch.zeros(d, dtype=torch.float32, device=dev)
+    for t0 in range(0, n_t, span):
+        t1 = min(n_t, t0 + span)
+        y1 = min(total, t1 * d)
+        rows = inverse_permute(torch.arange(t0 * d, y1, dtype=torch.int64, device=dev), p)
         g = grad[rows]
-        pad = (-g.numel()) % d
-        if pad:
-            g = torch.cat([g, g.new_zeros(pad)])
-        acc += g.view(-1, d).sum(0)
-    return acc * _column_scales(p, grad.device)
+        if span >= t_chunk:
+            n_c = -(-(t1 - t0) // t_chunk)
+            g = torch.cat([g, g.new_zeros(n_c * t_chunk * d - g.numel())])
+            g = g.view(n_c, t_chunk, d)
+            sums = torch.zeros(n_c, d, dtype=torch.float32, device=dev)
+            for s in range(t_chunk):
+                sums += g[:, s]
+            for c in range(n_c):
+                acc += sums[c]
+        else:
+            g = torch.cat([g, g.new_zeros((t1 - t0) * d - g.numel())]).view(t1 - t0, d)
+            for s in range(t1 - t0):
+                part += g[s]
+            if t1 % t_chunk == 0 or t1 == n_t:
+                acc += part
+                part.zero_()
+    return acc * _column_scales(p, dev)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 #![deny(missing_docs)]
 
+mod convert;
 mod errors;
 mod merge;
 mod projection;
@@ -16,8 +17,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::projection::{
-        fingerprint, get_num_threads, projection, reconstruct, reconstruct_backward,
-        set_num_threads,
+        fingerprint, get_num_threads, projection, projection_params, reconstruct,
+        reconstruct_backward, set_num_threads, total_size,
     };
 
     #[pymodule_export]
@@ -29,6 +30,13 @@ mod _core {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("SPEC_VERSION", unilora_core::SPEC_VERSION)?;
+        m.add("MAX_THREADS", unilora_core::parallel::max_threads())?;
+        if let Some(msg) = unilora_core::parallel::env_warning() {
+            let py = m.py();
+            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+            let msg = std::ffi::CString::new(msg).unwrap_or_default();
+            PyErr::warn(py, &category, &msg, 1)?;
+        }
         Ok(())
     }
 }

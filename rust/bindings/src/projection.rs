@@ -1,11 +1,27 @@
-//! Bindings of the projection generator, `reconstruct` and `fingerprint`.
+//! Bindings of the projection generator, `reconstruct`, its backward and `fingerprint`.
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
-use unilora_core::{Projection, parallel};
+use pyo3::types::PyDict;
+use unilora_core::{BACKWARD_T_CHUNK, Projection, parallel};
 
+use crate::convert::{Shapes, invalid, outputs, uint, vector};
 use crate::errors::IntoPyResult;
+
+/// The projection of `(seed, total, d)` given as Python integers.
+fn projection_of(
+    seed: &Bound<'_, PyAny>,
+    total: &Bound<'_, PyAny>,
+    d: &Bound<'_, PyAny>,
+) -> PyResult<Projection> {
+    Projection::new(
+        uint(seed, "seed", 0)?,
+        uint(total, "total", 0)?,
+        uint(d, "d", 0)?,
+    )
+    .py()
+}
 
 /// The explicit map of `total` rows onto `d` columns: `(idx, scale)`.
 ///
@@ -14,11 +30,12 @@ use crate::errors::IntoPyResult;
 #[pyo3(signature = (seed, total, d))]
 pub fn projection<'py>(
     py: Python<'py>,
-    seed: u64,
-    total: u64,
-    d: u64,
+    seed: &Bound<'py, PyAny>,
+    total: &Bound<'py, PyAny>,
+    d: &Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>)> {
-    let proj = Projection::new(seed, total, d).py()?;
+    let proj = projection_of(seed, total, d)?;
+    let d = proj.d();
     let (idx, scale) = py.detach(|| proj.materialize()).py()?;
     let scale = scale.into_pyarray(py);
     if d <= i32::MAX as u64 {
@@ -30,46 +47,118 @@ pub fn projection<'py>(
     }
 }
 
-/// Reconstructs float32 matrices of `shapes` from the float32 vector `theta_d`.
-///
-/// Runs with the GIL released, in parallel; returns one C-contiguous array per shape.
+/// Every constant of one projection that a kernel needs, as a dict: the round keys,
+/// the half widths, the balance and its two scales, the multiply-high division by `d`
+/// for 32-bit domains and the backward pass's chunk length.
 #[pyfunction]
-#[pyo3(signature = (vector, seed, shapes))]
+#[pyo3(signature = (seed, total, d))]
+pub fn projection_params<'py>(
+    py: Python<'py>,
+    seed: &Bound<'py, PyAny>,
+    total: &Bound<'py, PyAny>,
+    d: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let p = projection_of(seed, total, d)?;
+    let (seed, total, d) = (p.seed(), p.total(), p.d());
+    let (wl, wr) = p.widths();
+    let b = p.balance();
+    let div = p.narrow_divisor();
+    let out = PyDict::new(py);
+    out.set_item("seed", seed)?;
+    out.set_item("total", total)?;
+    out.set_item("d", d)?;
+    out.set_item("keys", p.round_keys().to_vec())?;
+    out.set_item("wl", wl)?;
+    out.set_item("wr", wr)?;
+    out.set_item("q", b.q)?;
+    out.set_item("rem", b.rem)?;
+    out.set_item("scale_hi", b.scale_hi)?;
+    out.set_item("scale_lo", b.scale_lo)?;
+    out.set_item("narrow", div.is_some())?;
+    out.set_item("div_magic", div.map_or(0, |m| m.magic))?;
+    out.set_item("div_shift1", div.map_or(0, |m| m.shift1))?;
+    out.set_item("div_shift2", div.map_or(0, |m| m.shift2))?;
+    out.set_item("t_chunk", BACKWARD_T_CHUNK)?;
+    Ok(out)
+}
+
+/// `D`: the number of elements of all matrices of `shapes` together.
+#[pyfunction]
+pub fn total_size(shapes: &Bound<'_, PyAny>) -> PyResult<u64> {
+    unilora_core::total_size(&Shapes::extract(shapes)?.dims).py()
+}
+
+/// Reconstructs float32 matrices of `shapes` from `theta_d` (float32; float64 is
+/// converted), in parallel with the GIL released. Returns a list, or a dict for named
+/// shapes; with `out` (the same structure of C-contiguous float32 arrays) the result
+/// is written there and `out`'s arrays are returned.
+#[pyfunction]
+#[pyo3(signature = (vector, seed, shapes, *, out = None))]
 pub fn reconstruct<'py>(
     py: Python<'py>,
-    vector: PyReadonlyArray1<'py, f32>,
-    seed: u64,
-    shapes: Vec<(u64, u64)>,
-) -> PyResult<Vec<Bound<'py, PyArray2<f32>>>> {
-    let slice = vector.as_slice()?;
+    vector: &Bound<'py, PyAny>,
+    seed: &Bound<'py, PyAny>,
+    shapes: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let seed = uint(seed, "seed", 0)?;
+    let shapes = Shapes::extract(shapes)?;
+    let vec = self::vector(vector, "vector")?;
+    let slice = vec.as_slice();
+    let dims = &shapes.dims;
+    if let Some(out) = out {
+        let (items, mut views) = outputs(out, &shapes)?;
+        let mut bufs: Vec<&mut [f32]> = views
+            .iter_mut()
+            .map(|v| v.as_slice_mut().map_err(|e| invalid(e.to_string())))
+            .collect::<PyResult<_>>()?;
+        py.detach(|| unilora_core::reconstruct_into(slice, seed, dims, &mut bufs))
+            .py()?;
+        return shapes.arrange(py, items);
+    }
     let outs = py
-        .detach(|| unilora_core::reconstruct(slice, seed, &shapes))
+        .detach(|| unilora_core::reconstruct(slice, seed, dims))
         .py()?;
-    outs.into_iter()
-        .zip(&shapes)
+    let arrays = outs
+        .into_iter()
+        .zip(dims)
         .map(|(buf, &(rows, cols))| {
             let arr = Array2::from_shape_vec((rows as usize, cols as usize), buf)
-                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-            Ok(arr.into_pyarray(py))
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(arr.into_pyarray(py).into_any())
         })
-        .collect()
+        .collect::<PyResult<Vec<_>>>()?;
+    shapes.arrange(py, arrays)
 }
 
-/// The adapter fingerprint over the spec version, `seed`, `d` and named shapes.
+/// The adapter fingerprint over the spec version, `seed`, `d` and the shapes (named by
+/// a dict's keys, or `"0"`, `"1"`, ... for a list).
 #[pyfunction]
 #[pyo3(signature = (seed, d, shapes))]
-pub fn fingerprint(seed: u64, d: u64, shapes: Vec<(String, u64, u64)>) -> String {
-    let named: Vec<(&str, u64, u64)> = shapes
+pub fn fingerprint(
+    seed: &Bound<'_, PyAny>,
+    d: &Bound<'_, PyAny>,
+    shapes: &Bound<'_, PyAny>,
+) -> PyResult<String> {
+    let (seed, d) = (uint(seed, "seed", 0)?, uint(d, "d", 1)?);
+    let shapes = Shapes::extract(shapes)?;
+    let labels = shapes.labels();
+    let named: Vec<(&str, u64, u64)> = labels
         .iter()
-        .map(|(n, r, c)| (n.as_str(), *r, *c))
+        .zip(&shapes.dims)
+        .map(|(n, &(r, c))| (n.as_str(), r, c))
         .collect();
-    unilora_core::fingerprint(seed, d, &named)
+    Ok(unilora_core::fingerprint(seed, d, &named))
 }
 
-/// Sets the number of worker threads (0 restores the default).
+/// Sets the number of worker threads (0 restores the default); at most
+/// `max(256, CPU count)`.
 #[pyfunction]
-pub fn set_num_threads(n: usize) {
+pub fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+    let n = parallel::check_num_threads(usize::try_from(uint(n, "n", 0)?).unwrap_or(usize::MAX))
+        .py()?;
     parallel::set_num_threads(n);
+    Ok(())
 }
 
 /// The number of worker threads the next parallel call will use.
@@ -79,16 +168,19 @@ pub fn get_num_threads() -> usize {
 }
 
 /// The backward pass of `reconstruct`: `P^T grad` for the flattened gradient of
-/// `theta_D` (float32, length `D`); returns float32 `[d]`. Deterministic, GIL released.
+/// `theta_D` (float32, length `D`; float64 is converted); returns float32 `[d]`.
+/// Deterministic (a fixed summation order), GIL released.
 #[pyfunction]
 #[pyo3(signature = (grad, seed, d))]
 pub fn reconstruct_backward<'py>(
     py: Python<'py>,
-    grad: PyReadonlyArray1<'py, f32>,
-    seed: u64,
-    d: u64,
+    grad: &Bound<'py, PyAny>,
+    seed: &Bound<'py, PyAny>,
+    d: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let slice = grad.as_slice()?;
+    let (seed, d) = (uint(seed, "seed", 0)?, uint(d, "d", 0)?);
+    let grad = vector(grad, "grad")?;
+    let slice = grad.as_slice();
     let out = py
         .detach(|| unilora_core::reconstruct_backward(slice, seed, d))
         .py()?;

@@ -3,6 +3,8 @@
 //! * [`projection`]: the frozen, portable Uni-LoRA projection generator (spec v1):
 //!   an exactly balanced, isometric sparse map from `theta_d` to `theta_D` with O(1)
 //!   random access and an enumerable inverse.
+//! * [`feistel`]: the keyed Feistel network behind the projection; [`fastdiv`]: division
+//!   by a constant with a multiply-high; [`kernel`]: the CPU gather and backward kernels.
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
 //!   without materialising an index array.
 //! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
@@ -17,9 +19,11 @@ pub mod adapter;
 pub mod convert;
 pub mod error;
 pub mod export;
+pub mod fastdiv;
+pub mod feistel;
 pub mod fingerprint;
 pub mod fsutil;
-mod kernel;
+pub mod kernel;
 pub mod merge;
 pub mod parallel;
 pub mod projection;
@@ -33,5 +37,5 @@ pub use fingerprint::fingerprint;
 pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use projection::{Projection, SPEC_VERSION};
 pub use reconstruct::{
-    check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
+    BACKWARD_T_CHUNK, check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
 };

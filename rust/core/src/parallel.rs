@@ -2,10 +2,66 @@
 //! rebuilt after `fork()` (a forked child has none of its parent's threads), and
 //! bypassed entirely with one thread. Results never depend on the thread count: every
 //! output element is a pure function of its position.
+//!
+//! The size is capped at [`max_threads`] (256, or the number of CPUs if larger): a pool
+//! of a million threads would take the process down before doing any work.
+//! [`check_num_threads`] refuses larger requests; `UNILORA_NUM_THREADS` above the cap
+//! is clamped ([`env_warning`] describes it for the Python layer to show).
 
 use std::sync::{Arc, Mutex};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::{CoreError, Result};
+
+/// The lower bound of the cap on the number of worker threads.
+pub const MIN_THREAD_CAP: usize = 256;
+
+fn available() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The largest number of worker threads accepted: 256, or the CPU count if larger.
+pub fn max_threads() -> usize {
+    MIN_THREAD_CAP.max(available())
+}
+
+/// Checks a requested number of threads (`0` means the default).
+pub fn check_num_threads(n: usize) -> Result<usize> {
+    let max = max_threads();
+    if n > max {
+        return Err(CoreError::InvalidArgument(format!(
+            "{n} threads requested; the limit is {max} (256 or the number of CPUs if \
+             larger); use 0 for the default"
+        )));
+    }
+    Ok(n)
+}
+
+/// `UNILORA_NUM_THREADS`: `None` when unset, empty or `0`; otherwise the parsed value
+/// (`Err` with the raw text when it is not a number).
+fn env_threads() -> Option<std::result::Result<usize, String>> {
+    let raw = std::env::var("UNILORA_NUM_THREADS").ok()?;
+    match raw.trim() {
+        "" | "0" => None,
+        t => Some(t.parse::<usize>().map_err(|_| raw.clone())),
+    }
+}
+
+/// A description of a `UNILORA_NUM_THREADS` value that is ignored or clamped, if any.
+pub fn env_warning() -> Option<String> {
+    match env_threads()? {
+        Err(raw) => Some(format!(
+            "UNILORA_NUM_THREADS={raw:?} is not a number of threads; using the CPU count"
+        )),
+        Ok(n) if n > max_threads() => Some(format!(
+            "UNILORA_NUM_THREADS={n} exceeds the limit of {} threads; using {}",
+            max_threads(),
+            max_threads()
+        )),
+        Ok(_) => None,
+    }
+}
 
 struct PoolState {
     /// Requested size; 0 means "from the environment or the CPU count".
@@ -20,19 +76,19 @@ static STATE: Mutex<PoolState> = Mutex::new(PoolState {
 });
 
 fn default_threads() -> usize {
-    std::env::var("UNILORA_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    match env_threads() {
+        Some(Ok(n)) => n.min(max_threads()),
+        _ => available(),
+    }
 }
 
 /// Sets the number of worker threads; `0` restores the default
 /// (`UNILORA_NUM_THREADS`, else the number of available CPUs). `1` runs everything
-/// on the calling thread.
+/// on the calling thread. Values above [`max_threads`] are clamped to it (see
+/// [`check_num_threads`] to refuse them instead).
 pub fn set_num_threads(n: usize) {
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    st.requested = n;
+    st.requested = n.min(max_threads());
     st.pool = None;
 }
 
@@ -79,5 +135,22 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match pool {
         Some(pool) => pool.install(f),
         None => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MIN_THREAD_CAP, check_num_threads, max_threads};
+
+    #[test]
+    fn thread_requests_above_the_cap_are_refused() {
+        assert!(max_threads() >= MIN_THREAD_CAP);
+        assert_eq!(check_num_threads(0).unwrap(), 0);
+        assert_eq!(check_num_threads(max_threads()).unwrap(), max_threads());
+        let err = check_num_threads(1_000_000).unwrap_err().to_string();
+        assert!(
+            err.contains("1000000 threads requested") && err.contains("limit"),
+            "{err}"
+        );
     }
 }

@@ -13,33 +13,12 @@
 //! correctly rounded on every conforming platform.
 
 use crate::error::{CoreError, Result};
+use crate::fastdiv::DivMagic;
+use crate::feistel::Feistel;
+pub use crate::feistel::{ROUNDS, mix32, splitmix64};
 
 /// Version of the generator specification implemented here.
 pub const SPEC_VERSION: u32 = 1;
-
-/// Number of Feistel rounds (even, so the half widths return to their start).
-pub const ROUNDS: usize = 4;
-
-/// The splitmix64 step: advances `state` and returns the next output.
-#[inline]
-pub fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The 32-bit mixing function used as Feistel round function (before masking).
-#[inline(always)]
-pub fn mix32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x21F0_AAAD);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0xD35A_2D97);
-    x ^= x >> 15;
-    x
-}
 
 /// The scale `1 / sqrt(n)` of a column used by `n` rows, as float32.
 #[inline]
@@ -56,15 +35,24 @@ pub struct Projection {
     seed: u64,
     total: u64,
     d: u64,
-    keys: [u32; ROUNDS],
-    /// Width in bits of the high half at the start (and end) of the network.
-    wl: u32,
-    /// Width in bits of the low half at the start (and end) of the network.
-    wr: u32,
+    feistel: Feistel,
     q: u64,
     rem: u64,
     scale_hi: f32,
     scale_lo: f32,
+}
+
+/// How `D = q d + rem` splits over the columns, with the two column scales.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Balance {
+    /// `floor(D / d)`: every column is used `q` or `q + 1` times.
+    pub q: u64,
+    /// `D mod d`: columns `j < rem` are used `q + 1` times.
+    pub rem: u64,
+    /// Scale `1 / sqrt(q + 1)` of the columns `j < rem`.
+    pub scale_hi: f32,
+    /// Scale `1 / sqrt(q)` of the other columns.
+    pub scale_lo: f32,
 }
 
 impl Projection {
@@ -93,23 +81,13 @@ impl Projection {
                 "d = {d} exceeds the spec v1 limit of 2^32 columns"
             )));
         }
-        let mut state = seed;
-        let mut keys = [0u32; ROUNDS];
-        for key in &mut keys {
-            *key = (splitmix64(&mut state) >> 32) as u32;
-        }
-        let bits = (64 - (total - 1).leading_zeros()).max(2);
-        let wl = bits / 2;
-        let wr = bits - wl;
         let q = total / d;
         let rem = total % d;
         Ok(Self {
             seed,
             total,
             d,
-            keys,
-            wl,
-            wr,
+            feistel: Feistel::for_rows(seed, total),
             q,
             rem,
             scale_hi: scale_for_count(q + 1),
@@ -132,48 +110,40 @@ impl Projection {
         self.d
     }
 
+    /// The Feistel network of this projection.
+    pub fn feistel(&self) -> &Feistel {
+        &self.feistel
+    }
+
     /// The Feistel round keys derived from the seed.
     pub fn round_keys(&self) -> [u32; ROUNDS] {
-        self.keys
+        self.feistel.keys()
     }
 
     /// Bit width `k` of the Feistel domain `[0, 2^k)`.
     pub fn domain_bits(&self) -> u32 {
-        self.wl + self.wr
+        self.feistel.bits()
     }
 
-    /// One pass of the Feistel network on the `k`-bit domain (a bijection of `[0, 2^k)`).
-    #[inline(always)]
-    fn encrypt(&self, x: u64) -> u64 {
-        let (mut wl, mut wr) = (self.wl, self.wr);
-        let mut l = (x >> wr) as u32;
-        let mut r = (x & ((1u64 << wr) - 1)) as u32;
-        for &key in &self.keys {
-            let f = mix32(r ^ key) & low_mask(wl);
-            let new_r = l ^ f;
-            l = r;
-            r = new_r;
-            std::mem::swap(&mut wl, &mut wr);
-        }
-        (u64::from(l) << wr) | u64::from(r)
+    /// Half widths `(wl, wr)` at the start of the network.
+    pub fn widths(&self) -> (u32, u32) {
+        self.feistel.widths()
     }
 
-    /// Inverse of [`Self::encrypt`].
-    #[inline(always)]
-    fn decrypt(&self, y: u64) -> u64 {
-        // After an even number of rounds the widths are back to (wl, wr).
-        let (mut wl, mut wr) = (self.wl, self.wr);
-        let mut l = (y >> wr) as u32;
-        let mut r = (y & ((1u64 << wr) - 1)) as u32;
-        for &key in self.keys.iter().rev() {
-            // Undo: (l, r) = (r_prev, l_prev ^ F(r_prev)); widths swapped back.
-            std::mem::swap(&mut wl, &mut wr);
-            let prev_r = l;
-            let prev_l = r ^ (mix32(prev_r ^ key) & low_mask(wl));
-            l = prev_l;
-            r = prev_r;
+    /// `D = q d + rem` and the scales of the long and short columns.
+    pub fn balance(&self) -> Balance {
+        Balance {
+            q: self.q,
+            rem: self.rem,
+            scale_hi: self.scale_hi,
+            scale_lo: self.scale_lo,
         }
-        (u64::from(l) << wr) | u64::from(r)
+    }
+
+    /// The multiply-high division by `d` for 32-bit kernels, when both the Feistel
+    /// domain (`k <= 32`) and `d` (`< 2^32`) fit in 32 bits; `None` otherwise.
+    pub fn narrow_divisor(&self) -> Option<DivMagic> {
+        (self.domain_bits() <= 32 && self.d < 1 << 32).then(|| DivMagic::new(self.d as u32))
     }
 
     /// The keyed bijection `perm` of `[0, D)` (cycle-walking over the Feistel network).
@@ -183,22 +153,14 @@ impl Projection {
     #[inline]
     pub fn permute(&self, i: u64) -> u64 {
         debug_assert!(i < self.total);
-        let mut x = self.encrypt(i);
-        while x >= self.total {
-            x = self.encrypt(x);
-        }
-        x
+        self.feistel.walk(i, self.total - 1)
     }
 
     /// The inverse bijection: `inverse_permute(permute(i)) == i`.
     #[inline]
     pub fn inverse_permute(&self, y: u64) -> u64 {
         debug_assert!(y < self.total);
-        let mut x = self.decrypt(y);
-        while x >= self.total {
-            x = self.decrypt(x);
-        }
-        x
+        self.feistel.walk_back(y, self.total - 1)
     }
 
     /// Column of row `i`: `perm(i) mod d`.
@@ -267,47 +229,6 @@ impl Projection {
         }
     }
 
-    /// Gathers `out[t] = vector[idx(start + t)] * scale(start + t)`.
-    ///
-    /// `vector` must have length `d` (checked by the caller's public entry points;
-    /// a debug assertion here).
-    pub(crate) fn gather_into(&self, vector: &[f32], start: u64, out: &mut [f32]) {
-        debug_assert_eq!(vector.len() as u64, self.d);
-        crate::kernel::gather(self, vector, start, out);
-    }
-
-    /// Half widths `(wl, wr)` at the start of the network.
-    #[inline]
-    pub(crate) fn widths(&self) -> (u32, u32) {
-        (self.wl, self.wr)
-    }
-
-    /// `(q, rem, scale_hi, scale_lo)`: `D = q d + rem`, scales of the long/short columns.
-    #[inline]
-    pub(crate) fn balance(&self) -> (u64, u64, f32, f32) {
-        (self.q, self.rem, self.scale_hi, self.scale_lo)
-    }
-}
-
-/// `2^w - 1` for `w <= 32`.
-#[inline(always)]
-pub(crate) fn low_mask(w: u32) -> u32 {
-    ((1u64 << w) - 1) as u32
-}
-
-pub use crate::kernel::KernelImpl;
-
-/// Runs one implementation of the gather kernel directly on rows `start ..` (for
-/// tests and benchmarks of the kernel alone).
-///
-/// # Panics
-/// When `vector.len() != d` or the rows leave `[0, D)`.
-#[doc(hidden)]
-pub fn gather_rows(p: &Projection, vector: &[f32], start: u64, out: &mut [f32], which: KernelImpl) {
-    crate::kernel::gather_with(p, vector, start, out, which);
-}
-
-impl Projection {
     /// The whole map as explicit arrays `(idx, scale)` of all `D` rows, in parallel.
     ///
     /// Errors (instead of aborting) when the arrays cannot be allocated.

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
-use unilora_core::projection::{KernelImpl, gather_rows};
+use unilora_core::kernel::{KernelImpl, gather_rows};
 use unilora_core::{CoreError, Projection, parallel, reconstruct, reconstruct_into};
 
 fn map(p: &Projection) -> (Vec<u64>, Vec<f32>) {
@@ -188,12 +188,15 @@ proptest! {
         let mut a = vec![0f32; len];
         let mut b = vec![1f32; len];
         let mut c = vec![2f32; len];
+        let mut e = vec![3f32; len];
         gather_rows(&p, &v, start, &mut a, KernelImpl::Auto);
         gather_rows(&p, &v, start, &mut b, KernelImpl::Portable);
         gather_rows(&p, &v, start, &mut c, KernelImpl::Scalar);
+        gather_rows(&p, &v, start, &mut e, KernelImpl::Avx2);
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&a), bits(&c));
         prop_assert_eq!(bits(&b), bits(&c));
+        prop_assert_eq!(bits(&e), bits(&c));
     }
 }
 
@@ -210,16 +213,58 @@ fn kernels_agree_at_power_of_two_boundaries() {
                 (total - 5000, 5000),
                 (12_345, 2048 * 3 + 7),
             ] {
-                let mut a = vec![0f32; len];
                 let mut c = vec![0f32; len];
-                gather_rows(&p, &v, start, &mut a, KernelImpl::Auto);
                 gather_rows(&p, &v, start, &mut c, KernelImpl::Scalar);
-                assert!(
-                    a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "D={total} d={d}"
-                );
+                for which in [
+                    KernelImpl::Auto,
+                    KernelImpl::Streaming,
+                    KernelImpl::Avx2,
+                    KernelImpl::Portable,
+                ] {
+                    let mut a = vec![-1f32; len];
+                    gather_rows(&p, &v, start, &mut a, which);
+                    assert!(
+                        a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "D={total} d={d} {which:?}"
+                    );
+                }
             }
         }
+    }
+}
+
+#[test]
+fn streaming_stores_at_every_alignment() {
+    // The streaming kernel writes the rows before the first 64-byte boundary the usual
+    // way: slices starting at every offset inside a cache line, ragged lengths.
+    let p = Projection::new(5, 3_000_017, 23_040).unwrap();
+    let v: Vec<f32> = (0..23_040).map(|j| j as f32 * 0.25 - 7.0).collect();
+    let mut want = vec![0f32; 5000];
+    gather_rows(&p, &v, 1234, &mut want, KernelImpl::Scalar);
+    let mut buf = vec![0f32; 5000 + 16];
+    for offset in 0..16 {
+        for len in [0usize, 1, 15, 16, 17, 2047, 4999 - offset] {
+            let out = &mut buf[offset..offset + len];
+            out.fill(f32::NAN);
+            gather_rows(&p, &v, 1234, out, KernelImpl::Streaming);
+            assert!(
+                out.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "offset {offset}, len {len}"
+            );
+        }
+    }
+    // reconstruct streams outputs of 2^24 rows and more
+    let shapes = [(1u64 << 22, 4u64), (3, 5)];
+    let got = reconstruct(&v, 5, &shapes).unwrap();
+    let total = (1u64 << 24) + 15;
+    let q = Projection::new(5, total, 23_040).unwrap();
+    let flat: Vec<f32> = got.iter().flatten().copied().collect();
+    for start in [0u64, 1 << 20, (1 << 24) - 3] {
+        let mut w = vec![0f32; 18];
+        gather_rows(&q, &v, start, &mut w, KernelImpl::Scalar);
+        assert_eq!(&flat[start as usize..start as usize + 18], &w[..]);
     }
 }
 
@@ -284,8 +329,8 @@ fn bad_arguments_are_specific_errors() {
 }
 
 #[test]
-fn backward_is_the_ordered_inverse_sum_for_any_thread_count() {
-    use unilora_core::reconstruct_backward;
+fn backward_is_the_chunked_inverse_sum_for_any_thread_count() {
+    use unilora_core::{BACKWARD_T_CHUNK, reconstruct_backward};
     for &(seed, total, d) in &[
         (3u64, 1u64, 1u64),
         (4, 1000, 7),
@@ -293,20 +338,27 @@ fn backward_is_the_ordered_inverse_sum_for_any_thread_count() {
         (6, (1 << 20) + 1, 524_288),
         (7, 300_000, 1),
         (8, 50_000, 50_000),
+        (9, 640, 10),
+        (10, 641, 10),
+        (11, 200_000, 4_097),
+        (12, 1_000_000, 3),
     ] {
         let p = Projection::new(seed, total, d).unwrap();
         let grad: Vec<f32> = (0..total)
             .map(|i| ((i * 2_654_435_761) % 1997) as f32 * 1e-3 - 1.0)
             .collect();
+        // The spec's order: chunks of 64 consecutive t, each summed from 0.0 in t
+        // order, then the chunk sums added in chunk order from 0.0, then the scale.
         let mut want = vec![0f32; d as usize];
         for (j, w) in want.iter_mut().enumerate() {
+            let rows: Vec<u64> = p.rows_of_column(j as u64).collect();
             let mut acc = 0f32;
-            for row in p.rows_of_column(j as u64) {
-                acc += grad[row as usize];
+            for chunk in rows.chunks(BACKWARD_T_CHUNK as usize) {
+                acc += chunk.iter().fold(0f32, |s, &r| s + grad[r as usize]);
             }
             *w = acc * p.column_scale(j as u64);
         }
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             parallel::set_num_threads(threads);
             let got = reconstruct_backward(&grad, seed, d).unwrap();
             assert!(
