@@ -278,9 +278,9 @@ def test_numpy_api_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_demo_cli_runs() -> None:
+def test_bench_cli_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "unilora_rs", "demo", "--layers", "2", "--d", "4096"],
+        [sys.executable, "-m", "unilora_rs", "bench", "--layers", "2", "--d", "4096"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -293,7 +293,7 @@ def test_demo_cli_runs() -> None:
 
 def test_cli_errors_are_one_line() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "unilora_rs", "demo", "--d", "0"], capture_output=True, text=True
+        [sys.executable, "-m", "unilora_rs", "bench", "--d", "0"], capture_output=True, text=True
     )
     assert out.returncode == 1
     assert out.stderr.startswith("unilora: error:") and out.stderr.count("\n") == 1
