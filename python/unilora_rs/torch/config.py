@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -105,8 +106,8 @@ class UniLoRAConfig:
             )
         if self.alpha is None:
             self.alpha = float(self.rank)
-        if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
-            raise InvalidArgumentError(f"alpha must be a number, got {self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise InvalidArgumentError(f"alpha must be a finite number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         if not self.init_range > 0:
             raise InvalidArgumentError(
@@ -147,14 +148,17 @@ class UniLoRAConfig:
             "vector_length": cfg.vector_length,
             "seed": cfg.seed,
             "alpha": cfg.alpha,
-            "target_modules": cfg.target_modules,
-            "exclude_modules": cfg.exclude_modules,
             "modules_to_save": list(cfg.modules_to_save) or None,
             "init_range": cfg.init_range,
             "base_model_name_or_path": cfg.base_model_name_or_path,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        # A saved adapter's module list is what counts; its matching rules are kept as
+        # recorded (checked for type by the adapter config validator, not recompiled).
+        config.target_modules = overrides.get("target_modules", cfg.target_modules)
+        config.exclude_modules = overrides.get("exclude_modules", cfg.exclude_modules)
+        return config
 
 
 def _check_rule(label: str, rule: object) -> list[str] | str | None:

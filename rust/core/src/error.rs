@@ -104,6 +104,8 @@ pub unsafe trait ZeroValid: Copy {}
 // SAFETY: all-zero bytes are 0.0 / 0 for these primitive types.
 unsafe impl ZeroValid for f32 {}
 // SAFETY: as above.
+unsafe impl ZeroValid for u8 {}
+// SAFETY: as above.
 unsafe impl ZeroValid for u32 {}
 // SAFETY: as above.
 unsafe impl ZeroValid for u64 {}

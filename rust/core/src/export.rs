@@ -66,27 +66,28 @@ pub struct ExportReport {
 
 /// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter`.
 pub fn peft_config(adapter: &Adapter) -> Value {
-    let alpha = if adapter.alpha.fract() == 0.0 && adapter.alpha.abs() < 2f64.powi(53) {
-        Value::from(adapter.alpha as i64)
+    let config = &adapter.config;
+    let alpha = if config.alpha.fract() == 0.0 && config.alpha.abs() < 2f64.powi(53) {
+        Value::from(config.alpha as i64)
     } else {
-        Value::from(adapter.alpha)
+        Value::from(config.alpha)
     };
-    let all_conv = adapter.modules.iter().all(|m| m.kind == ModuleKind::Conv1d);
-    let targets: Vec<Value> = adapter
+    let all_conv = config.modules.iter().all(|m| m.kind == ModuleKind::Conv1d);
+    let targets: Vec<Value> = config
         .modules
         .iter()
         .map(|m| Value::from(m.name.clone()))
         .collect();
-    let to_save = if adapter.modules_to_save.is_empty() {
+    let to_save = if config.modules_to_save.is_empty() {
         Value::Null
     } else {
-        Value::from(adapter.modules_to_save.clone())
+        Value::from(config.modules_to_save.clone())
     };
     json!({
         "peft_type": "LORA",
         "task_type": null,
-        "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": adapter.rank,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": config.rank,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "target_modules": targets,
@@ -118,11 +119,11 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     }
     let adapter = Adapter::open(&opts.adapter)?;
     let pairs = adapter.lora_pairs()?;
-    let r = adapter.rank;
+    let r = adapter.config.rank;
 
-    let mut names = Vec::with_capacity(2 * adapter.modules.len());
+    let mut names = Vec::with_capacity(2 * adapter.config.modules.len());
     let mut shapes = Vec::with_capacity(names.capacity());
-    for m in &adapter.modules {
+    for m in &adapter.config.modules {
         names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), opts.dtype));
         shapes.push(vec![r, m.in_features]);
         names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), opts.dtype));
@@ -181,9 +182,9 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     staging.commit(opts.overwrite)?;
     Ok(ExportReport {
         out: opts.out.clone(),
-        modules: adapter.modules.len(),
+        modules: adapter.config.modules.len(),
         saved_tensors: extras.len(),
-        lora_parameters: adapter.total_size(),
+        lora_parameters: adapter.config.total_size(),
         weights_bytes,
     })
 }

@@ -514,8 +514,8 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             .join(", ")
     };
     let mut actions: HashMap<(usize, usize), Action> = HashMap::new();
-    let mut merged = Vec::with_capacity(adapter.modules.len());
-    for (k, module) in adapter.modules.iter().enumerate() {
+    let mut merged = Vec::with_capacity(adapter.config.modules.len());
+    for (k, module) in adapter.config.modules.iter().enumerate() {
         let target = format!("{}.weight", module.name);
         let hits = lookup(&names, &target, ".weight");
         let &[(s, t)] = hits.as_slice() else {
@@ -561,7 +561,7 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
             };
             return Err(CoreError::Mismatch(format!(
                 "adapted modules {:?} and {:?} both resolve to base tensor {:?}",
-                adapter.modules[j].name, module.name, info.name
+                adapter.config.modules[j].name, module.name, info.name
             )));
         }
         merged.push(MergedTensor {
@@ -742,15 +742,16 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
 
     // Factors, prepared once (small: D floats).
     let pairs = adapter.lora_pairs()?;
-    let r = adapter.rank as usize;
+    let r = adapter.config.rank as usize;
     let prepared: Vec<Prepared> = adapter
+        .config
         .modules
         .iter()
         .zip(&pairs)
         .map(|(m, p)| Prepared::new(m, &p.b, &p.a, r))
         .collect();
     drop(pairs);
-    let scale = adapter.scaling();
+    let scale = adapter.config.scaling();
 
     // Output.
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
