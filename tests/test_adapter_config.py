@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ pytest.importorskip("transformers")
 import unilora_rs as ur  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
+from unilora_rs import _core  # noqa: E402
 from unilora_rs.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, ModuleSpec  # noqa: E402
 from unilora_rs.cli import main  # noqa: E402
 from unilora_rs.torch import UniLoRAConfig, UniLoRAModel, get_unilora_model  # noqa: E402
@@ -285,3 +288,43 @@ def test_tensor_outside_modules_to_save_is_refused(good: tuple[Path, Path], tmp_
         assert got is not None and got[0] is ur.FormatError, f"{name}: {got}"
         assert '"lm_head.weight" is not part of modules_to_save' in got[1], f"{name}: {got[1]}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+# ---------------------------------------------------------------- special files
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_readers_open_only_regular_files(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter, base = good
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    results: list[object] = []
+
+    def call(fn: Callable[[], object]) -> None:
+        results.append(_outcome(fn))
+
+    def run(fn: Callable[[], object], pipe: Path) -> tuple[type, str] | None:
+        results.clear()
+        t = threading.Thread(target=call, args=(fn,), daemon=True)
+        t.start()
+        t.join(20)
+        if t.is_alive():  # unblock the reader, then fail
+            with open(pipe, "wb"):
+                pass
+            t.join(5)
+            pytest.fail(f"{fn} blocked on a FIFO")
+        return results[0]  # type: ignore[return-value]
+
+    got = run(lambda: _core.safetensors_header(fifo), fifo)
+    assert got is not None and issubclass(got[0], OSError) and "not a regular file" in got[1]
+    got = run(lambda: ur.merge(fifo, adapter, tmp_path / "out.safetensors"), fifo)
+    assert got is not None and issubclass(got[0], OSError) and "not a regular file" in got[1]
+
+    fifo_adapter = tmp_path / "fifo-adapter"
+    shutil.copytree(adapter, fifo_adapter)
+    (fifo_adapter / CONFIG_NAME).unlink()
+    os.mkfifo(fifo_adapter / CONFIG_NAME)
+    for name, fn in _paths(fifo_adapter, base, tmp_path).items():
+        got = run(fn, fifo_adapter / CONFIG_NAME)
+        assert got is not None and issubclass(got[0], OSError), f"{name}: {got}"
+        assert "not a regular file" in got[1], f"{name}: {got[1]}"

@@ -53,6 +53,9 @@ pub fn to_pyerr(err: CoreError) -> PyErr {
                     std::io::ErrorKind::PermissionDenied => 13,
                     std::io::ErrorKind::AlreadyExists => 17,
                     std::io::ErrorKind::StorageFull => 28,
+                    std::io::ErrorKind::NotADirectory => 20,
+                    std::io::ErrorKind::IsADirectory => 21,
+                    std::io::ErrorKind::InvalidInput => 22,
                     _ => 5,
                 });
                 return PyOSError::new_err((errno, source.to_string(), path.display().to_string()));

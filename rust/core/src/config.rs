@@ -29,6 +29,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{CoreError, Result};
 use crate::fingerprint::{check_name, fingerprint};
+use crate::fsutil;
 
 /// Name of the adapter's configuration file.
 pub const CONFIG_NAME: &str = "adapter_config.json";
@@ -233,7 +234,7 @@ impl AdapterConfig {
     /// records no fingerprint is refused; whether it matches is [`AdapterConfig::verify`].
     pub fn read(path: &Path) -> Result<(AdapterConfig, PathBuf)> {
         let (dir, config_path) = locate(path)?;
-        let text = std::fs::read(&config_path).map_err(|e| CoreError::io(&config_path, e))?;
+        let text = fsutil::read_regular(&config_path)?;
         let value = parse_json(&text).map_err(|msg| CoreError::format(&config_path, msg))?;
         let config = AdapterConfig::from_value(&value)
             .map_err(|msg| CoreError::format(&config_path, msg))?;

@@ -1,13 +1,62 @@
-//! File-system helpers of the writers: path resolution and overlap checks, atomic
-//! output (temporary sibling, renamed into place when complete), in-kernel range
-//! copies and space reservation.
+//! File-system helpers of the readers and writers: opening regular files only, path
+//! resolution and overlap checks, atomic output (temporary sibling, renamed into place
+//! when complete), in-kernel range copies and space reservation.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{CoreError, Result};
 use crate::safetensors::{read_exact_at, write_all_at};
+
+/// Opens `path` for reading if it is a regular file (following links). A FIFO, socket
+/// or device is refused without blocking (the open does not wait for a writer), and a
+/// folder gives "is a directory".
+pub fn open_regular(path: &Path) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| CoreError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| CoreError::io(path, e))?;
+    if meta.is_dir() {
+        return Err(CoreError::io(path, ErrorKind::IsADirectory.into()));
+    }
+    if !meta.is_file() {
+        return Err(CoreError::io(
+            path,
+            std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "not a regular file (a FIFO, socket or device); give a file",
+            ),
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `file` is an open descriptor; F_GETFL / F_SETFL take and return plain
+        // integers and touch no memory of ours.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+    }
+    Ok(file)
+}
+
+/// The bytes of the regular file `path` (see [`open_regular`]).
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    let mut file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| CoreError::io(path, e))?;
+    Ok(bytes)
+}
 
 /// Makes `path` absolute and resolves symbolic links in its longest existing prefix;
 /// the remaining components are appended as they are (`..` among them is applied

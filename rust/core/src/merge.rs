@@ -388,7 +388,7 @@ fn discover(base: &Path) -> Result<Discovered> {
         found.pop()
     };
     if let Some(index_path) = index_path {
-        let text = fs::read(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
+        let text = fsutil::read_regular(&index_path)?;
         let value: Value = serde_json::from_slice(&text)
             .map_err(|e| CoreError::format(&index_path, format!("invalid JSON ({e})")))?;
         let map = value
