@@ -118,15 +118,37 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
         return Err(fsutil::already_exists(&opts.out));
     }
     let adapter = Adapter::open(&opts.adapter)?;
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    let staging = TempPath::new(&opts.out, "tmp")?;
+    fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
+    let weights_bytes = write_lora_weights(&adapter, opts.dtype, staging.path())?;
+    let config_path = staging.path().join("adapter_config.json");
+    let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))
+        .map_err(|e| CoreError::InvalidArgument(format!("cannot serialise the config: {e}")))?;
+    text.push(b'\n');
+    write_synced(&config_path, &text)?;
+    staging.commit(opts.overwrite)?;
+    Ok(ExportReport {
+        out: opts.out.clone(),
+        modules: adapter.config.modules.len(),
+        saved_tensors: adapter.extra_tensors().count(),
+        lora_parameters: adapter.config.total_size(),
+        weights_bytes,
+    })
+}
+
+/// Writes `adapter_model.safetensors` of the LoRA equivalent into `dir`; returns its size.
+fn write_lora_weights(adapter: &Adapter, dtype: Dtype, dir: &Path) -> Result<u64> {
     let pairs = adapter.lora_pairs()?;
     let r = adapter.config.rank;
-
     let mut names = Vec::with_capacity(2 * adapter.config.modules.len());
     let mut shapes = Vec::with_capacity(names.capacity());
     for m in &adapter.config.modules {
-        names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), opts.dtype));
+        names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), dtype));
         shapes.push(vec![r, m.in_features]);
-        names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), opts.dtype));
+        names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), dtype));
         shapes.push(vec![m.out_features, r]);
     }
     let extras: Vec<_> = adapter.extra_tensors().cloned().collect();
@@ -143,24 +165,19 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     meta.insert("format".into(), Value::from("pt"));
     let (header, offsets) = build_header(&spec, Some(&meta))?;
 
-    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-    }
-    let staging = TempPath::new(&opts.out, "tmp")?;
-    fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
-    let weights = staging.path().join("adapter_model.safetensors");
+    let weights = dir.join("adapter_model.safetensors");
     let io = |e| CoreError::io(&weights, e);
     let file = File::create(&weights).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&header).map_err(io)?;
-    let size = (opts.dtype.bits() / 8) as usize;
+    let size = (dtype.bits() / 8) as usize;
     let mut buf = Vec::new();
     for pair in &pairs {
         for mat in [&pair.a, &pair.b] {
             buf.resize(mat.len() * size, 0);
-            convert::encode(opts.dtype, mat, &mut buf)?;
+            convert::encode(dtype, mat, &mut buf)?;
             w.write_all(&buf).map_err(io)?;
         }
     }
@@ -172,21 +189,7 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     w.flush().map_err(io)?;
     drop(w);
     file.sync_all().map_err(io)?;
-    let weights_bytes = 8 + header.len() as u64 + offsets.last().map_or(0, |o| o.1);
-
-    let config_path = staging.path().join("adapter_config.json");
-    let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))
-        .map_err(|e| CoreError::InvalidArgument(format!("cannot serialise the config: {e}")))?;
-    text.push(b'\n');
-    write_synced(&config_path, &text)?;
-    staging.commit(opts.overwrite)?;
-    Ok(ExportReport {
-        out: opts.out.clone(),
-        modules: adapter.config.modules.len(),
-        saved_tensors: extras.len(),
-        lora_parameters: adapter.config.total_size(),
-        weights_bytes,
-    })
+    Ok(8 + header.len() as u64 + offsets.last().map_or(0, |o| o.1))
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {

@@ -13,14 +13,16 @@
 //! without fused multiply-adds, so the result is the same on every machine and for
 //! every thread count and tile size.
 //!
-//! The work is streamed: each output file is written to a temporary sibling, header
-//! first (the input header byte for byte when no dtype changes), then tensors at their
-//! offsets. Untouched tensors are copied as raw bytes (in the kernel where possible);
-//! adapted, replaced and cast tensors are processed in independent tiles of rows,
-//! in parallel, each tile read with one positional read and written with one
-//! positional write. Neither `B @ A` nor a whole tensor or shard is ever held in
-//! memory. Output appears only when complete (renamed into place, after `fsync`);
-//! the inputs are opened read-only and never modified.
+//! [`merge`] runs in named steps: check the options, open the inputs, resolve the
+//! targets, plan each shard, write each shard, finish the folder. The work is
+//! streamed: each output file is written to a temporary sibling, header first (the
+//! input header byte for byte when no dtype changes), then tensors at their offsets.
+//! Untouched tensors are copied as raw bytes (in the kernel where possible); adapted,
+//! replaced and cast tensors are processed in independent tiles of rows, in parallel,
+//! each tile read with one positional read and written with one positional write.
+//! Neither `B @ A` nor a whole tensor or shard is ever held in memory. Output appears
+//! only when complete (renamed into place, after `fsync`); the inputs are opened
+//! read-only and never modified.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -44,6 +46,10 @@ pub const DEFAULT_TILE_ELEMS: usize = 1 << 18;
 
 /// Name of the Hugging Face shard index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// Copies of more than this many bytes are split, so that progress and cancellation
+/// stay responsive.
+const COPY_CHUNK: u64 = 64 << 20;
 
 /// What to merge, where, and how.
 #[derive(Clone, Debug)]
@@ -81,6 +87,14 @@ impl MergeOptions {
             overwrite: false,
             tile_elems: 0,
             fsync: true,
+        }
+    }
+
+    fn tile(&self) -> u64 {
+        if self.tile_elems == 0 {
+            DEFAULT_TILE_ELEMS as u64
+        } else {
+            self.tile_elems as u64
         }
     }
 }
@@ -187,6 +201,676 @@ enum Work {
     Copy { src: u64, dst: u64, len: u64 },
     Tile { t: usize, e0: u64, e1: u64 },
 }
+
+/// The output of one shard: its header, the size of its data, where each tensor goes
+/// and what happens to it, and the independent pieces of work that write it.
+struct Plan {
+    header: Vec<u8>,
+    data_len: u64,
+    outs: Vec<OutTensor>,
+    work: Vec<Work>,
+}
+
+/// The opened inputs of a merge.
+struct Inputs {
+    adapter: Adapter,
+    is_dir: bool,
+    shards: Vec<Shard>,
+    /// The shard index (path and parsed value), when the base folder uses one.
+    index: Option<(PathBuf, Value)>,
+}
+
+/// What happens to the base tensors that the adapter touches.
+struct Targets<'a> {
+    actions: HashMap<(usize, usize), Action>,
+    merged: Vec<MergedTensor>,
+    replaced: Vec<String>,
+    extras: Vec<&'a TensorInfo>,
+}
+
+/// Merges the adapter into the base checkpoint (see the module docs).
+///
+/// Every adapted module must match exactly one base tensor (`<name>.weight`, else a
+/// unique dotted-suffix match); a missing or ambiguous target, a shape or dtype
+/// mismatch, a corrupt file, an unsafe shard name, an output that overlaps an input,
+/// or an existing output without `overwrite` is an error, and nothing is written.
+pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
+    check_options(opts)?;
+    let inputs = open_inputs(opts)?;
+    let targets = resolve_targets(&inputs)?;
+    let mut report = MergeReport {
+        out: opts.out.clone(),
+        merged: targets.merged.clone(),
+        replaced: targets.replaced.clone(),
+        ..Default::default()
+    };
+    let mut plans = Vec::with_capacity(inputs.shards.len());
+    for (s, shard) in inputs.shards.iter().enumerate() {
+        plans.push(plan_shard(s, shard, &targets.actions, opts, &mut report)?);
+    }
+    control
+        .total
+        .store(plans.iter().map(|p| p.data_len).sum(), Ordering::Relaxed);
+    let prepared = prepare_factors(&inputs.adapter)?;
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    let staging = TempPath::new(&opts.out, "tmp")?;
+    if inputs.is_dir {
+        fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
+    }
+    let writer = Writer {
+        opts,
+        adapter: &inputs.adapter,
+        extras: &targets.extras,
+        prepared: &prepared,
+        scale: inputs.adapter.config.scaling(),
+        control,
+    };
+    for (shard, plan) in inputs.shards.iter().zip(&plans) {
+        if control.is_cancelled() {
+            return Err(CoreError::Interrupted);
+        }
+        report.bytes_written += writer.write_shard(shard, plan, staging.path(), inputs.is_dir)?;
+        report.shards.push(rel_string(&shard.rel));
+    }
+    if inputs.is_dir && !control.is_cancelled() {
+        finish_folder(opts, &inputs, &plans, staging.path(), &mut report)?;
+    }
+    if control.is_cancelled() {
+        return Err(CoreError::Interrupted);
+    }
+    staging.commit(opts.overwrite)?;
+    Ok(report)
+}
+
+// ------------------------------------------------------------------ check the options
+
+fn check_options(opts: &MergeOptions) -> Result<()> {
+    fs::metadata(&opts.base).map_err(|e| CoreError::io(&opts.base, e))?;
+    fsutil::check_disjoint(&opts.out, &opts.base, "base")?;
+    fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
+    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
+        return Err(fsutil::already_exists(&opts.out));
+    }
+    match opts.dtype {
+        Some(dt) if !matches!(dt, Dtype::BF16 | Dtype::F16 | Dtype::F32) => Err(CoreError::Dtype(
+            format!("output dtype {dt} is not one of bf16, f16, f32"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+// ------------------------------------------------------------------ open the inputs
+
+fn open_inputs(opts: &MergeOptions) -> Result<Inputs> {
+    let adapter = Adapter::open(&opts.adapter)?;
+    let is_dir = opts.base.is_dir();
+    let selection = if is_dir {
+        discover(&opts.base)?
+    } else {
+        let name = opts
+            .base
+            .file_name()
+            .map_or_else(|| PathBuf::from("model.safetensors"), PathBuf::from);
+        Selection {
+            files: vec![name],
+            ..Default::default()
+        }
+    };
+    let mut shards = Vec::with_capacity(selection.files.len());
+    for rel in selection.files {
+        let path = if is_dir {
+            opts.base.join(&rel)
+        } else {
+            opts.base.clone()
+        };
+        let (file, header) = Header::read(&path)?;
+        shards.push(Shard {
+            rel,
+            path,
+            file,
+            header,
+        });
+    }
+    if let Some((index_path, value)) = &selection.index {
+        check_index(&shards, index_path, value)?;
+    }
+    Ok(Inputs {
+        adapter,
+        is_dir,
+        shards,
+        index: selection.index,
+    })
+}
+
+/// The safetensors files of a model folder (relative names) and its shard index.
+#[derive(Default)]
+struct Selection {
+    files: Vec<PathBuf>,
+    index: Option<(PathBuf, Value)>,
+}
+
+/// The shards of the folder's index (`model.safetensors.index.json`, else its one
+/// `*.safetensors.index.json`), else all its `.safetensors` files.
+fn discover(base: &Path) -> Result<Selection> {
+    let mut indexes = if base.join(INDEX_NAME).is_file() {
+        vec![PathBuf::from(INDEX_NAME)]
+    } else {
+        weights_files(base, ".safetensors.index.json")?
+    };
+    if indexes.len() > 1 {
+        let names: Vec<String> = indexes.iter().map(|p| rel_string(p)).collect();
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: several shard indexes ({}); keep one",
+            base.display(),
+            names.join(", ")
+        )));
+    }
+    if let Some(rel) = indexes.pop() {
+        let path = base.join(rel);
+        let (files, value) = read_index(&path)?;
+        return Ok(Selection {
+            files,
+            index: Some((path, value)),
+        });
+    }
+    let files = weights_files(base, ".safetensors")?;
+    if files.is_empty() {
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: no .safetensors file and no {INDEX_NAME} in this folder",
+            base.display()
+        )));
+    }
+    Ok(Selection { files, index: None })
+}
+
+/// The regular files directly in `base` whose names end with `suffix`, sorted.
+fn weights_files(base: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(base)
+        .map_err(|e| CoreError::io(base, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| PathBuf::from(e.file_name()))
+        .filter(|n| {
+            let name = n.to_string_lossy();
+            name.ends_with(suffix)
+                && (suffix != ".safetensors" || !name.ends_with(".index.json"))
+                && base.join(n).is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The shard files an index names (relative, checked to stay inside the folder,
+/// sorted) and the parsed index.
+fn read_index(path: &Path) -> Result<(Vec<PathBuf>, Value)> {
+    let value: Value = serde_json::from_slice(&fsutil::read_regular(path)?)
+        .map_err(|e| CoreError::format(path, format!("invalid JSON ({e})")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| CoreError::format(path, "no \"weight_map\" object"))?;
+    let mut names = BTreeSet::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| {
+            CoreError::format(path, format!("weight_map[{tensor:?}] is not a string"))
+        })?;
+        names.insert(fsutil::check_relative_name(shard, path)?);
+    }
+    if names.is_empty() {
+        return Err(CoreError::format(path, "\"weight_map\" is empty"));
+    }
+    Ok((names.into_iter().collect(), value))
+}
+
+/// Every tensor the index maps to a shard is in that shard.
+fn check_index(shards: &[Shard], index_path: &Path, value: &Value) -> Result<()> {
+    let by_rel: HashMap<&Path, &Shard> = shards.iter().map(|s| (s.rel.as_path(), s)).collect();
+    for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
+        let rel = fsutil::check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
+        if by_rel[rel.as_path()].header.get(tensor).is_none() {
+            return Err(CoreError::format(
+                index_path,
+                format!("weight_map maps {tensor:?} to {shard} but that file has no such tensor"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ resolve the targets
+
+/// Every base tensor by name, for finding what an adapter entry refers to.
+struct TensorIndex<'a> {
+    shards: &'a [Shard],
+    names: HashMap<&'a str, Vec<(usize, usize)>>,
+}
+
+impl<'a> TensorIndex<'a> {
+    fn new(shards: &'a [Shard]) -> Self {
+        let mut names: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+        for (s, shard) in shards.iter().enumerate() {
+            for (t, info) in shard.header.tensors.iter().enumerate() {
+                names.entry(info.name.as_str()).or_default().push((s, t));
+            }
+        }
+        TensorIndex { shards, names }
+    }
+
+    fn info(&self, (s, t): (usize, usize)) -> &'a TensorInfo {
+        &self.shards[s].header.tensors[t]
+    }
+
+    /// The one base tensor that `target` names: the exact name, else the single tensor
+    /// whose name ends with `.` + `target` or that `target` ends with (`.` + its name),
+    /// among names ending with `suffix`. None or several is a [`CoreError::Mismatch`]
+    /// about `what` (e.g. `adapted module "x"`).
+    fn find(&self, what: &str, target: &str, suffix: &str) -> Result<(usize, usize)> {
+        let hits = self.lookup(target, suffix);
+        match hits.as_slice() {
+            &[hit] => Ok(hit),
+            [] => Err(CoreError::Mismatch(format!(
+                "{what}: the base has no tensor {target:?} (nor one unique dotted-suffix match)"
+            ))),
+            _ => {
+                let list: Vec<String> = hits
+                    .iter()
+                    .map(|&(s, t)| {
+                        let file = rel_string(&self.shards[s].rel);
+                        format!("{} in {file}", self.info((s, t)).name)
+                    })
+                    .collect();
+                Err(CoreError::Mismatch(format!(
+                    "{what} is ambiguous in the base: {}",
+                    list.join(", ")
+                )))
+            }
+        }
+    }
+
+    fn lookup(&self, name: &str, suffix: &str) -> Vec<(usize, usize)> {
+        if let Some(hits) = self.names.get(name) {
+            return hits.clone();
+        }
+        let dotted_suffix = |long: &str, short: &str| {
+            long.len() > short.len()
+                && long.ends_with(short)
+                && long.as_bytes()[long.len() - short.len() - 1] == b'.'
+        };
+        let mut hits: Vec<(usize, usize)> = self
+            .names
+            .iter()
+            .filter(|(key, _)| {
+                key.ends_with(suffix)
+                    && key.len() > suffix.len()
+                    && (dotted_suffix(key, name) || dotted_suffix(name, key))
+            })
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        hits.sort_unstable();
+        hits
+    }
+}
+
+/// Finds the base tensor of every adapted module and `modules_to_save` tensor, and
+/// checks shapes and dtypes.
+fn resolve_targets(inputs: &Inputs) -> Result<Targets<'_>> {
+    let index = TensorIndex::new(&inputs.shards);
+    let adapter = &inputs.adapter;
+    let mut targets = Targets {
+        actions: HashMap::new(),
+        merged: Vec::with_capacity(adapter.config.modules.len()),
+        replaced: Vec::new(),
+        extras: adapter.extra_tensors().collect(),
+    };
+    for (k, module) in adapter.config.modules.iter().enumerate() {
+        let what = format!("adapted module {:?}", module.name);
+        let hit = index.find(&what, &format!("{}.weight", module.name), ".weight")?;
+        let info = index.info(hit);
+        check_module_target(module, info)?;
+        if let Some(Action::Merge(j)) = targets.actions.insert(hit, Action::Merge(k)) {
+            return Err(CoreError::Mismatch(format!(
+                "adapted modules {:?} and {:?} both resolve to base tensor {:?}",
+                adapter.config.modules[j].name, module.name, info.name
+            )));
+        }
+        targets.merged.push(MergedTensor {
+            module: module.name.clone(),
+            tensor: info.name.clone(),
+            file: rel_string(&inputs.shards[hit.0].rel),
+        });
+    }
+    for (k, extra) in targets.extras.iter().enumerate() {
+        let what = format!("modules_to_save tensor {:?}", extra.name);
+        let hit = index.find(&what, &extra.name, "")?;
+        let info = index.info(hit);
+        if info.shape != extra.shape {
+            return Err(CoreError::Mismatch(format!(
+                "{what}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
+                extra.shape, info.name, info.shape
+            )));
+        }
+        if !info.dtype.is_float() || !extra.dtype.is_float() {
+            return Err(CoreError::Dtype(format!(
+                "{what}: {} in the adapter, {} in the base; only floating tensors can be replaced",
+                extra.dtype, info.dtype
+            )));
+        }
+        if targets.actions.insert(hit, Action::Replace(k)).is_some() {
+            return Err(CoreError::Mismatch(format!(
+                "base tensor {:?} is both an adapted module and a modules_to_save tensor",
+                info.name
+            )));
+        }
+        targets.replaced.push(info.name.clone());
+    }
+    Ok(targets)
+}
+
+fn check_module_target(module: &AdapterModule, info: &TensorInfo) -> Result<()> {
+    let want = module.weight_shape();
+    if info.shape != want {
+        let layout = match module.kind {
+            ModuleKind::Conv1d => "conv1d, in x out",
+            ModuleKind::Linear => "linear, out x in",
+        };
+        return Err(CoreError::Mismatch(format!(
+            "adapted module {:?}: base tensor {:?} has shape {:?}, the adapter expects {want:?} \
+             ({layout} {}x{})",
+            module.name, info.name, info.shape, want[0], want[1]
+        )));
+    }
+    if !matches!(info.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        return Err(CoreError::Dtype(format!(
+            "adapted module {:?}: base tensor {:?} is {}; merging supports BF16, F16 and F32 weights",
+            module.name, info.name, info.dtype
+        )));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ plan each shard
+
+/// The output layout of shard `s` and its pieces of work; counts copies and casts into
+/// `report`.
+fn plan_shard(
+    s: usize,
+    shard: &Shard,
+    actions: &HashMap<(usize, usize), Action>,
+    opts: &MergeOptions,
+    report: &mut MergeReport,
+) -> Result<Plan> {
+    let tensors = &shard.header.tensors;
+    let dtypes: Vec<Dtype> = tensors
+        .iter()
+        .map(|t| match opts.dtype {
+            Some(dt) if t.dtype.is_float() => dt,
+            _ => t.dtype,
+        })
+        .collect();
+    let (header, offsets) = if dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) {
+        let offsets = tensors.iter().map(|t| (t.begin, t.end)).collect();
+        (shard.header.raw.clone(), offsets)
+    } else {
+        let spec: Vec<(&str, Dtype, &[u64])> = tensors
+            .iter()
+            .zip(&dtypes)
+            .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
+            .collect();
+        build_header(&spec, shard.header.metadata.as_ref())?
+    };
+    let mut plan = Plan {
+        data_len: offsets.last().map_or(0, |o| o.1),
+        outs: Vec::with_capacity(tensors.len()),
+        work: Vec::new(),
+        header,
+    };
+    for (t, info) in tensors.iter().enumerate() {
+        report.largest_tensor_bytes = report.largest_tensor_bytes.max(info.nbytes());
+        let action = match actions.get(&(s, t)) {
+            Some(a) => *a,
+            None if dtypes[t] != info.dtype => Action::Cast,
+            None => Action::Copy,
+        };
+        let out = OutTensor {
+            src: t,
+            dtype: dtypes[t],
+            begin: offsets[t].0,
+            action,
+        };
+        match action {
+            Action::Copy => {
+                report.copied += 1;
+                let src = shard.header.data_start() + info.begin;
+                let dst = plan.header.len() as u64 + 8 + out.begin;
+                push_copy(&mut plan.work, src, dst, info.nbytes());
+            }
+            Action::Cast => {
+                report.cast += 1;
+                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile());
+            }
+            Action::Merge(_) => {
+                let cols = info.shape[1];
+                let step = (opts.tile() / cols).max(1) * cols;
+                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), step);
+            }
+            Action::Replace(_) => {
+                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile())
+            }
+        }
+        plan.outs.push(out);
+    }
+    report.tensors += tensors.len();
+    plan.work = split_copies(plan.work);
+    Ok(plan)
+}
+
+/// A byte copy, joined with the previous one when both ranges continue it.
+fn push_copy(work: &mut Vec<Work>, src: u64, dst: u64, len: u64) {
+    match work.last_mut() {
+        Some(Work::Copy {
+            src: s0,
+            dst: d0,
+            len: l0,
+        }) if *s0 + *l0 == src && *d0 + *l0 == dst => *l0 += len,
+        _ if len > 0 => work.push(Work::Copy { src, dst, len }),
+        _ => {}
+    }
+}
+
+/// Tiles of `step` elements over the `numel` elements of output tensor `t`.
+fn push_tiles(work: &mut Vec<Work>, t: usize, numel: u64, step: u64) {
+    let mut e0 = 0;
+    while e0 < numel {
+        let e1 = (e0 + step).min(numel);
+        work.push(Work::Tile { t, e0, e1 });
+        e0 = e1;
+    }
+}
+
+/// Splits long copies into [`COPY_CHUNK`] pieces.
+fn split_copies(work: Vec<Work>) -> Vec<Work> {
+    let mut split = Vec::with_capacity(work.len());
+    for w in work {
+        match w {
+            Work::Copy { src, dst, len } => {
+                let mut off = 0;
+                while off < len {
+                    let n = COPY_CHUNK.min(len - off);
+                    split.push(Work::Copy {
+                        src: src + off,
+                        dst: dst + off,
+                        len: n,
+                    });
+                    off += n;
+                }
+            }
+            tile => split.push(tile),
+        }
+    }
+    split
+}
+
+/// The factors of every module, arranged for row-wise merging (small: `D` floats).
+fn prepare_factors(adapter: &Adapter) -> Result<Vec<Prepared>> {
+    let pairs = adapter.lora_pairs()?;
+    let r = adapter.config.rank as usize;
+    Ok(adapter
+        .config
+        .modules
+        .iter()
+        .zip(&pairs)
+        .map(|(m, p)| Prepared::new(m, &p.b, &p.a, r))
+        .collect())
+}
+
+// ------------------------------------------------------------------ write each shard
+
+/// What the writers of all shards share.
+struct Writer<'a> {
+    opts: &'a MergeOptions,
+    adapter: &'a Adapter,
+    extras: &'a [&'a TensorInfo],
+    prepared: &'a [Prepared],
+    scale: f32,
+    control: &'a Control,
+}
+
+impl Writer<'_> {
+    /// Writes `shard` as `plan` says into the staging output; returns its size.
+    fn write_shard(&self, shard: &Shard, plan: &Plan, staging: &Path, is_dir: bool) -> Result<u64> {
+        let dst_path = if is_dir {
+            staging.join(&shard.rel)
+        } else {
+            staging.to_path_buf()
+        };
+        if let Some(parent) = dst_path.parent() {
+            fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+        }
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&dst_path)
+            .map_err(|e| CoreError::io(&dst_path, e))?;
+        let dst_data = 8 + plan.header.len() as u64;
+        let total_len = dst_data + plan.data_len;
+        fsutil::preallocate(&dst, total_len, &dst_path)?;
+        let mut head = Vec::with_capacity(dst_data as usize);
+        head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
+        head.extend_from_slice(&plan.header);
+        write_all_at(&dst, &head, 0).map_err(|e| CoreError::io(&dst_path, e))?;
+        let job = ShardJob {
+            writer: self,
+            shard,
+            outs: &plan.outs,
+            dst: &dst,
+            dst_path: &dst_path,
+            dst_data,
+        };
+        parallel::install(|| {
+            plan.work
+                .par_iter()
+                .try_for_each_init(Scratch::default, |scratch, w| job.run(w, scratch))
+        })?;
+        if self.opts.fsync {
+            dst.sync_all().map_err(|e| CoreError::io(&dst_path, e))?;
+        }
+        Ok(total_len)
+    }
+}
+
+// ------------------------------------------------------------------ finish the folder
+
+/// Copies the folder's other files into the staging folder, writes the shard index,
+/// and syncs them.
+fn finish_folder(
+    opts: &MergeOptions,
+    inputs: &Inputs,
+    plans: &[Plan],
+    staging: &Path,
+    report: &mut MergeReport,
+) -> Result<()> {
+    let mut not_copied: BTreeSet<PathBuf> = inputs.shards.iter().map(|s| s.rel.clone()).collect();
+    let index_rel = inputs
+        .index
+        .as_ref()
+        .and_then(|(p, _)| p.strip_prefix(&opts.base).ok().map(Path::to_path_buf));
+    not_copied.extend(index_rel.clone());
+    let skip = |rel: &Path| {
+        not_copied.contains(rel)
+            || rel
+                .components()
+                .next()
+                .is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
+    };
+    let copied = fsutil::copy_tree(&opts.base, staging, &skip)?;
+    report.other_files = copied.iter().map(|p| rel_string(p)).collect();
+    if let (Some((index_path, value)), Some(index_rel)) = (&inputs.index, &index_rel) {
+        write_index(
+            index_path,
+            value,
+            &inputs.shards,
+            plans,
+            &staging.join(index_rel),
+        )?;
+        report.other_files.push(rel_string(index_rel));
+        report.other_files.sort();
+    }
+    if opts.fsync {
+        for rel in &report.other_files {
+            let p = staging.join(rel);
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| CoreError::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The shard index of the output: the input's bytes, or, when a dtype change altered
+/// the sizes, the input with a new `metadata.total_size`.
+fn write_index(
+    index_path: &Path,
+    value: &Value,
+    shards: &[Shard],
+    plans: &[Plan],
+    dst: &Path,
+) -> Result<()> {
+    let sizes_changed = plans
+        .iter()
+        .zip(shards)
+        .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
+    if !sizes_changed {
+        fs::copy(index_path, dst).map_err(|e| CoreError::io(dst, e))?;
+        return Ok(());
+    }
+    let total: u64 = plans
+        .iter()
+        .zip(shards)
+        .flat_map(|(p, s)| p.outs.iter().map(move |o| (o, &s.header.tensors[o.src])))
+        .map(|(o, t)| byte_size(o.dtype, &t.shape).unwrap_or(0))
+        .sum();
+    let mut value = value.clone();
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("total_size".into(), Value::from(total));
+    } else if let Some(obj) = value.as_object_mut() {
+        let mut meta = Map::new();
+        meta.insert("total_size".into(), Value::from(total));
+        obj.insert("metadata".into(), Value::Object(meta));
+    }
+    let mut text = serde_json::to_vec_pretty(&value)
+        .map_err(|e| CoreError::format(index_path, format!("cannot serialise ({e})")))?;
+    text.push(b'\n');
+    fs::write(dst, text).map_err(|e| CoreError::io(dst, e))
+}
+
+fn rel_string(p: &Path) -> String {
+    p.to_string_lossy().replace('\\', "/")
+}
+
+// ------------------------------------------------------------------ the kernel
 
 /// A module's factors arranged for row-wise merging: output row `t` of the weight is
 /// `sum_k coef[t, k] * m[k, :]`.
@@ -323,573 +1007,19 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
-/// Finds the tensors that a name refers to: the exact name, else every tensor whose
-/// name ends with `.` + `name` or that `name` ends with (`.` + tensor name).
-fn lookup<'a>(
-    index: &'a HashMap<&'a str, Vec<(usize, usize)>>,
-    name: &str,
-    suffix: &str,
-) -> Vec<(usize, usize)> {
-    if let Some(hits) = index.get(name) {
-        return hits.clone();
-    }
-    let mut hits: Vec<(usize, usize)> = index
-        .iter()
-        .filter(|(key, _)| {
-            key.ends_with(suffix)
-                && key.len() > suffix.len()
-                && ((key.len() > name.len()
-                    && key.ends_with(name)
-                    && key.as_bytes()[key.len() - name.len() - 1] == b'.')
-                    || (name.len() > key.len()
-                        && name.ends_with(*key)
-                        && name.as_bytes()[name.len() - key.len() - 1] == b'.'))
-        })
-        .flat_map(|(_, v)| v.iter().copied())
-        .collect();
-    hits.sort_unstable();
-    hits
-}
-
-fn rel_string(p: &Path) -> String {
-    p.to_string_lossy().replace('\\', "/")
-}
-
-/// The base's safetensors files and the shard index (if any).
-/// The shard files of a folder (relative names) and its parsed index, if any.
-type Discovered = (Vec<PathBuf>, Option<(PathBuf, Value)>);
-
-fn discover(base: &Path) -> Result<Discovered> {
-    let index_path = base.join(INDEX_NAME);
-    let index_path = if index_path.exists() {
-        Some(index_path)
-    } else {
-        let mut found: Vec<PathBuf> = fs::read_dir(base)
-            .map_err(|e| CoreError::io(base, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_file()
-                    && p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json"))
-            })
-            .collect();
-        found.sort();
-        if found.len() > 1 {
-            return Err(CoreError::InvalidArgument(format!(
-                "{}: several shard indexes ({}); keep one",
-                base.display(),
-                found
-                    .iter()
-                    .map(|p| rel_string(p.file_name().unwrap_or_default().as_ref()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        found.pop()
-    };
-    if let Some(index_path) = index_path {
-        let text = fsutil::read_regular(&index_path)?;
-        let value: Value = serde_json::from_slice(&text)
-            .map_err(|e| CoreError::format(&index_path, format!("invalid JSON ({e})")))?;
-        let map = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| CoreError::format(&index_path, "no \"weight_map\" object"))?;
-        let mut names = BTreeSet::new();
-        for (tensor, shard) in map {
-            let shard = shard.as_str().ok_or_else(|| {
-                CoreError::format(
-                    &index_path,
-                    format!("weight_map[{tensor:?}] is not a string"),
-                )
-            })?;
-            names.insert(fsutil::check_relative_name(shard, &index_path)?);
-        }
-        if names.is_empty() {
-            return Err(CoreError::format(&index_path, "\"weight_map\" is empty"));
-        }
-        return Ok((names.into_iter().collect(), Some((index_path, value))));
-    }
-    let mut files: Vec<PathBuf> = fs::read_dir(base)
-        .map_err(|e| CoreError::io(base, e))?
-        .filter_map(|e| e.ok())
-        .map(|e| PathBuf::from(e.file_name()))
-        .filter(|n| n.extension().is_some_and(|x| x == "safetensors") && base.join(n).is_file())
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(CoreError::InvalidArgument(format!(
-            "{}: no .safetensors file and no {INDEX_NAME} in this folder",
-            base.display()
-        )));
-    }
-    Ok((files, None))
-}
-
-/// Merges the adapter into the base checkpoint (see the module docs).
-///
-/// Every adapted module must match exactly one base tensor (`<name>.weight`, else a
-/// unique dotted-suffix match); a missing or ambiguous target, a shape or dtype
-/// mismatch, a corrupt file, an unsafe shard name, an output that overlaps an input,
-/// or an existing output without `overwrite` is an error, and nothing is written.
-pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
-    let base_meta = fs::metadata(&opts.base).map_err(|e| CoreError::io(&opts.base, e))?;
-    let is_dir = base_meta.is_dir();
-    fsutil::check_disjoint(&opts.out, &opts.base, "base")?;
-    fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
-    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
-        return Err(fsutil::already_exists(&opts.out));
-    }
-    if let Some(dt) = opts.dtype {
-        if !matches!(dt, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-            return Err(CoreError::Dtype(format!(
-                "output dtype {dt} is not one of bf16, f16, f32"
-            )));
-        }
-    }
-    let adapter = Adapter::open(&opts.adapter)?;
-
-    // Inputs.
-    let (rel_names, index) = if is_dir {
-        discover(&opts.base)?
-    } else {
-        let name = opts
-            .base
-            .file_name()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("model.safetensors"));
-        (vec![name], None)
-    };
-    let mut shards = Vec::with_capacity(rel_names.len());
-    for rel in rel_names {
-        let path = if is_dir {
-            opts.base.join(&rel)
-        } else {
-            opts.base.clone()
-        };
-        let (file, header) = Header::read(&path)?;
-        shards.push(Shard {
-            rel,
-            path,
-            file,
-            header,
-        });
-    }
-    if let Some((index_path, value)) = &index {
-        let by_rel: HashMap<PathBuf, usize> = shards
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (s.rel.clone(), k))
-            .collect();
-        for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
-            let rel = fsutil::check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
-            if shards[by_rel[&rel]].header.get(tensor).is_none() {
-                return Err(CoreError::format(
-                    index_path,
-                    format!(
-                        "weight_map maps {tensor:?} to {shard} but that file has no such tensor"
-                    ),
-                ));
-            }
-        }
-    }
-
-    // Targets.
-    let mut names: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
-    for (s, shard) in shards.iter().enumerate() {
-        for (t, info) in shard.header.tensors.iter().enumerate() {
-            names.entry(info.name.as_str()).or_default().push((s, t));
-        }
-    }
-    let describe = |hits: &[(usize, usize)]| {
-        hits.iter()
-            .map(|&(s, t)| {
-                format!(
-                    "{} in {}",
-                    shards[s].header.tensors[t].name,
-                    rel_string(&shards[s].rel)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut actions: HashMap<(usize, usize), Action> = HashMap::new();
-    let mut merged = Vec::with_capacity(adapter.config.modules.len());
-    for (k, module) in adapter.config.modules.iter().enumerate() {
-        let target = format!("{}.weight", module.name);
-        let hits = lookup(&names, &target, ".weight");
-        let &[(s, t)] = hits.as_slice() else {
-            return Err(CoreError::Mismatch(if hits.is_empty() {
-                format!(
-                    "adapted module {:?}: the base has no tensor {target:?} (nor one unique dotted-suffix match)",
-                    module.name
-                )
-            } else {
-                format!(
-                    "adapted module {:?} is ambiguous in the base: {}",
-                    module.name,
-                    describe(&hits)
-                )
-            }));
-        };
-        let info = &shards[s].header.tensors[t];
-        if info.shape != module.weight_shape() {
-            return Err(CoreError::Mismatch(format!(
-                "adapted module {:?}: base tensor {:?} has shape {:?}, the adapter expects {:?} ({} {}x{})",
-                module.name,
-                info.name,
-                info.shape,
-                module.weight_shape(),
-                if module.kind == ModuleKind::Conv1d {
-                    "conv1d, in x out"
-                } else {
-                    "linear, out x in"
-                },
-                module.weight_shape()[0],
-                module.weight_shape()[1]
-            )));
-        }
-        if !matches!(info.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-            return Err(CoreError::Dtype(format!(
-                "adapted module {:?}: base tensor {:?} is {}; merging supports BF16, F16 and F32 weights",
-                module.name, info.name, info.dtype
-            )));
-        }
-        if let Some(prev) = actions.insert((s, t), Action::Merge(k)) {
-            let Action::Merge(j) = prev else {
-                unreachable!()
-            };
-            return Err(CoreError::Mismatch(format!(
-                "adapted modules {:?} and {:?} both resolve to base tensor {:?}",
-                adapter.config.modules[j].name, module.name, info.name
-            )));
-        }
-        merged.push(MergedTensor {
-            module: module.name.clone(),
-            tensor: info.name.clone(),
-            file: rel_string(&shards[s].rel),
-        });
-    }
-    let extras: Vec<&TensorInfo> = adapter.extra_tensors().collect();
-    let mut replaced = Vec::new();
-    for (k, extra) in extras.iter().enumerate() {
-        let hits = lookup(&names, &extra.name, "");
-        let &[(s, t)] = hits.as_slice() else {
-            return Err(CoreError::Mismatch(if hits.is_empty() {
-                format!(
-                    "modules_to_save tensor {:?} of the adapter is not in the base",
-                    extra.name
-                )
-            } else {
-                format!(
-                    "modules_to_save tensor {:?} is ambiguous in the base: {}",
-                    extra.name,
-                    describe(&hits)
-                )
-            }));
-        };
-        let info = &shards[s].header.tensors[t];
-        if info.shape != extra.shape {
-            return Err(CoreError::Mismatch(format!(
-                "modules_to_save tensor {:?}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
-                extra.name, extra.shape, info.name, info.shape
-            )));
-        }
-        if !info.dtype.is_float() || !extra.dtype.is_float() {
-            return Err(CoreError::Dtype(format!(
-                "modules_to_save tensor {:?}: {} in the adapter, {} in the base; only floating tensors can be replaced",
-                extra.name, extra.dtype, info.dtype
-            )));
-        }
-        if actions.insert((s, t), Action::Replace(k)).is_some() {
-            return Err(CoreError::Mismatch(format!(
-                "base tensor {:?} is both an adapted module and a modules_to_save tensor",
-                info.name
-            )));
-        }
-        replaced.push(info.name.clone());
-    }
-
-    // Plans: output layout per shard.
-    let tile = if opts.tile_elems == 0 {
-        DEFAULT_TILE_ELEMS
-    } else {
-        opts.tile_elems
-    } as u64;
-    let mut report = MergeReport {
-        out: opts.out.clone(),
-        merged,
-        replaced,
-        ..Default::default()
-    };
-    struct Plan {
-        header: Vec<u8>,
-        data_len: u64,
-        outs: Vec<OutTensor>,
-        work: Vec<Work>,
-    }
-    let mut plans = Vec::with_capacity(shards.len());
-    for (s, shard) in shards.iter().enumerate() {
-        let tensors = &shard.header.tensors;
-        let dtypes: Vec<Dtype> = tensors
-            .iter()
-            .map(|t| match opts.dtype {
-                Some(dt) if t.dtype.is_float() => dt,
-                _ => t.dtype,
-            })
-            .collect();
-        let (header, offsets) = if dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) {
-            (
-                shard.header.raw.clone(),
-                tensors.iter().map(|t| (t.begin, t.end)).collect::<Vec<_>>(),
-            )
-        } else {
-            let spec: Vec<(&str, Dtype, &[u64])> = tensors
-                .iter()
-                .zip(&dtypes)
-                .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
-                .collect();
-            build_header(&spec, shard.header.metadata.as_ref())?
-        };
-        let data_len = offsets.last().map_or(0, |o| o.1);
-        let mut outs = Vec::with_capacity(tensors.len());
-        let mut work = Vec::new();
-        for (t, info) in tensors.iter().enumerate() {
-            report.largest_tensor_bytes = report.largest_tensor_bytes.max(info.nbytes());
-            let action = match actions.get(&(s, t)) {
-                Some(a) => *a,
-                None if dtypes[t] != info.dtype => Action::Cast,
-                None => Action::Copy,
-            };
-            match action {
-                Action::Copy => report.copied += 1,
-                Action::Cast => report.cast += 1,
-                _ => {}
-            }
-            let out = OutTensor {
-                src: t,
-                dtype: dtypes[t],
-                begin: offsets[t].0,
-                action,
-            };
-            if let Action::Copy = action {
-                let (src, dst, len) = (
-                    shard.header.data_start() + info.begin,
-                    header.len() as u64 + 8 + out.begin,
-                    info.nbytes(),
-                );
-                match work.last_mut() {
-                    Some(Work::Copy {
-                        src: s0,
-                        dst: d0,
-                        len: l0,
-                    }) if *s0 + *l0 == src && *d0 + *l0 == dst => *l0 += len,
-                    _ if len > 0 => work.push(Work::Copy { src, dst, len }),
-                    _ => {}
-                }
-            } else {
-                let numel = info.numel();
-                let step = if let Action::Merge(_) = action {
-                    let cols = info.shape[1];
-                    (tile / cols).max(1) * cols
-                } else {
-                    tile
-                };
-                let mut e0 = 0;
-                while e0 < numel {
-                    let e1 = (e0 + step).min(numel);
-                    work.push(Work::Tile {
-                        t: outs.len(),
-                        e0,
-                        e1,
-                    });
-                    e0 = e1;
-                }
-            }
-            outs.push(out);
-        }
-        // Split long copies so that progress and cancellation stay responsive.
-        let mut split = Vec::with_capacity(work.len());
-        for w in work {
-            match w {
-                Work::Copy { src, dst, len } => {
-                    let chunk = 64 << 20;
-                    let mut off = 0;
-                    while off < len {
-                        let n = chunk.min(len - off);
-                        split.push(Work::Copy {
-                            src: src + off,
-                            dst: dst + off,
-                            len: n,
-                        });
-                        off += n;
-                    }
-                }
-                tile => split.push(tile),
-            }
-        }
-        report.tensors += tensors.len();
-        plans.push(Plan {
-            header,
-            data_len,
-            outs,
-            work: split,
-        });
-    }
-    control
-        .total
-        .store(plans.iter().map(|p| p.data_len).sum(), Ordering::Relaxed);
-
-    // Factors, prepared once (small: D floats).
-    let pairs = adapter.lora_pairs()?;
-    let r = adapter.config.rank as usize;
-    let prepared: Vec<Prepared> = adapter
-        .config
-        .modules
-        .iter()
-        .zip(&pairs)
-        .map(|(m, p)| Prepared::new(m, &p.b, &p.a, r))
-        .collect();
-    drop(pairs);
-    let scale = adapter.config.scaling();
-
-    // Output.
-    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-    }
-    let staging = TempPath::new(&opts.out, "tmp")?;
-    if is_dir {
-        fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
-    }
-    for (shard, plan) in shards.iter().zip(&plans) {
-        if control.is_cancelled() {
-            return Err(CoreError::Interrupted);
-        }
-        let dst_path = if is_dir {
-            staging.path().join(&shard.rel)
-        } else {
-            staging.path().to_path_buf()
-        };
-        if let Some(parent) = dst_path.parent() {
-            fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-        }
-        let dst = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&dst_path)
-            .map_err(|e| CoreError::io(&dst_path, e))?;
-        let total_len = 8 + plan.header.len() as u64 + plan.data_len;
-        fsutil::preallocate(&dst, total_len, &dst_path)?;
-        let mut head = Vec::with_capacity(8 + plan.header.len());
-        head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
-        head.extend_from_slice(&plan.header);
-        write_all_at(&dst, &head, 0).map_err(|e| CoreError::io(&dst_path, e))?;
-        let job = ShardJob {
-            shard,
-            outs: &plan.outs,
-            dst: &dst,
-            dst_path: &dst_path,
-            dst_data: 8 + plan.header.len() as u64,
-            adapter: &adapter,
-            extras: &extras,
-            prepared: &prepared,
-            scale,
-            control,
-        };
-        parallel::install(|| {
-            plan.work
-                .par_iter()
-                .try_for_each_init(Scratch::default, |scratch, w| job.run(w, scratch))
-        })?;
-        if opts.fsync {
-            dst.sync_all().map_err(|e| CoreError::io(&dst_path, e))?;
-        }
-        report.shards.push(rel_string(&shard.rel));
-        report.bytes_written += total_len;
-    }
-    if control.is_cancelled() {
-        return Err(CoreError::Interrupted);
-    }
-    if is_dir {
-        let merged_files: BTreeSet<PathBuf> = shards.iter().map(|s| s.rel.clone()).collect();
-        let index_rel = index
-            .as_ref()
-            .and_then(|(p, _)| p.file_name().map(PathBuf::from));
-        let skip = |rel: &Path| {
-            merged_files.contains(rel)
-                || index_rel.as_deref() == Some(rel)
-                || rel
-                    .components()
-                    .next()
-                    .is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
-        };
-        let copied = fsutil::copy_tree(&opts.base, staging.path(), &skip)?;
-        report.other_files = copied.iter().map(|p| rel_string(p)).collect();
-        if let (Some((index_path, value)), Some(index_rel)) = (&index, &index_rel) {
-            let dst = staging.path().join(index_rel);
-            let sizes_changed = plans
-                .iter()
-                .zip(&shards)
-                .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
-            if sizes_changed {
-                let mut value = value.clone();
-                let total: u64 = plans
-                    .iter()
-                    .zip(&shards)
-                    .flat_map(|(p, s)| p.outs.iter().map(move |o| (o, &s.header.tensors[o.src])))
-                    .map(|(o, t)| byte_size(o.dtype, &t.shape).unwrap_or(0))
-                    .sum();
-                if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-                    meta.insert("total_size".into(), Value::from(total));
-                } else if let Some(obj) = value.as_object_mut() {
-                    let mut meta = Map::new();
-                    meta.insert("total_size".into(), Value::from(total));
-                    obj.insert("metadata".into(), Value::Object(meta));
-                }
-                let mut text = serde_json::to_vec_pretty(&value).map_err(|e| {
-                    CoreError::format(index_path, format!("cannot serialise ({e})"))
-                })?;
-                text.push(b'\n');
-                fs::write(&dst, text).map_err(|e| CoreError::io(&dst, e))?;
-            } else {
-                fs::copy(index_path, &dst).map_err(|e| CoreError::io(&dst, e))?;
-            }
-            report.other_files.push(rel_string(index_rel));
-            report.other_files.sort();
-        }
-        if opts.fsync {
-            for rel in &report.other_files {
-                let p = staging.path().join(rel);
-                File::open(&p)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| CoreError::io(&p, e))?;
-            }
-        }
-    }
-    if control.is_cancelled() {
-        return Err(CoreError::Interrupted);
-    }
-    staging.commit(opts.overwrite)?;
-    Ok(report)
-}
-
+/// The writer of one shard's pieces of work.
 struct ShardJob<'a> {
+    writer: &'a Writer<'a>,
     shard: &'a Shard,
     outs: &'a [OutTensor],
     dst: &'a File,
     dst_path: &'a Path,
     dst_data: u64,
-    adapter: &'a Adapter,
-    extras: &'a [&'a TensorInfo],
-    prepared: &'a [Prepared],
-    scale: f32,
-    control: &'a Control,
 }
 
 impl ShardJob<'_> {
     fn run(&self, work: &Work, scratch: &mut Scratch) -> Result<()> {
-        if self.control.is_cancelled() {
+        if self.writer.control.is_cancelled() {
             return Err(CoreError::Interrupted);
         }
         match *work {
@@ -901,8 +1031,8 @@ impl ShardJob<'_> {
                 self.dst_path,
                 dst,
                 len,
-                &|| !self.control.is_cancelled(),
-                &|n| self.control.add(n),
+                &|| !self.writer.control.is_cancelled(),
+                &|n| self.writer.control.add(n),
             ),
             Work::Tile { t, e0, e1 } => self.tile(t, e0, e1, scratch),
         }
@@ -914,12 +1044,12 @@ impl ShardJob<'_> {
         let n = (e1 - e0) as usize;
         let (src_dtype, src_file, src_path, src_off) = match out.action {
             Action::Replace(k) => {
-                let extra = self.extras[k];
-                let off = self.adapter.weights.data_start() + extra.begin;
+                let extra = self.writer.extras[k];
+                let off = self.writer.adapter.weights.data_start() + extra.begin;
                 (
                     extra.dtype,
-                    self.adapter.weights_file(),
-                    self.adapter.weights_path.as_path(),
+                    self.writer.adapter.weights_file(),
+                    self.writer.adapter.weights_path.as_path(),
                     off,
                 )
             }
@@ -938,14 +1068,14 @@ impl ShardJob<'_> {
         let output = grow(&mut scratch.output, n * out_size);
         match out.action {
             Action::Merge(k) => {
-                let prep = &self.prepared[k];
+                let prep = &self.writer.prepared[k];
                 prep.merge_rows(
                     input,
                     src_dtype,
                     output,
                     out.dtype,
                     (e0 / prep.cols as u64) as usize,
-                    self.scale,
+                    self.writer.scale,
                 );
             }
             _ => convert::cast(
@@ -962,7 +1092,7 @@ impl ShardJob<'_> {
             self.dst_data + out.begin + e0 * out_size as u64,
         )
         .map_err(|e| CoreError::io(self.dst_path, e))?;
-        self.control.add((n * out_size) as u64);
+        self.writer.control.add((n * out_size) as u64);
         Ok(())
     }
 }
