@@ -228,6 +228,7 @@ from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_confi
 __all__ += ["AdapterConfig", "ModuleSpec", "load_adapter", "load_adapter_config"]
 
 # Merge, exact LoRA export and inspection (numpy only); imported last on purpose.
+from .errors import InternalError  # noqa: E402
 from .merging import (  # noqa: E402
     AdapterInfo,
     ExportResult,
@@ -241,6 +242,7 @@ from .merging import (  # noqa: E402
 __all__ += [
     "AdapterInfo",
     "ExportResult",
+    "InternalError",
     "MergeResult",
     "MergedTensor",
     "export_lora",

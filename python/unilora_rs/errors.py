@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "DtypeError",
     "FormatError",
+    "InternalError",
     "InvalidArgumentError",
     "MismatchError",
     "UniLoraError",
@@ -40,3 +41,7 @@ class FormatError(UniLoraError, ValueError):
 
 class MismatchError(UniLoraError, ValueError):
     """Adapter and base model (or an adapter and its config) disagree."""
+
+
+class InternalError(UniLoraError, RuntimeError):
+    """A bug rather than a bad input (a worker thread panicked); please report it."""

@@ -36,6 +36,7 @@ error_class!(vector_error, "VectorError");
 error_class!(dtype_error, "DtypeError");
 error_class!(format_error, "FormatError");
 error_class!(mismatch_error, "MismatchError");
+error_class!(internal_error, "InternalError");
 
 /// Converts a core error into the matching Python exception.
 pub fn to_pyerr(err: CoreError) -> PyErr {
@@ -47,6 +48,7 @@ pub fn to_pyerr(err: CoreError) -> PyErr {
             CoreError::Dtype(_) => dtype_error(py),
             CoreError::Format { .. } => format_error(py),
             CoreError::Mismatch(_) => mismatch_error(py),
+            CoreError::Internal(_) => internal_error(py),
             CoreError::Io { path, source } => {
                 let errno = source.raw_os_error().unwrap_or(match source.kind() {
                     std::io::ErrorKind::NotFound => 2,

@@ -43,6 +43,10 @@ pub enum CoreError {
     /// The operation was cancelled (e.g. by a Python KeyboardInterrupt).
     #[error("interrupted")]
     Interrupted,
+    /// A bug, not a bad input: a worker thread panicked. The message carries the
+    /// panic's text.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// An output buffer could not be allocated.
     #[error("cannot allocate {bytes} bytes for {what}")]
     OutOfMemory {
@@ -84,6 +88,16 @@ impl CoreError {
         // bytes are all zero, which is a valid `T` (the `ZeroValid` contract), and
         // length == capacity == n.
         Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    }
+
+    /// The error for a thread that panicked with `payload` while doing `what`.
+    pub fn from_panic(what: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        CoreError::Internal(format!("{what} panicked ({text}); please report this"))
     }
 
     /// A format error for `path`.

@@ -9,13 +9,15 @@
 //! * [`config`]: `adapter_config.json` and its one validator.
 //! * [`adapter`]: reading and verifying an adapter directory.
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
-//! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint.
+//! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
+//!   ([`control`]: its progress, cancellation and the loop that watches it).
 //! * [`export`]: exact export as a standard PEFT LoRA adapter.
 
 #![deny(missing_docs)]
 
 pub mod adapter;
 pub mod config;
+pub mod control;
 pub mod convert;
 pub mod error;
 pub mod export;

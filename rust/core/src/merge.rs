@@ -27,12 +27,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use crate::adapter::{Adapter, AdapterModule, ModuleKind};
+pub use crate::control::Control;
 use crate::convert;
 use crate::error::{CoreError, Result};
 use crate::fsutil::{self, TempPath};
@@ -96,45 +96,6 @@ impl MergeOptions {
         } else {
             self.tile_elems as u64
         }
-    }
-}
-
-/// Progress and cancellation shared between a running merge and its caller.
-#[derive(Debug, Default)]
-pub struct Control {
-    done: AtomicU64,
-    total: AtomicU64,
-    cancelled: AtomicBool,
-}
-
-impl Control {
-    /// A fresh control: nothing done, not cancelled.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Asks the running work to stop; it returns [`CoreError::Interrupted`] soon after
-    /// and leaves no output behind.
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether [`Control::cancel`] was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
-    }
-
-    /// `(bytes done, bytes in total)` of the tensor data to write (the total is 0
-    /// until planning is over).
-    pub fn progress(&self) -> (u64, u64) {
-        (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        )
-    }
-
-    fn add(&self, n: u64) {
-        self.done.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -248,9 +209,7 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     for (s, shard) in inputs.shards.iter().enumerate() {
         plans.push(plan_shard(s, shard, &targets.actions, opts, &mut report)?);
     }
-    control
-        .total
-        .store(plans.iter().map(|p| p.data_len).sum(), Ordering::Relaxed);
+    control.set_total(plans.iter().map(|p| p.data_len).sum());
     let prepared = prepare_factors(&inputs.adapter)?;
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
@@ -1112,25 +1071,18 @@ pub fn merge_with_progress_bar(opts: &MergeOptions) -> Result<MergeReport> {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message("merging");
-    let result = std::thread::scope(|scope| {
-        let worker = scope.spawn(|| merge(opts, &control));
-        while !worker.is_finished() {
+    let result = crate::control::run_watched(
+        || merge(opts, &control),
+        |_| {
             let (done, total) = control.progress();
             bar.set_length(total);
             bar.set_position(done);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        worker
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
-    let (done, total) = control.progress();
-    bar.set_length(total);
-    bar.set_position(done);
-    if result.is_ok() {
-        bar.finish_with_message("merged");
-    } else {
-        bar.abandon_with_message("failed");
+        },
+        crate::control::wait_a_poll,
+    );
+    match &result {
+        Ok(_) => bar.finish_with_message("merged"),
+        Err(_) => bar.abandon_with_message("failed"),
     }
     result
 }
