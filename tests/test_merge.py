@@ -415,3 +415,87 @@ def test_full_disk(tmp_path: Path, adapter_dir: Path, tiny_disk: Path) -> None:
     assert info.value.errno == errno.ENOSPC
     assert list(tiny_disk.iterdir()) == []
     assert tree_hash(base) == before
+
+
+# ---------------------------------------------------------------- what a model folder means
+
+
+def _tiny_llama_setup(tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """A Uni-LoRA adapter on a tiny Llama, and the logits with and without it."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llama
+    from unilora_rs.torch import UniLoRAConfig, get_unilora_model
+
+    cfg = UniLoRAConfig(
+        rank=4, vector_length=256, target_modules=["q_proj", "v_proj"], init_range=0.3
+    )
+    model = get_unilora_model(tiny_llama(), cfg).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(x).logits
+        plain = tiny_llama().eval()(x).logits
+    assert (want - plain).abs().max() > 1e-3
+    return tmp_path / "adapter", x, want
+
+
+def _loaded_logits(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(x).logits  # type: ignore[no-any-return]
+
+
+def _sharded_with_stale_single_file(tmp_path: Path) -> Path:
+    """``cp base/model.safetensors sharded/``: shards + index, and a single file too."""
+    from tiny_models import tiny_llama
+
+    base = tmp_path / "sharded"
+    tiny_llama().save_pretrained(base, max_shard_size="40KB")
+    assert (base / "model.safetensors.index.json").exists()
+    tiny_llama().save_pretrained(tmp_path / "single")
+    shutil.copy(tmp_path / "single" / "model.safetensors", base / "model.safetensors")
+    return base
+
+
+def test_folder_with_single_file_and_index_merges_what_transformers_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unilora_rs.cli import main
+
+    adapter, x, want = _tiny_llama_setup(tmp_path)
+    base = _sharded_with_stale_single_file(tmp_path)
+    before = tree_hash(base)
+    with pytest.warns(ur.UniLoraWarning, match="transformers loads model.safetensors"):
+        result = ur.merge(base, adapter, tmp_path / "out")
+    assert result.shards == ["model.safetensors"]
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not list((tmp_path / "out").glob("model-*.safetensors"))
+    torch.testing.assert_close(_loaded_logits(tmp_path / "out", x), want, atol=1e-5, rtol=0)
+    assert tree_hash(base) == before
+
+    # The command line says so on stderr and still succeeds.
+    capsys.readouterr()
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "out2"), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unilora: warning:"), err
+    assert "transformers loads model.safetensors" in err[0]
+
+
+def test_folder_follows_transformers_weights_in_config(tmp_path: Path) -> None:
+    adapter, x, want = _tiny_llama_setup(tmp_path)
+    base = _sharded_with_stale_single_file(tmp_path)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["transformers_weights"] = "model.safetensors.index.json"
+    (base / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(ur.UniLoraWarning, match="not copied"):
+        result = ur.merge(base, adapter, tmp_path / "out")
+    assert "model.safetensors" not in result.shards and len(result.shards) > 1
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    torch.testing.assert_close(_loaded_logits(tmp_path / "out", x), want, atol=1e-5, rtol=0)
+
+    shutil.rmtree(tmp_path / "out")
+    cfg["transformers_weights"] = "../elsewhere.safetensors"
+    (base / "config.json").write_text(json.dumps(cfg))
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "inside the model folder")

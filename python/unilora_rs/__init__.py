@@ -228,7 +228,7 @@ from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_confi
 __all__ += ["AdapterConfig", "ModuleSpec", "load_adapter", "load_adapter_config"]
 
 # Merge, exact LoRA export and inspection (numpy only); imported last on purpose.
-from .errors import InternalError  # noqa: E402
+from .errors import InternalError, UniLoraWarning  # noqa: E402
 from .merging import (  # noqa: E402
     AdapterInfo,
     ExportResult,
@@ -245,6 +245,7 @@ __all__ += [
     "InternalError",
     "MergeResult",
     "MergedTensor",
+    "UniLoraWarning",
     "export_lora",
     "inspect",
     "merge",

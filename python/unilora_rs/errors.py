@@ -15,6 +15,7 @@ __all__ = [
     "InvalidArgumentError",
     "MismatchError",
     "UniLoraError",
+    "UniLoraWarning",
     "VectorError",
 ]
 
@@ -45,3 +46,8 @@ class MismatchError(UniLoraError, ValueError):
 
 class InternalError(UniLoraError, RuntimeError):
     """A bug rather than a bad input (a worker thread panicked); please report it."""
+
+
+class UniLoraWarning(UserWarning):
+    """Something the user should know about a result that is still correct (e.g. files a
+    merge left out of its output)."""

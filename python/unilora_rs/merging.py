@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from . import _core
 from .adapter import VECTOR_KEY, WEIGHTS_NAME, AdapterConfig, ModuleSpec, _adapter_dir
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UniLoraWarning
 
 __all__ = [
     "AdapterInfo",
@@ -60,6 +61,8 @@ class MergeResult:
     bytes_written: int
     largest_tensor_bytes: int
     seconds: float
+    left_out: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def merged_count(self) -> int:
@@ -242,9 +245,14 @@ def merge(
     """Merges a Uni-LoRA adapter into a safetensors checkpoint, streaming, in Rust.
 
     ``base`` is a ``.safetensors`` file (then ``out`` is the output file) or a model
-    folder with ``model.safetensors.index.json`` shards or ``.safetensors`` files (then
-    ``out`` is the output folder: shards keep their names, the index and every other
-    file, such as ``config.json`` and the tokenizer, are copied).
+    folder (then ``out`` is the output folder: shards keep their names, the index and
+    every other file, such as ``config.json`` and the tokenizer, are copied). A folder
+    means what transformers loads from it: the file ``config.json`` names in
+    ``transformers_weights``, else ``model.safetensors``, else
+    ``model.safetensors.index.json`` and its shards (else its ``.safetensors`` files).
+    Other weights files in the folder (a stale ``model.safetensors`` next to shards,
+    say) are left out of the output, with a :class:`UniLoraWarning`, so that no loader
+    can pick unmerged weights from it.
 
     Each adapted module's weight ``W`` becomes ``W + (alpha / r) * B @ A`` (transposed
     for ``conv1d`` modules), computed in float32 and rounded once, to nearest even.
@@ -276,6 +284,8 @@ def merge(
         if progress is not None:
             progress.close()
     seconds = time.perf_counter() - t0
+    for message in raw["warnings"]:
+        warnings.warn(message, UniLoraWarning, stacklevel=2)
     return MergeResult(
         out=Path(raw["out"]),
         merged=[MergedTensor(**m) for m in raw["merged"]],
@@ -288,6 +298,8 @@ def merge(
         bytes_written=raw["bytes_written"],
         largest_tensor_bytes=raw["largest_tensor_bytes"],
         seconds=seconds,
+        left_out=list(raw["left_out"]),
+        warnings=list(raw["warnings"]),
     )
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
+from ..errors import UniLoraWarning
 from ..merging import merge
 
 
@@ -37,14 +40,18 @@ def _size(nbytes: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = merge(
-        args.base,
-        args.adapter,
-        args.out,
-        dtype=args.dtype,
-        show_progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UniLoraWarning)  # printed below, as one line each
+        result = merge(
+            args.base,
+            args.adapter,
+            args.out,
+            dtype=args.dtype,
+            show_progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    for message in result.warnings:
+        print(f"unilora: warning: {' '.join(message.split())}", file=sys.stderr)
     extra = f", replaced {len(result.replaced)}" if result.replaced else ""
     cast = f", cast {result.cast}" if result.cast else ""
     print(

@@ -99,6 +99,8 @@ pub fn merge<'py>(
     d.set_item("tensors", report.tensors)?;
     d.set_item("shards", report.shards)?;
     d.set_item("other_files", report.other_files)?;
+    d.set_item("left_out", report.left_out)?;
+    d.set_item("warnings", report.warnings)?;
     d.set_item("bytes_written", report.bytes_written)?;
     d.set_item("largest_tensor_bytes", report.largest_tensor_bytes)?;
     Ok(d)

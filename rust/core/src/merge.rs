@@ -13,6 +13,12 @@
 //! without fused multiply-adds, so the result is the same on every machine and for
 //! every thread count and tile size.
 //!
+//! A model folder means what transformers loads from it ([`select_weights`]): the file
+//! `config.json` names in `transformers_weights`, else `model.safetensors`, else the
+//! shard index `model.safetensors.index.json` and its shards. Other weights files in
+//! the folder are left out of the output (with a warning in the report), so that the
+//! output never holds unmerged weights that a loader could pick instead.
+//!
 //! [`merge`] runs in named steps: check the options, open the inputs, resolve the
 //! targets, plan each shard, write each shard, finish the folder. The work is
 //! streamed: each output file is written to a temporary sibling, header first (the
@@ -47,6 +53,9 @@ pub const DEFAULT_TILE_ELEMS: usize = 1 << 18;
 /// Name of the Hugging Face shard index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
+/// Name of a single-file Hugging Face checkpoint.
+pub const SINGLE_NAME: &str = "model.safetensors";
+
 /// Copies of more than this many bytes are split, so that progress and cancellation
 /// stay responsive.
 const COPY_CHUNK: u64 = 64 << 20;
@@ -54,8 +63,7 @@ const COPY_CHUNK: u64 = 64 << 20;
 /// What to merge, where, and how.
 #[derive(Clone, Debug)]
 pub struct MergeOptions {
-    /// A `.safetensors` file, or a model folder (with `model.safetensors.index.json`
-    /// shards, or with `.safetensors` files).
+    /// A `.safetensors` file, or a model folder (see [`select_weights`]).
     pub base: PathBuf,
     /// The adapter directory.
     pub adapter: PathBuf,
@@ -129,6 +137,11 @@ pub struct MergeReport {
     pub shards: Vec<String>,
     /// Other files copied from the base folder (relative names).
     pub other_files: Vec<String>,
+    /// Weights files of the base folder that transformers does not load from it, left
+    /// out of the output (relative names).
+    pub left_out: Vec<String>,
+    /// Things the caller should tell the user (e.g. why files were left out).
+    pub warnings: Vec<String>,
     /// Bytes of all safetensors files written.
     pub bytes_written: u64,
     /// Size in bytes of the largest base tensor.
@@ -179,6 +192,9 @@ struct Inputs {
     shards: Vec<Shard>,
     /// The shard index (path and parsed value), when the base folder uses one.
     index: Option<(PathBuf, Value)>,
+    /// Weights files of the folder that are not merged and not copied.
+    left_out: Vec<PathBuf>,
+    warning: Option<String>,
 }
 
 /// What happens to the base tensors that the adapter touches.
@@ -203,6 +219,8 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         out: opts.out.clone(),
         merged: targets.merged.clone(),
         replaced: targets.replaced.clone(),
+        left_out: inputs.left_out.iter().map(|p| rel_string(p)).collect(),
+        warnings: inputs.warning.iter().cloned().collect(),
         ..Default::default()
     };
     let mut plans = Vec::with_capacity(inputs.shards.len());
@@ -266,12 +284,12 @@ fn open_inputs(opts: &MergeOptions) -> Result<Inputs> {
     let adapter = Adapter::open(&opts.adapter)?;
     let is_dir = opts.base.is_dir();
     let selection = if is_dir {
-        discover(&opts.base)?
+        select_weights(&opts.base)?
     } else {
         let name = opts
             .base
             .file_name()
-            .map_or_else(|| PathBuf::from("model.safetensors"), PathBuf::from);
+            .map_or_else(|| PathBuf::from(SINGLE_NAME), PathBuf::from);
         Selection {
             files: vec![name],
             ..Default::default()
@@ -300,24 +318,107 @@ fn open_inputs(opts: &MergeOptions) -> Result<Inputs> {
         is_dir,
         shards,
         index: selection.index,
+        left_out: selection.left_out,
+        warning: selection.warning,
     })
 }
 
-/// The safetensors files of a model folder (relative names) and its shard index.
+/// The weights of a model folder: which files to merge, the shard index if any, and
+/// the other weights files (left out of the output).
 #[derive(Default)]
 struct Selection {
     files: Vec<PathBuf>,
     index: Option<(PathBuf, Value)>,
+    left_out: Vec<PathBuf>,
+    warning: Option<String>,
 }
 
-/// The shards of the folder's index (`model.safetensors.index.json`, else its one
-/// `*.safetensors.index.json`), else all its `.safetensors` files.
-fn discover(base: &Path) -> Result<Selection> {
-    let mut indexes = if base.join(INDEX_NAME).is_file() {
-        vec![PathBuf::from(INDEX_NAME)]
-    } else {
-        weights_files(base, ".safetensors.index.json")?
-    };
+/// Where a folder's weights are, before reading them.
+enum Chosen {
+    Single(PathBuf),
+    Index(PathBuf),
+    AllFiles,
+}
+
+/// Chooses the weights of the model folder `base` the way transformers (5.x,
+/// `_get_resolved_checkpoint_files`) does for a local folder: the file that
+/// `config.json` names in `transformers_weights`; else `model.safetensors`; else
+/// `model.safetensors.index.json`. Beyond transformers: a folder with one other
+/// `*.safetensors.index.json` uses it, and a folder with neither an index nor
+/// `model.safetensors` merges all its `.safetensors` files. Every other top-level
+/// weights file is left out, with a warning.
+fn select_weights(base: &Path) -> Result<Selection> {
+    let (chosen, why) = choose_weights(base)?;
+    let mut selection = Selection::default();
+    match chosen {
+        Chosen::Single(rel) => selection.files.push(rel),
+        Chosen::Index(rel) => {
+            let path = base.join(&rel);
+            let (files, value) = read_index(&path)?;
+            selection.files = files;
+            selection.index = Some((path, value));
+        }
+        Chosen::AllFiles => {
+            selection.files = weights_files(base, ".safetensors")?;
+            if selection.files.is_empty() {
+                return Err(CoreError::InvalidArgument(format!(
+                    "{}: no .safetensors file and no {INDEX_NAME} in this folder",
+                    base.display()
+                )));
+            }
+        }
+    }
+    let index_rel = selection
+        .index
+        .as_ref()
+        .map(|(p, _)| p.strip_prefix(base).unwrap_or(p));
+    let mut left_out = weights_files(base, ".safetensors")?;
+    left_out.extend(weights_files(base, ".safetensors.index.json")?);
+    left_out.retain(|p| !selection.files.contains(p) && Some(p.as_path()) != index_rel);
+    left_out.sort();
+    if !left_out.is_empty() {
+        let names: Vec<String> = left_out.iter().map(|p| rel_string(p)).collect();
+        selection.warning = Some(format!(
+            "{}: {why}, so that is what was merged; {} not copied to the output, so that no \
+             unmerged weights remain there",
+            base.display(),
+            names.join(", ")
+        ));
+    }
+    selection.left_out = left_out;
+    Ok(selection)
+}
+
+fn choose_weights(base: &Path) -> Result<(Chosen, String)> {
+    if let Some(name) = explicit_weights(base)? {
+        let config = base.join("config.json");
+        let rel = fsutil::check_relative_name(&name, &config)?;
+        let why =
+            format!("transformers loads {name} (config.json names it in \"transformers_weights\")");
+        return if name.ends_with(".safetensors.index.json") {
+            Ok((Chosen::Index(rel), why))
+        } else if name.ends_with(".safetensors") {
+            Ok((Chosen::Single(rel), why))
+        } else {
+            Err(CoreError::format(
+                config,
+                format!(
+                    "\"transformers_weights\": {name:?} is neither a .safetensors file nor a \
+                     .safetensors.index.json index"
+                ),
+            ))
+        };
+    }
+    if base.join(SINGLE_NAME).is_file() {
+        let why =
+            format!("transformers loads {SINGLE_NAME} from this folder (before any shard index)");
+        return Ok((Chosen::Single(SINGLE_NAME.into()), why));
+    }
+    if base.join(INDEX_NAME).is_file() {
+        let why = format!("transformers loads {INDEX_NAME} and the shards it names");
+        return Ok((Chosen::Index(INDEX_NAME.into()), why));
+    }
+    let mut indexes = weights_files(base, ".safetensors.index.json")?;
     if indexes.len() > 1 {
         let names: Vec<String> = indexes.iter().map(|p| rel_string(p)).collect();
         return Err(CoreError::InvalidArgument(format!(
@@ -326,22 +427,33 @@ fn discover(base: &Path) -> Result<Selection> {
             names.join(", ")
         )));
     }
-    if let Some(rel) = indexes.pop() {
-        let path = base.join(rel);
-        let (files, value) = read_index(&path)?;
-        return Ok(Selection {
-            files,
-            index: Some((path, value)),
-        });
+    match indexes.pop() {
+        Some(rel) => {
+            let why = format!("the folder's shard index is {}", rel_string(&rel));
+            Ok((Chosen::Index(rel), why))
+        }
+        None => Ok((Chosen::AllFiles, String::new())),
     }
-    let files = weights_files(base, ".safetensors")?;
-    if files.is_empty() {
-        return Err(CoreError::InvalidArgument(format!(
-            "{}: no .safetensors file and no {INDEX_NAME} in this folder",
-            base.display()
-        )));
+}
+
+/// The `transformers_weights` entry of the folder's `config.json`, if it has one (a
+/// missing or unreadable `config.json` names nothing).
+fn explicit_weights(base: &Path) -> Result<Option<String>> {
+    let path = base.join("config.json");
+    if !path.is_file() {
+        return Ok(None);
     }
-    Ok(Selection { files, index: None })
+    let Ok(value) = serde_json::from_slice::<Value>(&fsutil::read_regular(&path)?) else {
+        return Ok(None);
+    };
+    match value.get("transformers_weights") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(CoreError::format(
+            &path,
+            format!("\"transformers_weights\" must be a file name, got {other}"),
+        )),
+    }
 }
 
 /// The regular files directly in `base` whose names end with `suffix`, sorted.
@@ -752,6 +864,7 @@ fn finish_folder(
     report: &mut MergeReport,
 ) -> Result<()> {
     let mut not_copied: BTreeSet<PathBuf> = inputs.shards.iter().map(|s| s.rel.clone()).collect();
+    not_copied.extend(inputs.left_out.iter().cloned());
     let index_rel = inputs
         .index
         .as_ref()
@@ -1058,7 +1171,8 @@ impl ShardJob<'_> {
 
 /// [`merge`] with a progress bar on stderr (bytes of tensor data written), for Rust
 /// programs; the Python CLI draws its own bar from [`Control::progress`]. The bar is
-/// hidden when stderr is not a terminal. Needs the `progress` feature.
+/// hidden when stderr is not a terminal; the report's warnings are printed under it.
+/// Needs the `progress` feature.
 #[cfg(feature = "progress")]
 pub fn merge_with_progress_bar(opts: &MergeOptions) -> Result<MergeReport> {
     use indicatif::{ProgressBar, ProgressStyle};
@@ -1081,7 +1195,12 @@ pub fn merge_with_progress_bar(opts: &MergeOptions) -> Result<MergeReport> {
         crate::control::wait_a_poll,
     );
     match &result {
-        Ok(_) => bar.finish_with_message("merged"),
+        Ok(report) => {
+            for warning in &report.warnings {
+                bar.println(format!("warning: {warning}"));
+            }
+            bar.finish_with_message("merged");
+        }
         Err(_) => bar.abandon_with_message("failed"),
     }
     result
