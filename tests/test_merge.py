@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def test_three_shard_folder(tmp_path: Path, adapter_dir: Path, dtype: str) -> No
     result = ur.merge(base, adapter_dir, out, show_progress=True)
     assert result.merged_count == 21
     assert result.shards == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".unilora-output", *(p.name for p in base.iterdir())]
+    )
     for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes()
     check_merge(base, out, adapter_dir)
@@ -374,14 +377,13 @@ def test_output_overlapping_inputs(tmp_path: Path, sharded: tuple[Path, Path]) -
 def test_existing_output_needs_overwrite(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
     base, adapter = sharded
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
+    ur.merge(base, adapter, out)
+    (out / "config.json").write_text("{}")
     with pytest.raises(FileExistsError):
         ur.merge(base, adapter, out)
-    assert (out / "old.txt").read_text() == "keep me"
+    assert (out / "config.json").read_text() == "{}"
     ur.merge(base, adapter, out, overwrite=True)
-    assert not (out / "old.txt").exists()
-    assert (out / "config.json").exists()
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -499,3 +501,77 @@ def test_folder_follows_transformers_weights_in_config(tmp_path: Path) -> None:
     cfg["transformers_weights"] = "../elsewhere.safetensors"
     (base / "config.json").write_text(json.dumps(cfg))
     expect_failure(tmp_path, base, adapter, ur.FormatError, "inside the model folder")
+
+
+# ---------------------------------------------------------------- replacing an output
+
+
+def test_overwrite_replaces_only_an_earlier_output(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    base, adapter = sharded
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        ur.merge(base, adapter, out, overwrite=True)
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        ur.export_lora(adapter, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ur.merge(base, adapter, empty, overwrite=True)  # nothing to lose
+    first = tree_hash(empty)
+    ur.merge(base, adapter, empty, overwrite=True)  # an earlier output of ours
+    assert tree_hash(empty) == first
+    lora = tmp_path / "lora"
+    ur.export_lora(adapter, lora)
+    ur.export_lora(adapter, lora, overwrite=True)
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        ur.merge(base, adapter, lora, overwrite=True)  # ours, but another kind of output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_parent_folders_of_the_output_are_created(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    base, adapter = sharded
+    ur.merge(base, adapter, tmp_path / "a" / "b" / "out")
+    ur.export_lora(adapter, tmp_path / "c" / "lora")
+    assert (tmp_path / "a" / "b" / "out" / "config.json").exists()
+    assert (tmp_path / "c" / "lora" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def _dead_pid() -> int:
+    r = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(r.stdout)
+
+
+def test_stale_temp_outputs_of_dead_processes_are_removed(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    base, adapter = sharded
+    dead = _dead_pid()
+    stale_dir = tmp_path / f".out.unilora-tmp-{dead}-0"
+    stale_dir.mkdir()
+    (stale_dir / "model-00001-of-00003.safetensors").write_bytes(b"\0" * 4096)
+    stale_file = tmp_path / f".out.unilora-tmp-{dead}-3"
+    stale_file.write_bytes(b"\0" * 100)
+    live = tmp_path / f".out.unilora-tmp-{os.getpid()}-12345"  # a running process's
+    live.mkdir()
+    other = [tmp_path / ".out.unilora-tmp-x-0", tmp_path / f".other.unilora-tmp-{dead}-0"]
+    for p in other:
+        p.mkdir()
+    ur.merge(base, adapter, tmp_path / "out")
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert live.exists() and all(p.exists() for p in other)

@@ -267,9 +267,11 @@ def merge(
     unique dotted-suffix match): a missing or ambiguous target raises
     :class:`MismatchError`. The output is written to temporary files and renamed into
     place when complete; an existing output raises :class:`FileExistsError` unless
-    ``overwrite``; an output equal to, inside, or containing an input raises
-    :class:`InvalidArgumentError`. The inputs are never modified. Ctrl-C cancels
-    cleanly (no partial output).
+    ``overwrite`` (and an existing folder is replaced only when it is empty or an
+    earlier merge output, which holds a ``.unilora-output`` file); an output equal to,
+    inside, or containing an input raises :class:`InvalidArgumentError`. The inputs are
+    never modified. Ctrl-C cancels cleanly (no partial output); temporaries left by
+    processes that were killed outright are removed by the next run.
     """
     base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
     dt = _dtype(dtype, allow_none=True)

@@ -64,6 +64,9 @@ pub struct ExportReport {
     pub weights_bytes: u64,
 }
 
+/// The kind of output an export writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
+pub const OUTPUT_KIND: &str = "export-lora";
+
 /// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter`.
 pub fn peft_config(adapter: &Adapter) -> Value {
     let config = &adapter.config;
@@ -114,15 +117,12 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
         )));
     }
     fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
-    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
-        return Err(fsutil::already_exists(&opts.out));
-    }
+    fsutil::check_output(&opts.out, opts.overwrite, Some(OUTPUT_KIND))?;
     let adapter = Adapter::open(&opts.adapter)?;
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
     }
-    let staging = TempPath::new(&opts.out, "tmp")?;
-    fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
+    let staging = TempPath::new_folder(&opts.out, OUTPUT_KIND)?;
     let weights_bytes = write_lora_weights(&adapter, opts.dtype, staging.path())?;
     let config_path = staging.path().join("adapter_config.json");
     let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))

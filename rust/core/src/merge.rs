@@ -56,6 +56,9 @@ pub const INDEX_NAME: &str = "model.safetensors.index.json";
 /// Name of a single-file Hugging Face checkpoint.
 pub const SINGLE_NAME: &str = "model.safetensors";
 
+/// The kind of output a merge writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
+pub const OUTPUT_KIND: &str = "merge";
+
 /// Copies of more than this many bytes are split, so that progress and cancellation
 /// stay responsive.
 const COPY_CHUNK: u64 = 64 << 20;
@@ -72,7 +75,8 @@ pub struct MergeOptions {
     /// `None` keeps every tensor's dtype; `Some(BF16 | F16 | F32)` casts every
     /// floating tensor (F16, BF16, F32, F64) of the output to it.
     pub dtype: Option<Dtype>,
-    /// Replace an existing output.
+    /// Replace an existing output (a folder only if it is empty or an earlier merge
+    /// output: see [`fsutil::check_output`]).
     pub overwrite: bool,
     /// Elements per tile (0: [`DEFAULT_TILE_ELEMS`]); results do not depend on it.
     pub tile_elems: usize,
@@ -232,10 +236,11 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
     }
-    let staging = TempPath::new(&opts.out, "tmp")?;
-    if inputs.is_dir {
-        fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
-    }
+    let staging = if inputs.is_dir {
+        TempPath::new_folder(&opts.out, OUTPUT_KIND)?
+    } else {
+        TempPath::new(&opts.out, "tmp")?
+    };
     let writer = Writer {
         opts,
         adapter: &inputs.adapter,
@@ -267,9 +272,8 @@ fn check_options(opts: &MergeOptions) -> Result<()> {
     fs::metadata(&opts.base).map_err(|e| CoreError::io(&opts.base, e))?;
     fsutil::check_disjoint(&opts.out, &opts.base, "base")?;
     fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
-    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
-        return Err(fsutil::already_exists(&opts.out));
-    }
+    let folder = opts.base.is_dir();
+    fsutil::check_output(&opts.out, opts.overwrite, folder.then_some(OUTPUT_KIND))?;
     match opts.dtype {
         Some(dt) if !matches!(dt, Dtype::BF16 | Dtype::F16 | Dtype::F32) => Err(CoreError::Dtype(
             format!("output dtype {dt} is not one of bf16, f16, f32"),
@@ -865,6 +869,7 @@ fn finish_folder(
 ) -> Result<()> {
     let mut not_copied: BTreeSet<PathBuf> = inputs.shards.iter().map(|s| s.rel.clone()).collect();
     not_copied.extend(inputs.left_out.iter().cloned());
+    not_copied.insert(PathBuf::from(fsutil::OUTPUT_MARKER));
     let index_rel = inputs
         .index
         .as_ref()
