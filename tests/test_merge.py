@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -575,3 +576,37 @@ def test_stale_temp_outputs_of_dead_processes_are_removed(
     ur.merge(base, adapter, tmp_path / "out")
     assert not stale_dir.exists() and not stale_file.exists()
     assert live.exists() and all(p.exists() for p in other)
+
+
+# The command line, with every merge made slow (tiles of 4 elements), so that a signal
+# surely comes while it runs.
+SLOW_CLI = """
+import sys
+import unilora_rs._core as core
+from unilora_rs.cli import main
+fast = core.merge
+core.merge = lambda *args, **kw: fast(*args, **kw, tile_elems=4)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_merge_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    n, layers = 1024, 8  # 32 MB of float32, cast to bf16 in tiles of 4 elements
+    sd = {f"layers.{k}.proj.weight": torch.zeros(n, n) for k in range(layers)}
+    base = write_checkpoint(tmp_path / "base", sd, shards=2)
+    write_adapter(tmp_path / "ad", [ModuleSpec("layers.0.proj", n, n)])
+    env = dict(os.environ, UNILORA_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", SLOW_CLI, "merge", str(base), str(tmp_path / "ad")]
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path / "out"), "--dtype", "bf16"],
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert proc.stderr is not None
+    proc.stderr.read(1)  # the progress bar has started: the merge is running
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "unilora: terminated" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base"]

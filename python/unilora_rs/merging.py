@@ -270,7 +270,8 @@ def merge(
     ``overwrite`` (and an existing folder is replaced only when it is empty or an
     earlier merge output, which holds a ``.unilora-output`` file); an output equal to,
     inside, or containing an input raises :class:`InvalidArgumentError`. The inputs are
-    never modified. Ctrl-C cancels cleanly (no partial output); temporaries left by
+    never modified. Ctrl-C, or any signal handler that raises (the ``unilora`` command
+    turns SIGTERM into one), cancels cleanly: no partial output. Temporaries left by
     processes that were killed outright are removed by the next run.
     """
     base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
