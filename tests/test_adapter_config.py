@@ -199,6 +199,18 @@ def test_every_path_rejects_alike(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # nothing written
 
 
+def test_other_top_level_keys_are_accepted_everywhere(
+    good: tuple[Path, Path], tmp_path: Path
+) -> None:
+    adapter, base = good
+    extra = tmp_path / "extra"
+    _write_case(adapter, extra, _set("task", {"type": "causal-lm", "new_tensors": []}))
+    for name, fn in _paths(extra, base, tmp_path).items():
+        assert _outcome(fn) is None, name
+    checked = _core.read_adapter_config(extra)
+    assert checked["task"] == {"type": "causal-lm", "new_tensors": []}
+
+
 def test_programmatic_configs_use_the_same_rules() -> None:
     mods = [ModuleSpec("a", 16, 8)]
     with pytest.raises(ur.InvalidArgumentError, match="alpha"):

@@ -110,14 +110,15 @@ class AdapterConfig:
 
     def _assign(self, checked: Mapping[str, Any]) -> None:
         for f in fields(self):
-            value = checked[f.name]
-            if f.name == "modules":
-                value = [ModuleSpec(**m) for m in value]
-            setattr(self, f.name, value)
+            if f.name in checked:  # the validator returns every key it knows
+                value = checked[f.name]
+                if f.name == "modules":
+                    value = [ModuleSpec(**m) for m in value]
+                setattr(self, f.name, value)
 
     @classmethod
     def _from_checked(cls, checked: Mapping[str, Any]) -> AdapterConfig:
-        kwargs = {f.name: checked[f.name] for f in fields(cls)}
+        kwargs = {f.name: checked[f.name] for f in fields(cls) if f.name in checked}
         kwargs["modules"] = [ModuleSpec(**m) for m in checked["modules"]]
         return cls(**kwargs)
 

@@ -20,7 +20,8 @@
 //!   null, a string or a list of strings; `modules_to_save`: a list of non-empty
 //!   strings; `base_model_name_or_path`, `library_version`: a string or null);
 //! * a config read from a file records a fingerprint ([`AdapterConfig::read`]); whether
-//!   it matches is [`AdapterConfig::verify`]. Other top-level keys are ignored.
+//!   it matches is [`AdapterConfig::verify`]. Other top-level keys are not checked and
+//!   are kept as they are ([`AdapterConfig::extra`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,24 @@ pub const MAX_D: u64 = 1 << 32;
 pub const DEFAULT_INIT_RANGE: f64 = 0.02;
 
 const MODULE_KEYS: [&str; 4] = ["name", "in_features", "out_features", "kind"];
+
+const CONFIG_KEYS: [&str; 15] = [
+    "format",
+    "format_version",
+    "spec_version",
+    "seed",
+    "vector_length",
+    "rank",
+    "alpha",
+    "modules",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "init_range",
+    "fingerprint",
+    "library_version",
+];
 
 /// How a module stores its weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +197,9 @@ pub struct AdapterConfig {
     pub fingerprint: String,
     /// The unilora_rs version that wrote the file (informative).
     pub library_version: Option<String>,
+    /// The other top-level keys, unchecked, in file order (kept when the config is
+    /// written back by [`AdapterConfig::to_value`]).
+    pub extra: Map<String, Value>,
 }
 
 impl AdapterConfig {
@@ -218,6 +240,11 @@ impl AdapterConfig {
                 Some(other) => return Err(format!("fingerprint must be a string, got {other}")),
             },
             library_version: optional_string(obj, "library_version")?,
+            extra: obj
+                .iter()
+                .filter(|(k, _)| !CONFIG_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
         if config.format_version > FORMAT_VERSION {
             return Err(format!(
@@ -310,9 +337,10 @@ impl AdapterConfig {
         })
     }
 
-    /// The JSON object of this config, as `adapter_config.json` holds it.
+    /// The JSON object of this config, as `adapter_config.json` holds it (the known
+    /// keys, then the [`AdapterConfig::extra`] ones).
     pub fn to_value(&self) -> Value {
-        json!({
+        let mut value = json!({
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "spec_version": self.spec_version,
@@ -328,7 +356,11 @@ impl AdapterConfig {
             "init_range": self.init_range,
             "fingerprint": self.fingerprint,
             "library_version": self.library_version,
-        })
+        });
+        if let Some(obj) = value.as_object_mut() {
+            obj.extend(self.extra.clone());
+        }
+        value
     }
 
     /// Rank against every layer, `D` in 64 bits, `d <= D`.
@@ -581,6 +613,18 @@ mod tests {
         assert_eq!(AdapterConfig::from_value(&c.to_value()).unwrap(), c);
         assert_eq!(c.matrices()[0], ("a.q.lora_B".to_string(), 24, 4));
         assert_eq!(c.matrices()[3], ("a.c.lora_A".to_string(), 4, 8));
+    }
+
+    #[test]
+    fn other_keys_are_kept_as_they_are() {
+        let mut g = good();
+        g["task"] = json!({"type": "causal-lm", "new_tensors": ["lm_head.weight"]});
+        g["notes"] = json!(null);
+        let c = AdapterConfig::from_value(&g).unwrap();
+        assert_eq!(c.extra.keys().collect::<Vec<_>>(), ["task", "notes"]);
+        let back = c.to_value();
+        assert_eq!(back["task"], g["task"]);
+        assert_eq!(AdapterConfig::from_value(&back).unwrap(), c);
     }
 
     #[test]
