@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -573,9 +574,15 @@ def test_stale_temp_outputs_of_dead_processes_are_removed(
     other = [tmp_path / ".out.unilora-tmp-x-0", tmp_path / f".other.unilora-tmp-{dead}-0"]
     for p in other:
         p.mkdir()
+    an_hour_ago = time.time() - 3600
+    for p in [*stale_dir.iterdir(), stale_dir, stale_file, live, *other]:
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    # Written to a minute ago: perhaps by a process this one cannot see; kept.
+    recent = tmp_path / f".out.unilora-tmp-{dead}-4"
+    recent.mkdir()
     ur.merge(base, adapter, tmp_path / "out")
     assert not stale_dir.exists() and not stale_file.exists()
-    assert live.exists() and all(p.exists() for p in other)
+    assert live.exists() and recent.exists() and all(p.exists() for p in other)
 
 
 # The command line, with every merge made slow (tiles of 4 elements), so that a signal

@@ -301,11 +301,17 @@ fn write_marker(dir: &Path, kind: &str) -> Result<()> {
     file.sync_all().map_err(io)
 }
 
+/// How long a temporary must have gone unmodified before [`remove_stale_temps`] may
+/// remove it.
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Removes the temporaries (see [`TempPath`]) next to `target` whose process has ended:
 /// a merge killed by a signal it could not handle leaves them behind. A temporary of a
-/// running process (this one included) is kept, and so is an `old` one (a previous
-/// output being replaced) while the target itself is missing. Best effort: errors are
-/// ignored. Only on Unix, where a process id can be checked.
+/// running process (this one included) is kept, and so is one modified within
+/// [`STALE_AFTER`] (its writer may be a process this one cannot see, in another PID
+/// namespace on a shared file system) and an `old` one (a previous output being
+/// replaced) while the target itself is missing. Best effort: errors are ignored. Only
+/// on Unix, where a process id can be checked.
 pub fn remove_stale_temps(target: &Path) {
     #[cfg(unix)]
     {
@@ -338,10 +344,27 @@ pub fn remove_stale_temps(target: &Path) {
                 "old" => !process_alive(pid) && fs::symlink_metadata(target).is_ok(),
                 _ => false,
             };
-            if stale {
+            if stale && untouched_for(&entry.path(), STALE_AFTER) {
                 remove_any(&entry.path());
             }
         }
+    }
+}
+
+/// Whether neither `path` nor anything directly in it was modified within `age`.
+#[cfg(unix)]
+fn untouched_for(path: &Path, age: std::time::Duration) -> bool {
+    let recent = |p: &Path| {
+        fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t.elapsed().map_or(true, |e| e < age))
+    };
+    if recent(path) {
+        return false;
+    }
+    match fs::read_dir(path) {
+        Ok(entries) => !entries.flatten().any(|e| recent(&e.path())),
+        Err(_) => true,
     }
 }
 
