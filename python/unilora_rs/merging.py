@@ -272,7 +272,8 @@ def merge(
     inside, or containing an input raises :class:`InvalidArgumentError`. The inputs are
     never modified. Ctrl-C, or any signal handler that raises (the ``unilora`` command
     turns SIGTERM into one), cancels cleanly: no partial output. Temporaries left by
-    processes that were killed outright are removed by the next run.
+    processes that were killed outright are removed by the next run (once untouched
+    for a minute).
     """
     base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
     dt = _dtype(dtype, allow_none=True)
