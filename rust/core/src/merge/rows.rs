@@ -19,6 +19,17 @@ pub(super) fn prepare_factors(adapter: &Adapter) -> Result<Vec<Prepared>> {
         .collect())
 }
 
+/// A tile of full rows of one weight: `input` holds them in dtype `src`, the first being
+/// row `row0`; `output` receives the merged rows in dtype `dst`; `s` is the scaling.
+pub(super) struct Rows<'a> {
+    pub(super) input: &'a [u8],
+    pub(super) src: Dtype,
+    pub(super) output: &'a mut [u8],
+    pub(super) dst: Dtype,
+    pub(super) row0: usize,
+    pub(super) s: f32,
+}
+
 /// A module's factors arranged for row-wise merging: output row `t` of the weight is
 /// `sum_k coef[t, k] * m[k, :]`.
 pub(super) struct Prepared {
@@ -63,52 +74,35 @@ impl Prepared {
         }
     }
 
-    /// Merges the full rows held in `input`, the first being row `row0`: decodes them
-    /// (`src` dtype), adds `s * (coef @ m)` and encodes them into `output` (`dst`
-    /// dtype), in chunks of 64 columns that stay in registers / L1. The AVX2 build is
-    /// used where the CPU has it; both builds perform the same IEEE operations in the
-    /// same order (no fused multiply-add), so their results are identical.
-    pub(super) fn merge_rows(
-        &self,
-        input: &[u8],
-        src: Dtype,
-        output: &mut [u8],
-        dst: Dtype,
-        row0: usize,
-        s: f32,
-    ) {
+    /// Merges a tile of full rows (see [`Rows`]): decodes them, adds `s * (coef @ m)`
+    /// and encodes them, in chunks of 64 columns that stay in registers / L1. The AVX2
+    /// build is used where the CPU has it; both builds perform the same IEEE operations
+    /// in the same order (no fused multiply-add), so their results are identical.
+    pub(super) fn merge_rows(&self, rows: Rows<'_>) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { self.merge_rows_avx2(input, src, output, dst, row0, s) };
+            return unsafe { self.merge_rows_avx2(rows) };
         }
-        self.merge_rows_body(input, src, output, dst, row0, s);
+        self.merge_rows_body(rows);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn merge_rows_avx2(
-        &self,
-        input: &[u8],
-        src: Dtype,
-        output: &mut [u8],
-        dst: Dtype,
-        row0: usize,
-        s: f32,
-    ) {
-        self.merge_rows_body(input, src, output, dst, row0, s);
+    unsafe fn merge_rows_avx2(&self, rows: Rows<'_>) {
+        self.merge_rows_body(rows);
     }
 
     #[inline(always)]
-    fn merge_rows_body(
-        &self,
-        input: &[u8],
-        src: Dtype,
-        output: &mut [u8],
-        dst: Dtype,
-        row0: usize,
-        s: f32,
-    ) {
+    fn merge_rows_body(&self, rows: Rows<'_>) {
+        let Rows {
+            input,
+            src,
+            output,
+            dst,
+            row0,
+            s,
+        } = rows;
         const CHUNK: usize = 64;
         let (cols, r) = (self.cols, self.r);
         let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
@@ -182,8 +176,16 @@ mod tests {
                 convert::encode(src, &w, &mut input).unwrap();
                 let mut fast = vec![0u8; rows * cols * osz];
                 let mut portable = vec![0u8; rows * cols * osz];
-                prep.merge_rows(&input, src, &mut fast, dst, 0, 0.75);
-                prep.merge_rows_body(&input, src, &mut portable, dst, 0, 0.75);
+                let tile = |output| Rows {
+                    input: &input,
+                    src,
+                    output,
+                    dst,
+                    row0: 0,
+                    s: 0.75,
+                };
+                prep.merge_rows(tile(&mut fast));
+                prep.merge_rows_body(tile(&mut portable));
                 assert_eq!(fast, portable);
                 let mut w32 = vec![0f32; rows * cols];
                 convert::decode(src, &input, &mut w32).unwrap();

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use super::rel_string;
-use super::rows::Prepared;
+use super::rows::{Prepared, Rows};
 use super::{Action, Control, Inputs, MergeOptions, MergeReport, OutTensor, Plan, Shard, Work};
 use crate::adapter::Adapter;
 use crate::convert;
@@ -241,14 +241,14 @@ impl ShardJob<'_> {
         match out.action {
             Action::Merge(k) => {
                 let prep = &self.writer.prepared[k];
-                prep.merge_rows(
+                prep.merge_rows(Rows {
                     input,
-                    src_dtype,
+                    src: src_dtype,
                     output,
-                    out.dtype,
-                    (e0 / prep.cols as u64) as usize,
-                    self.writer.scale,
-                );
+                    dst: out.dtype,
+                    row0: (e0 / prep.cols as u64) as usize,
+                    s: self.writer.scale,
+                });
             }
             _ => convert::cast(
                 src_dtype,
