@@ -13,9 +13,11 @@ in one run, each in its own child process (so that peak RSS is that process's ow
 
 Caching: page caches cannot be dropped here, so every file is read once before the
 measurements (warm cache for every contender); before each run the previous output is
-deleted and ``sync`` flushes pending writeback. ``cp`` and the merge run ``--repeat``
-times (median reported, all runs printed); the PEFT path runs once. Peak RSS is
-measured by ``/usr/bin/time`` for each child.
+deleted and ``sync`` flushes pending writeback. ``cp`` and the merge run in ``--repeat``
+rounds, each round running every contender once, so that a change of load from other
+work on the machine hits them alike; the ratios are the medians of the per-round
+ratios, the times the medians of the runs (all printed). The PEFT path runs once.
+Peak RSS is measured by ``/usr/bin/time`` for each child.
 
     python benches/bench_merge.py            # 4 layers: 2.2 GB, 3 shards
     python benches/bench_merge.py --layers 8 --keep
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -227,50 +230,37 @@ def main() -> int:
         )
         warm(base)
 
-        rows: list[tuple[str, float, int]] = []
+        out = root / "out"
 
-        def once(argv: list[str], out: Path) -> tuple[float, int, str]:
+        def once(argv: list[str]) -> tuple[float, int, str]:
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # no writeback of an earlier step's output during this one
             return run_child(argv)
 
-        def measure(label: str, argv: list[str], out: Path, repeat: int) -> tuple[float, int, str]:
-            runs = [once(argv, out) for _ in range(repeat)]
-            walls = sorted(r[0] for r in runs)
-            wall, rss, stdout = walls[len(walls) // 2], max(r[1] for r in runs), runs[-1][2]
-            rows.append((label, wall, rss))
-            spread = f"  (runs {', '.join(f'{w:.2f}' for w in walls)})" if repeat > 1 else ""
-            print(
-                f"  {label:<44} {wall:8.2f} s  peak RSS {rss / 2**20:8.1f} MiB{spread}", flush=True
-            )
-            return wall, rss, stdout
-
-        out = root / "out"
-        rep = args.repeat
-        cp_runs = []
-        for _ in range(rep):
-            t_cp, rss_cp, _ = once(["cp", "-r", str(base), str(out)], out)
+        cp = "cp -r"
+        cp_sync = "cp -r + fsync"
+        cli = "unilora merge (CLI, fsync)"
+        no_fsync = "unilora merge (no fsync)"
+        runs: dict[str, list[tuple[float, int]]] = {cp: [], cp_sync: [], cli: [], no_fsync: []}
+        for _ in range(args.repeat):
+            t_cp, rss_cp, _ = once(["cp", "-r", str(base), str(out)])
             t_sync, rss_sync, _ = run_child([py, "-c", FSYNC_SCRIPT, str(out)])
-            cp_runs.append((t_cp, t_cp + t_sync, max(rss_cp, rss_sync)))
-        t_cp = sorted(r[0] for r in cp_runs)[rep // 2]
-        t_cps = sorted(r[1] for r in cp_runs)[rep // 2]
-        rss_cp = max(r[2] for r in cp_runs)
-        rows += [("cp -r", t_cp, rss_cp), ("cp -r + fsync", t_cps, rss_cp)]
-        for label, t, k in (("cp -r", t_cp, 0), ("cp -r + fsync", t_cps, 1)):
-            runs = ", ".join(f"{r[k]:.2f}" for r in cp_runs)
-            print(f"  {label:<44} {t:8.2f} s  (runs {runs})")
-        measure(
-            "unilora merge (CLI, fsync)",
-            [py, "-m", "unilora_rs", "merge", str(base), str(adapter), str(out), "--no-progress"],
-            out,
-            rep,
-        )
-        measure(
-            "unilora merge (no fsync)",
-            [py, "-c", NO_FSYNC_SCRIPT, str(base), str(adapter), str(out)],
-            out,
-            rep,
-        )
+            runs[cp].append((t_cp, rss_cp))
+            runs[cp_sync].append((t_cp + t_sync, max(rss_cp, rss_sync)))
+            argv = [py, "-m", "unilora_rs", "merge", str(base), str(adapter), str(out)]
+            runs[cli].append(once([*argv, "--no-progress"])[:2])
+            runs[no_fsync].append(once([py, "-c", NO_FSYNC_SCRIPT, *argv[4:]])[:2])
+        rows: list[tuple[str, float, int]] = []
+        for label, rs in runs.items():
+            wall, rss = median([w for w, _ in rs]), max(r for _, r in rs)
+            rows.append((label, wall, rss))
+            spread = ", ".join(f"{w:.2f}" for w, _ in rs)
+            print(f"  {label:<44} {wall:8.2f} s  peak RSS {rss / 2**20:8.1f} MiB  (runs {spread})")
+
+        def ratio(a: str, b: str) -> tuple[float, str]:
+            per_round = [x[0] / y[0] for x, y in zip(runs[a], runs[b], strict=True)]
+            return median(per_round), ", ".join(f"{r:.2f}" for r in per_round)
+
         ours = root / "ours"
         shutil.rmtree(ours, ignore_errors=True)
         shutil.move(out, ours)
@@ -280,19 +270,17 @@ def main() -> int:
                 [py, "-m", "unilora_rs", "export-lora", str(adapter), str(lora)]
             )
             print(f"  (export-lora for the PEFT path: {t_exp:.2f} s, not counted)")
-            measure(
-                "PEFT merge_and_unload + save_pretrained",
-                [py, "-c", PEFT_SCRIPT, str(base), str(lora), str(out)],
-                out,
-                1,
-            )
+            peft = "PEFT merge_and_unload + save_pretrained"
+            t_peft, rss_peft, _ = once([py, "-c", PEFT_SCRIPT, str(base), str(lora), str(out)])
+            rows.append((peft, t_peft, rss_peft))
+            print(f"  {peft:<44} {t_peft:8.2f} s  peak RSS {rss_peft / 2**20:8.1f} MiB")
             compare(ours, out)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(ours, ignore_errors=True)
 
         by = {label: (wall, rss) for label, wall, rss in rows}
-        t_ours, rss_ours = by["unilora merge (CLI, fsync)"]
-        t_ours_nf, _ = by["unilora merge (no fsync)"]
+        t_cp = by[cp][0]
+        t_ours, rss_ours = by[cli]
         budget = 2 * largest + 256 * 2**20
         print()
         print("| step | time (s) | vs cp -r | peak RSS (MiB) |")
@@ -300,10 +288,10 @@ def main() -> int:
         for label, wall, rss in rows:
             print(f"| {label} | {wall:.2f} | {wall / t_cp:.2f}x | {rss / 2**20:.0f} |")
         print()
-        print(f"merge (fsync) / (cp -r + fsync): {t_ours / (t_cp + t_sync):.2f}x (target <= 1.5x)")
-        print(f"merge (no fsync) / cp -r:        {t_ours_nf / t_cp:.2f}x (target <= 1.5x)")
-        if "PEFT merge_and_unload + save_pretrained" in by:
-            t_peft, rss_peft = by["PEFT merge_and_unload + save_pretrained"]
+        for a, b in ((cli, cp_sync), (no_fsync, cp)):
+            r, per_round = ratio(a, b)
+            print(f"{a} / {b}: {r:.2f}x (target <= 1.5x; per round {per_round})")
+        if not args.skip_peft:
             print(
                 f"PEFT path / merge:               {t_peft / t_ours:.2f}x faster (target >= 3x); "
                 f"peak RSS {rss_peft / rss_ours:.1f}x ours"

@@ -7,8 +7,11 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +136,9 @@ def test_three_shard_folder(tmp_path: Path, adapter_dir: Path, dtype: str) -> No
     result = ur.merge(base, adapter_dir, out, show_progress=True)
     assert result.merged_count == 21
     assert result.shards == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".unilora-output", *(p.name for p in base.iterdir())]
+    )
     for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes()
     check_merge(base, out, adapter_dir)
@@ -374,14 +379,13 @@ def test_output_overlapping_inputs(tmp_path: Path, sharded: tuple[Path, Path]) -
 def test_existing_output_needs_overwrite(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
     base, adapter = sharded
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
+    ur.merge(base, adapter, out)
+    (out / "config.json").write_text("{}")
     with pytest.raises(FileExistsError):
         ur.merge(base, adapter, out)
-    assert (out / "old.txt").read_text() == "keep me"
+    assert (out / "config.json").read_text() == "{}"
     ur.merge(base, adapter, out, overwrite=True)
-    assert not (out / "old.txt").exists()
-    assert (out / "config.json").exists()
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -415,3 +419,201 @@ def test_full_disk(tmp_path: Path, adapter_dir: Path, tiny_disk: Path) -> None:
     assert info.value.errno == errno.ENOSPC
     assert list(tiny_disk.iterdir()) == []
     assert tree_hash(base) == before
+
+
+# ---------------------------------------------------------------- what a model folder means
+
+
+def _tiny_llama_setup(tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """A Uni-LoRA adapter on a tiny Llama, and the logits with and without it."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llama
+    from unilora_rs.torch import UniLoRAConfig, get_unilora_model
+
+    cfg = UniLoRAConfig(
+        rank=4, vector_length=256, target_modules=["q_proj", "v_proj"], init_range=0.3
+    )
+    model = get_unilora_model(tiny_llama(), cfg).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(x).logits
+        plain = tiny_llama().eval()(x).logits
+    assert (want - plain).abs().max() > 1e-3
+    return tmp_path / "adapter", x, want
+
+
+def _loaded_logits(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(x).logits  # type: ignore[no-any-return]
+
+
+def _sharded_with_stale_single_file(tmp_path: Path) -> Path:
+    """``cp base/model.safetensors sharded/``: shards + index, and a single file too."""
+    from tiny_models import tiny_llama
+
+    base = tmp_path / "sharded"
+    tiny_llama().save_pretrained(base, max_shard_size="40KB")
+    assert (base / "model.safetensors.index.json").exists()
+    tiny_llama().save_pretrained(tmp_path / "single")
+    shutil.copy(tmp_path / "single" / "model.safetensors", base / "model.safetensors")
+    return base
+
+
+def test_folder_with_single_file_and_index_merges_what_transformers_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unilora_rs.cli import main
+
+    adapter, x, want = _tiny_llama_setup(tmp_path)
+    base = _sharded_with_stale_single_file(tmp_path)
+    before = tree_hash(base)
+    with pytest.warns(ur.UniLoraWarning, match="transformers loads model.safetensors"):
+        result = ur.merge(base, adapter, tmp_path / "out")
+    assert result.shards == ["model.safetensors"]
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not list((tmp_path / "out").glob("model-*.safetensors"))
+    torch.testing.assert_close(_loaded_logits(tmp_path / "out", x), want, atol=1e-5, rtol=0)
+    assert tree_hash(base) == before
+
+    # The command line says so on stderr and still succeeds.
+    capsys.readouterr()
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "out2"), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unilora: warning:"), err
+    assert "transformers loads model.safetensors" in err[0]
+
+
+def test_folder_follows_transformers_weights_in_config(tmp_path: Path) -> None:
+    adapter, x, want = _tiny_llama_setup(tmp_path)
+    base = _sharded_with_stale_single_file(tmp_path)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["transformers_weights"] = "model.safetensors.index.json"
+    (base / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(ur.UniLoraWarning, match="not copied"):
+        result = ur.merge(base, adapter, tmp_path / "out")
+    assert "model.safetensors" not in result.shards and len(result.shards) > 1
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    torch.testing.assert_close(_loaded_logits(tmp_path / "out", x), want, atol=1e-5, rtol=0)
+
+    shutil.rmtree(tmp_path / "out")
+    cfg["transformers_weights"] = "../elsewhere.safetensors"
+    (base / "config.json").write_text(json.dumps(cfg))
+    expect_failure(tmp_path, base, adapter, ur.FormatError, "inside the model folder")
+
+
+# ---------------------------------------------------------------- replacing an output
+
+
+def test_overwrite_replaces_only_an_earlier_output(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    base, adapter = sharded
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        ur.merge(base, adapter, out, overwrite=True)
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        ur.export_lora(adapter, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ur.merge(base, adapter, empty, overwrite=True)  # nothing to lose
+    first = tree_hash(empty)
+    ur.merge(base, adapter, empty, overwrite=True)  # an earlier output of ours
+    assert tree_hash(empty) == first
+    lora = tmp_path / "lora"
+    ur.export_lora(adapter, lora)
+    ur.export_lora(adapter, lora, overwrite=True)
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        ur.merge(base, adapter, lora, overwrite=True)  # ours, but another kind of output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_parent_folders_of_the_output_are_created(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    base, adapter = sharded
+    ur.merge(base, adapter, tmp_path / "a" / "b" / "out")
+    ur.export_lora(adapter, tmp_path / "c" / "lora")
+    assert (tmp_path / "a" / "b" / "out" / "config.json").exists()
+    assert (tmp_path / "c" / "lora" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def _dead_pid() -> int:
+    r = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(r.stdout)
+
+
+def test_stale_temp_outputs_of_dead_processes_are_removed(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    base, adapter = sharded
+    dead = _dead_pid()
+    stale_dir = tmp_path / f".out.unilora-tmp-{dead}-0"
+    stale_dir.mkdir()
+    (stale_dir / "model-00001-of-00003.safetensors").write_bytes(b"\0" * 4096)
+    stale_file = tmp_path / f".out.unilora-tmp-{dead}-3"
+    stale_file.write_bytes(b"\0" * 100)
+    live = tmp_path / f".out.unilora-tmp-{os.getpid()}-12345"  # a running process's
+    live.mkdir()
+    other = [tmp_path / ".out.unilora-tmp-x-0", tmp_path / f".other.unilora-tmp-{dead}-0"]
+    for p in other:
+        p.mkdir()
+    an_hour_ago = time.time() - 3600
+    for p in [*stale_dir.iterdir(), stale_dir, stale_file, live, *other]:
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    # Written to a minute ago: perhaps by a process this one cannot see; kept.
+    recent = tmp_path / f".out.unilora-tmp-{dead}-4"
+    recent.mkdir()
+    ur.merge(base, adapter, tmp_path / "out")
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert live.exists() and recent.exists() and all(p.exists() for p in other)
+
+
+# The command line, with every merge made slow (tiles of 4 elements), so that a signal
+# surely comes while it runs.
+SLOW_CLI = """
+import sys
+import unilora_rs._core as core
+from unilora_rs.cli import main
+fast = core.merge
+core.merge = lambda *args, **kw: fast(*args, **kw, tile_elems=4)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_merge_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    n, layers = 1024, 8  # 32 MB of float32, cast to bf16 in tiles of 4 elements
+    sd = {f"layers.{k}.proj.weight": torch.zeros(n, n) for k in range(layers)}
+    base = write_checkpoint(tmp_path / "base", sd, shards=2)
+    write_adapter(tmp_path / "ad", [ModuleSpec("layers.0.proj", n, n)])
+    env = dict(os.environ, UNILORA_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", SLOW_CLI, "merge", str(base), str(tmp_path / "ad")]
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path / "out"), "--dtype", "bf16"],
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert proc.stderr is not None
+    proc.stderr.read(1)  # the progress bar has started: the merge is running
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "unilora: terminated" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base"]

@@ -18,9 +18,11 @@ from . import _core
 from .errors import (
     DtypeError,
     FormatError,
+    InternalError,
     InvalidArgumentError,
     MismatchError,
     UniLoraError,
+    UniLoraWarning,
     VectorError,
 )
 from .numpy_api import (
@@ -58,12 +60,14 @@ __all__ = [
     "DtypeError",
     "ExportResult",
     "FormatError",
+    "InternalError",
     "InvalidArgumentError",
     "MergeResult",
     "MergedTensor",
     "MismatchError",
     "ModuleSpec",
     "UniLoraError",
+    "UniLoraWarning",
     "VectorError",
     "__version__",
     "export_lora",

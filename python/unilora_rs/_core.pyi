@@ -11,12 +11,16 @@ __all__ = [
     "MAX_THREADS",
     "SPEC_VERSION",
     "__version__",
+    "check_adapter_config",
+    "check_adapter_module",
     "export_lora",
     "fingerprint",
     "get_num_threads",
+    "load_adapter",
     "merge",
     "projection",
     "projection_params",
+    "read_adapter_config",
     "reconstruct",
     "reconstruct_backward",
     "safetensors_header",
@@ -64,3 +68,14 @@ def export_lora(
 def safetensors_header(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int]: ...
+def read_adapter_config(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]: ...
+def check_adapter_config(
+    config: dict[str, Any],
+    *,
+    source: str | os.PathLike[str] | None = None,
+    verify: bool = False,
+) -> dict[str, Any]: ...
+def check_adapter_module(module: dict[str, Any]) -> dict[str, Any]: ...
+def load_adapter(
+    path: str | os.PathLike[str], *, verify: bool = True
+) -> tuple[dict[str, Any], npt.NDArray[np.float32]]: ...

@@ -19,16 +19,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from . import __version__, fingerprint
-from .errors import FormatError, InvalidArgumentError, MismatchError, VectorError
+from . import __version__, _core
+from .errors import FormatError, InvalidArgumentError, VectorError
 
 FORMAT_NAME = "unilora_rs"
 FORMAT_VERSION = 1
@@ -53,7 +53,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """One adapted layer: its qualified name in the base model and its sizes."""
+    """One adapted layer: its qualified name in the base model and its sizes.
+
+    Checked by the same rules as ``adapter_config.json`` (the Rust validator): a
+    non-empty name without control characters, sizes in ``[1, 2**64 - 1]``, ``kind``
+    ``"linear"`` or ``"conv1d"``.
+    """
 
     name: str
     in_features: int
@@ -61,16 +66,7 @@ class ModuleSpec:
     kind: str = "linear"
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise InvalidArgumentError("module name must not be empty")
-        if self.kind not in MODULE_KINDS:
-            raise InvalidArgumentError(
-                f"module {self.name!r}: kind {self.kind!r} is not one of {', '.join(MODULE_KINDS)}"
-            )
-        for attr in ("in_features", "out_features"):
-            v = getattr(self, attr)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise InvalidArgumentError(f"module {self.name!r}: {attr} must be >= 1, got {v!r}")
+        _core.check_adapter_module(asdict(self))
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -82,7 +78,13 @@ class ModuleSpec:
 
 @dataclass
 class AdapterConfig:
-    """Contents of ``adapter_config.json``."""
+    """Contents of ``adapter_config.json``.
+
+    Every config, read from a file or built here, is checked by the one validator the
+    Rust merge and export use (``unilora_rs._core``), so the command line, this module
+    and the torch layer accept and reject the same configs. An empty ``fingerprint``
+    is filled in with the one seed, ``d`` and the module list give.
+    """
 
     seed: int
     vector_length: int
@@ -98,7 +100,7 @@ class AdapterConfig:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     spec_version: int = 1
-    library_version: str = __version__
+    library_version: str | None = __version__
     #: What the trained model is for, so that a merge can rebuild it without the training
     #: code: ``{"type": "sequence-classification" | "causal-lm", "config": {keys set in
     #: the merged config.json (architectures, id2label, ...)}, "new_tensors": [tensors
@@ -106,25 +108,24 @@ class AdapterConfig:
     task: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise InvalidArgumentError(f"rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.vector_length, int) or self.vector_length <= 0:
-            raise InvalidArgumentError(
-                f"vector_length (d) must be >= 1, got {self.vector_length!r}"
-            )
-        if not self.modules:
-            raise InvalidArgumentError("an adapter needs at least one module")
-        names = [m.name for m in self.modules]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise InvalidArgumentError(f"module {dup!r} is listed twice")
-        if self.vector_length > self.total_size:
-            raise InvalidArgumentError(
-                f"d = {self.vector_length} is larger than D = {self.total_size} "
-                "(the LoRA parameter count of the listed modules)"
-            )
-        if not self.fingerprint:
-            self.fingerprint = self.expected_fingerprint()
+        self._assign(self._checked())
+
+    def _checked(self, *, verify: bool = False) -> dict[str, Any]:
+        return _core.check_adapter_config(self.to_dict(), verify=verify)
+
+    def _assign(self, checked: Mapping[str, Any]) -> None:
+        for f in fields(self):
+            if f.name in checked:  # the validator returns every key it knows
+                value = checked[f.name]
+                if f.name == "modules":
+                    value = [ModuleSpec(**m) for m in value]
+                setattr(self, f.name, value)
+
+    @classmethod
+    def _from_checked(cls, checked: Mapping[str, Any]) -> AdapterConfig:
+        kwargs = {f.name: checked[f.name] for f in fields(cls) if f.name in checked}
+        kwargs["modules"] = [ModuleSpec(**m) for m in checked["modules"]]
+        return cls(**kwargs)
 
     @property
     def scaling(self) -> float:
@@ -133,65 +134,33 @@ class AdapterConfig:
 
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """The matrices of ``theta_D`` in flattening order: ``<name>.lora_B`` then ``.lora_A``."""
-        r = self.rank
-        shapes: dict[str, tuple[int, int]] = {}
-        for m in self.modules:
-            shapes[f"{m.name}.lora_B"] = (m.out_features, r)
-            shapes[f"{m.name}.lora_A"] = (r, m.in_features)
-        return shapes
+        return {name: (rows, cols) for name, rows, cols in self._checked()["matrices"]}
 
     @property
     def total_size(self) -> int:
         """``D``: the number of LoRA parameters represented."""
-        return sum(self.rank * (m.in_features + m.out_features) for m in self.modules)
+        return int(self._checked()["total_size"])
 
     def expected_fingerprint(self) -> str:
         """The fingerprint recomputed from seed, ``d`` and the module list."""
-        return fingerprint(self.seed, self.vector_length, self.matrix_shapes())
+        return str(self._checked()["expected_fingerprint"])
 
     def verify(self) -> None:
         """Raises :class:`MismatchError` when the stored fingerprint does not match."""
-        expected = self.expected_fingerprint()
-        if self.fingerprint != expected:
-            raise MismatchError(
-                "adapter fingerprint mismatch: the config records "
-                f"{self.fingerprint} but seed={self.seed}, d={self.vector_length} and the "
-                f"{len(self.modules)} listed modules give {expected}; the seed, d or module "
-                "list was changed after training, so theta_d would rebuild the wrong matrices"
-            )
+        self._checked(verify=True)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (modules as a list of objects)."""
         out = asdict(self)
-        out["modules"] = [asdict(m) for m in self.modules]
         if out["task"] is None:
             del out["task"]
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "adapter config") -> AdapterConfig:
-        """Parses a dict as read from ``adapter_config.json`` (no fingerprint check)."""
-        if data.get("format") != FORMAT_NAME:
-            raise FormatError(
-                f"{source}: not a unilora_rs adapter (format = {data.get('format')!r}, "
-                f"expected {FORMAT_NAME!r})"
-            )
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise FormatError(
-                f"{source}: format_version {data['format_version']} is newer than this "
-                f"unilora_rs ({FORMAT_VERSION}); upgrade unilora_rs"
-            )
-        if int(data.get("spec_version", 0)) != 1:
-            raise FormatError(
-                f"{source}: unsupported generator spec_version {data.get('spec_version')!r}"
-            )
-        try:
-            modules = [ModuleSpec(**m) for m in data["modules"]]
-            known = {f for f in cls.__dataclass_fields__}
-            kwargs = {k: v for k, v in data.items() if k in known and k != "modules"}
-            return cls(modules=modules, **kwargs)
-        except (KeyError, TypeError) as err:
-            raise FormatError(f"{source}: malformed adapter config ({err})") from err
+        """Parses a dict as read from ``adapter_config.json`` (no fingerprint check);
+        problems raise :class:`FormatError` naming ``source``."""
+        return cls._from_checked(_core.check_adapter_config(dict(data), source=source))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -248,55 +217,39 @@ def save_adapter(
     return out
 
 
-def _config_path(adapter: str | os.PathLike[str]) -> Path:
+def _adapter_dir(adapter: str | os.PathLike[str]) -> Path:
     path = Path(adapter)
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    if not path.exists():
-        raise FileNotFoundError(2, "adapter config not found", str(path))
-    return path
+    return path.parent if path.name == CONFIG_NAME and not path.is_dir() else path
 
 
 def load_adapter_config(adapter: str | os.PathLike[str], *, verify: bool = True) -> AdapterConfig:
     """Reads ``adapter_config.json`` from an adapter directory (or the file itself).
 
     With ``verify`` (the default) the fingerprint is recomputed and a mismatch raises
-    :class:`MismatchError`.
+    :class:`MismatchError`; a malformed config raises :class:`FormatError`.
     """
-    path = _config_path(adapter)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{path}: invalid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    config = AdapterConfig.from_dict(data, source=str(path))
-    if verify:
-        config.verify()
-    return config
+    return AdapterConfig._from_checked(_core.read_adapter_config(Path(adapter), verify=verify))
 
 
 def load_adapter(
     adapter: str | os.PathLike[str],
 ) -> tuple[AdapterConfig, npt.NDArray[np.float32], dict[str, npt.NDArray[Any]]]:
-    """Loads ``(config, theta_d, extra_tensors)`` from an adapter directory, verified."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Loads ``(config, theta_d, extra_tensors)`` from an adapter directory, verified
+    exactly as the Rust merge verifies it (see :func:`unilora_rs._core.load_adapter`)."""
+    checked, theta = _core.load_adapter(Path(adapter))
+    config = AdapterConfig._from_checked(checked)
+    weights = _adapter_dir(adapter) / WEIGHTS_NAME
+    _meta, tensors, _start = _core.safetensors_header(weights)
+    names = [name for name in tensors if name != VECTOR_KEY]
+    extra: dict[str, npt.NDArray[Any]] = {}
+    if names:
+        from safetensors import SafetensorError, safe_open
 
-    config = load_adapter_config(adapter)
-    weights = Path(adapter) / WEIGHTS_NAME
-    if not weights.exists():
-        raise FileNotFoundError(2, "adapter weights not found", str(weights))
-    try:
-        tensors = load_file(str(weights))
-    except SafetensorError as err:
-        raise FormatError(f"{weights}: corrupt safetensors file ({err})") from err
-    if VECTOR_KEY not in tensors:
-        raise FormatError(f"{weights}: no {VECTOR_KEY!r} tensor")
-    theta = _check_theta(tensors.pop(VECTOR_KEY), config.vector_length, str(weights))
-    return config, theta, tensors
-
-
-def module_specs(items: Sequence[tuple[str, int, int, str]]) -> list[ModuleSpec]:
-    """Builds specs from ``(name, in_features, out_features, kind)`` tuples."""
-    return [ModuleSpec(name, fi, fo, kind) for name, fi, fo, kind in items]
+        try:
+            with safe_open(str(weights), framework="np") as f:
+                extra = {name: f.get_tensor(name) for name in names}
+        except (SafetensorError, TypeError) as err:
+            raise FormatError(
+                f"{weights}: cannot read the modules_to_save tensors ({err})"
+            ) from err
+    return config, theta, extra

@@ -3,17 +3,22 @@
 Each sub-command lives in its own module under :mod:`unilora_rs.commands` and exposes
 ``register(subparsers)``; the module's ``run(args) -> int`` does the work. Errors are
 printed as one line on stderr with a non-zero exit code, never as a traceback
-(set ``UNILORA_DEBUG=1`` to see the traceback).
+(set ``UNILORA_DEBUG=1`` to see the traceback). SIGTERM is handled like Ctrl-C: the
+running command stops, removes its temporary output and exits with 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from . import __version__, commands
 from .errors import UniLoraError
@@ -33,15 +38,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (see :func:`main`)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises :class:`Terminated`: work in
+    Rust is cancelled and cleans up, as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        with _sigterm_raises():
+            return int(args.run(args))
     except KeyboardInterrupt:
         print("unilora: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("unilora: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as err:
         if os.environ.get("UNILORA_DEBUG"):
             raise

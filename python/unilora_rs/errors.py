@@ -11,9 +11,11 @@ from __future__ import annotations
 __all__ = [
     "DtypeError",
     "FormatError",
+    "InternalError",
     "InvalidArgumentError",
     "MismatchError",
     "UniLoraError",
+    "UniLoraWarning",
     "VectorError",
 ]
 
@@ -40,3 +42,12 @@ class FormatError(UniLoraError, ValueError):
 
 class MismatchError(UniLoraError, ValueError):
     """Adapter and base model (or an adapter and its config) disagree."""
+
+
+class InternalError(UniLoraError, RuntimeError):
+    """A bug rather than a bad input (a worker thread panicked); please report it."""
+
+
+class UniLoraWarning(UserWarning):
+    """Something the user should know about a result that is still correct (e.g. files a
+    merge left out of its output)."""

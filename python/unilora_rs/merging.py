@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _core
-from .adapter import CONFIG_NAME, VECTOR_KEY, WEIGHTS_NAME, AdapterConfig, ModuleSpec
-from .errors import FormatError, InvalidArgumentError, MismatchError
+from .adapter import VECTOR_KEY, WEIGHTS_NAME, AdapterConfig, ModuleSpec, _adapter_dir
+from .errors import InvalidArgumentError, UniLoraWarning
 
 __all__ = [
     "AdapterInfo",
@@ -60,6 +61,8 @@ class MergeResult:
     bytes_written: int
     largest_tensor_bytes: int
     seconds: float
+    left_out: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def merged_count(self) -> int:
@@ -242,9 +245,14 @@ def merge(
     """Merges a Uni-LoRA adapter into a safetensors checkpoint, streaming, in Rust.
 
     ``base`` is a ``.safetensors`` file (then ``out`` is the output file) or a model
-    folder with ``model.safetensors.index.json`` shards or ``.safetensors`` files (then
-    ``out`` is the output folder: shards keep their names, the index and every other
-    file, such as ``config.json`` and the tokenizer, are copied).
+    folder (then ``out`` is the output folder: shards keep their names, the index and
+    every other file, such as ``config.json`` and the tokenizer, are copied). A folder
+    means what transformers loads from it: the file ``config.json`` names in
+    ``transformers_weights``, else ``model.safetensors``, else
+    ``model.safetensors.index.json`` and its shards (else its ``.safetensors`` files).
+    Other weights files in the folder (a stale ``model.safetensors`` next to shards,
+    say) are left out of the output, with a :class:`UniLoraWarning`, so that no loader
+    can pick unmerged weights from it.
 
     Each adapted module's weight ``W`` becomes ``W + (alpha / r) * B @ A`` (transposed
     for ``conv1d`` modules), computed in float32 and rounded once, to nearest even.
@@ -259,9 +267,13 @@ def merge(
     unique dotted-suffix match): a missing or ambiguous target raises
     :class:`MismatchError`. The output is written to temporary files and renamed into
     place when complete; an existing output raises :class:`FileExistsError` unless
-    ``overwrite``; an output equal to, inside, or containing an input raises
-    :class:`InvalidArgumentError`. The inputs are never modified. Ctrl-C cancels
-    cleanly (no partial output).
+    ``overwrite`` (and an existing folder is replaced only when it is empty or an
+    earlier merge output, which holds a ``.unilora-output`` file); an output equal to,
+    inside, or containing an input raises :class:`InvalidArgumentError`. The inputs are
+    never modified. Ctrl-C, or any signal handler that raises (the ``unilora`` command
+    turns SIGTERM into one), cancels cleanly: no partial output. Temporaries left by
+    processes that were killed outright are removed by the next run (once untouched
+    for a minute).
     """
     base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
     dt = _dtype(dtype, allow_none=True)
@@ -276,6 +288,8 @@ def merge(
         if progress is not None:
             progress.close()
     seconds = time.perf_counter() - t0
+    for message in raw["warnings"]:
+        warnings.warn(message, UniLoraWarning, stacklevel=2)
     return MergeResult(
         out=Path(raw["out"]),
         merged=[MergedTensor(**m) for m in raw["merged"]],
@@ -288,6 +302,8 @@ def merge(
         bytes_written=raw["bytes_written"],
         largest_tensor_bytes=raw["largest_tensor_bytes"],
         seconds=seconds,
+        left_out=list(raw["left_out"]),
+        warnings=list(raw["warnings"]),
     )
 
 
@@ -326,57 +342,41 @@ def _dir_size(path: Path) -> int:
 def inspect(adapter: PathArg) -> AdapterInfo:
     """Summarises an adapter: ``d``, seed, rank, modules, parameter counts, the
     fingerprint check (reported, not raised: see :attr:`AdapterInfo.fingerprint_ok`),
-    and the size on disk against the equivalent float32 LoRA.
+    whether ``theta_d`` is finite (reported too), and the size on disk against the
+    equivalent float32 LoRA.
 
-    Raises :class:`FormatError` for a malformed config or weights file and
-    ``FileNotFoundError`` when files are missing.
+    Every other check is the one the Rust merge makes: a malformed config or weights
+    file raises :class:`FormatError` (or :class:`MismatchError`, :class:`VectorError`),
+    missing files ``FileNotFoundError``.
     """
     import numpy as np
 
-    from .adapter import load_adapter_config
-
     path = _path("adapter", adapter)
-    if not path.is_dir():
-        if path.exists():
-            raise InvalidArgumentError(
-                f"{path}: an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
-            )
-        raise FileNotFoundError(2, "adapter not found", str(path))
-    config: AdapterConfig = load_adapter_config(path, verify=False)
-    weights = path / WEIGHTS_NAME
-    if not weights.exists():
-        raise FileNotFoundError(2, "adapter weights not found", str(weights))
-    _meta, tensors, data_start = _core.safetensors_header(weights)
-    if VECTOR_KEY not in tensors:
-        raise FormatError(f"{weights}: no {VECTOR_KEY!r} tensor")
-    dtype, shape, (begin, end) = tensors[VECTOR_KEY]
-    if dtype != "F32" or list(shape) != [config.vector_length]:
-        raise MismatchError(
-            f"{weights}: {VECTOR_KEY} is {dtype} {list(shape)}, the config says F32 "
-            f"[{config.vector_length}]"
-        )
-    theta = np.fromfile(weights, dtype="<f4", count=(end - begin) // 4, offset=data_start + begin)
+    checked, theta = _core.load_adapter(path, verify=False)
+    config = AdapterConfig._from_checked(checked)
+    directory = _adapter_dir(path)
+    _meta, tensors, _start = _core.safetensors_header(directory / WEIGHTS_NAME)
     finite = bool(np.isfinite(theta).all())
     saved = {name: (dt, list(sh)) for name, (dt, sh, _) in tensors.items() if name != VECTOR_KEY}
     kinds: dict[str, int] = {}
     for m in config.modules:
         kinds[m.kind] = kinds.get(m.kind, 0) + 1
     return AdapterInfo(
-        path=path,
+        path=directory,
         seed=config.seed,
         d=config.vector_length,
         rank=config.rank,
         alpha=config.alpha,
         modules=list(config.modules),
-        lora_parameters=config.total_size,
+        lora_parameters=int(checked["total_size"]),
         modules_to_save=list(config.modules_to_save),
         saved_tensors=saved,
         saved_parameters=sum(_numel(sh) for _, sh in saved.values()),
         fingerprint=config.fingerprint,
-        expected_fingerprint=config.expected_fingerprint(),
+        expected_fingerprint=str(checked["expected_fingerprint"]),
         theta_finite=finite,
         theta_norm=float(np.linalg.norm(theta.astype(np.float64))) if finite else float("nan"),
-        size_on_disk=_dir_size(path),
+        size_on_disk=_dir_size(directory),
         base_model_name_or_path=config.base_model_name_or_path,
         spec_version=config.spec_version,
         format_version=config.format_version,

@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="f32",
         help="dtype of the LoRA factors (default f32, exact)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (only if empty or an earlier export-lora output)",
+    )
     p.set_defaults(run=run)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
+from ..errors import UniLoraWarning
 from ..merging import merge
 
 
@@ -27,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="cast every floating tensor of the output (default: keep each tensor's dtype)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (a folder only if empty or an earlier merge output)",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p.set_defaults(run=run)
 
@@ -37,14 +44,18 @@ def _size(nbytes: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = merge(
-        args.base,
-        args.adapter,
-        args.out,
-        dtype=args.dtype,
-        show_progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UniLoraWarning)  # printed below, as one line each
+        result = merge(
+            args.base,
+            args.adapter,
+            args.out,
+            dtype=args.dtype,
+            show_progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    for message in result.warnings:
+        print(f"unilora: warning: {' '.join(message.split())}", file=sys.stderr)
     extra = f", replaced {len(result.replaced)}" if result.replaced else ""
     cast = f", cast {result.cast}" if result.cast else ""
     print(

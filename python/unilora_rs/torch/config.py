@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -16,10 +17,12 @@ from .kernels import BACKENDS, INDEX_MODES
 __all__ = [
     "ALL_LINEAR",
     "DEFAULT_TARGET_MODULES",
+    "PEFT_ARGUMENT_NAMES",
     "UniLoRAConfig",
     "find_modules_to_save",
     "find_targets",
     "name_matches",
+    "target_rule",
 ]
 
 #: The special ``target_modules`` value: every Linear / Conv1D except the output layer.
@@ -44,6 +47,15 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "xlm-roberta": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"],
     "t5": ["q", "v"],
+}
+
+#: PEFT's ``UniLoraConfig`` argument names and the matching ones here.
+PEFT_ARGUMENT_NAMES: dict[str, str] = {
+    "r": "rank",
+    "theta_d_length": "vector_length",
+    "proj_seed": "seed",
+    "init_theta_d_bound": "init_range",
+    "unilora_dropout": "dropout",
 }
 
 
@@ -74,6 +86,9 @@ class UniLoRAConfig:
         backend: ``"auto"`` (Triton on CUDA, the Rust core on CPU), ``"triton"``,
             ``"rust"`` or ``"torch"`` (int64 torch ops, any device).
         base_model_name_or_path: recorded in the adapter (informative).
+
+    PEFT's argument names (``r``, ``theta_d_length``, ...) raise an error naming the
+    argument to use instead (:data:`PEFT_ARGUMENT_NAMES`).
     """
 
     rank: int = 4
@@ -88,6 +103,22 @@ class UniLoRAConfig:
     index_mode: str = "on_the_fly"
     backend: str = "auto"
     base_model_name_or_path: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> UniLoRAConfig:
+        known = [f for f in cls.__dataclass_fields__]
+        for name in kwargs:
+            if name in PEFT_ARGUMENT_NAMES:
+                raise InvalidArgumentError(
+                    f"UniLoRAConfig has no argument {name!r} (PEFT's UniLoraConfig name); "
+                    f"use {PEFT_ARGUMENT_NAMES[name]}= instead (docs/TRAINING.md maps PEFT's "
+                    "names to ours)"
+                )
+            if name not in known:
+                raise InvalidArgumentError(
+                    f"UniLoRAConfig got an unknown argument {name!r}; valid arguments: "
+                    + ", ".join(known)
+                )
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -105,8 +136,8 @@ class UniLoRAConfig:
             )
         if self.alpha is None:
             self.alpha = float(self.rank)
-        if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
-            raise InvalidArgumentError(f"alpha must be a number, got {self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise InvalidArgumentError(f"alpha must be a finite number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         if not self.init_range > 0:
             raise InvalidArgumentError(
@@ -147,14 +178,17 @@ class UniLoRAConfig:
             "vector_length": cfg.vector_length,
             "seed": cfg.seed,
             "alpha": cfg.alpha,
-            "target_modules": cfg.target_modules,
-            "exclude_modules": cfg.exclude_modules,
             "modules_to_save": list(cfg.modules_to_save) or None,
             "init_range": cfg.init_range,
             "base_model_name_or_path": cfg.base_model_name_or_path,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        # A saved adapter's module list is what counts; its matching rules are kept as
+        # recorded (checked for type by the adapter config validator, not recompiled).
+        config.target_modules = overrides.get("target_modules", cfg.target_modules)
+        config.exclude_modules = overrides.get("exclude_modules", cfg.exclude_modules)
+        return config
 
 
 def _check_rule(label: str, rule: object) -> list[str] | str | None:
@@ -239,6 +273,14 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return {name for name, mod in model.named_modules() if mod is out}
 
 
+def target_rule(model: nn.Module, config: UniLoRAConfig) -> list[str] | str:
+    """``config.target_modules``, or the default targets of the model type when it is
+    ``None`` (:data:`DEFAULT_TARGET_MODULES`)."""
+    if config.target_modules is not None:
+        return config.target_modules
+    return list(_default_targets(model))
+
+
 def _default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGET_MODULES:
@@ -257,7 +299,7 @@ def find_targets(
     Modules inside ``saved`` (the modules_to_save) are never adapted; a module that matches
     the rules but is not a Linear / Conv1D raises :class:`InvalidArgumentError`.
     """
-    rule = config.target_modules if config.target_modules is not None else _default_targets(model)
+    rule = target_rule(model, config)
     outputs = _output_layer_names(model) if rule == ALL_LINEAR else set()
     for name, module in model.named_modules():
         if not name or name in outputs:

@@ -35,6 +35,7 @@ from .config import (
     find_targets,
     module_features,
     module_kind,
+    target_rule,
 )
 from .kernels import INDEX_MODES, ProjectionParams, build_index_map, rebuild, resolve_backend
 from .layers import SharedState, UniLoRALayer
@@ -73,6 +74,7 @@ class UniLoRAModel(nn.Module):
             isinstance(m, UniLoRALayer) for m in model.modules()
         ):
             raise InvalidArgumentError("the model already holds Uni-LoRA layers")
+        _refuse_peft_model(model)
         self.base_model = model
         self.unilora_config = config
         self.saved_module_names = find_modules_to_save(model, config)
@@ -102,7 +104,7 @@ class UniLoRAModel(nn.Module):
             rank=config.rank,
             alpha=float(config.alpha),  # type: ignore[arg-type]
             modules=specs,
-            target_modules=config.target_modules,
+            target_modules=target_rule(model, config) if modules is None else config.target_modules,
             exclude_modules=config.exclude_modules,
             modules_to_save=list(self.saved_module_names),
             base_model_name_or_path=config.base_model_name_or_path or _name_or_path(model),
@@ -158,6 +160,16 @@ class UniLoRAModel(nn.Module):
             if name in {"base_model", "_modules", "_parameters", "_buffers"}:
                 raise
             return getattr(self.base_model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "peft_config":  # set by peft.get_peft_model once it has wrapped us
+            raise InvalidArgumentError(
+                "peft.get_peft_model cannot wrap a UniLoRAModel: PEFT would freeze theta_d "
+                "and leave it out of what it saves. Use one tuner per model: call "
+                "merge_and_unload() first and give PEFT the plain model (this model now "
+                "holds PEFT layers too; rebuild it)"
+            )
+        super().__setattr__(name, value)
 
     def _apply(self, fn: Any, recurse: bool = True) -> UniLoRAModel:
         super()._apply(fn, recurse)
@@ -367,10 +379,11 @@ class UniLoRAModel(nn.Module):
     ) -> UniLoRAModel:
         """Loads an adapter from a local folder or a Hub repo id onto ``model``.
 
-        The fingerprint is verified (a changed seed, ``d`` or module list raises
-        :class:`MismatchError`), the recorded modules must exist in ``model`` with the
-        recorded kind and shapes, and ``theta_d`` must be finite. With
-        ``is_trainable=False`` (the default) nothing requires grad.
+        The adapter is checked as the Rust merge checks it (a changed seed, ``d`` or
+        module list raises :class:`MismatchError`), the recorded modules must exist in
+        ``model`` with the recorded kind and shapes, and ``theta_d`` must be finite.
+        With ``is_trainable=False`` (the default) nothing requires grad and the model is
+        in eval mode, as with PEFT; with ``is_trainable=True`` the mode is left as is.
         """
         directory = _resolve_adapter_dir(adapter, revision, subfolder, token, cache_dir)
         adapter_cfg, theta, extra = load_adapter(directory)
@@ -392,6 +405,7 @@ class UniLoRAModel(nn.Module):
         if not is_trainable:
             for p in wrapped.parameters():
                 p.requires_grad_(False)
+            wrapped.eval()
         return wrapped
 
 
@@ -405,6 +419,18 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _refuse_peft_model(model: nn.Module) -> None:
+    peft_layers = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")}
+    )
+    if peft_layers or hasattr(model, "peft_config"):
+        raise InvalidArgumentError(
+            f"the model already holds PEFT layers ({', '.join(peft_layers) or 'a PEFT model'}); "
+            "Uni-LoRA does not stack on another tuner: give get_unilora_model the base model, "
+            "or merge_and_unload() the PEFT model first"
+        )
 
 
 def _check_modules_exist(model: nn.Module, specs: Sequence[ModuleSpec]) -> None:

@@ -36,6 +36,7 @@ error_class!(vector_error, "VectorError");
 error_class!(dtype_error, "DtypeError");
 error_class!(format_error, "FormatError");
 error_class!(mismatch_error, "MismatchError");
+error_class!(internal_error, "InternalError");
 
 /// Converts a core error into the matching Python exception.
 pub fn to_pyerr(err: CoreError) -> PyErr {
@@ -47,12 +48,16 @@ pub fn to_pyerr(err: CoreError) -> PyErr {
             CoreError::Dtype(_) => dtype_error(py),
             CoreError::Format { .. } => format_error(py),
             CoreError::Mismatch(_) => mismatch_error(py),
+            CoreError::Internal(_) => internal_error(py),
             CoreError::Io { path, source } => {
                 let errno = source.raw_os_error().unwrap_or(match source.kind() {
                     std::io::ErrorKind::NotFound => 2,
                     std::io::ErrorKind::PermissionDenied => 13,
                     std::io::ErrorKind::AlreadyExists => 17,
                     std::io::ErrorKind::StorageFull => 28,
+                    std::io::ErrorKind::NotADirectory => 20,
+                    std::io::ErrorKind::IsADirectory => 21,
+                    std::io::ErrorKind::InvalidInput => 22,
                     _ => 5,
                 });
                 return PyOSError::new_err((errno, source.to_string(), path.display().to_string()));

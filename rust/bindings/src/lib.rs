@@ -5,8 +5,10 @@
 
 #![deny(missing_docs)]
 
+mod adapter;
 mod convert;
 mod errors;
+mod json;
 mod merge;
 mod projection;
 
@@ -23,6 +25,11 @@ mod _core {
 
     #[pymodule_export]
     use crate::merge::{export_lora, merge, safetensors_header};
+
+    #[pymodule_export]
+    use crate::adapter::{
+        check_adapter_config, check_adapter_module, load_adapter, read_adapter_config,
+    };
 
     use pyo3::prelude::*;
 

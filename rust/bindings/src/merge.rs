@@ -2,22 +2,19 @@
 //!
 //! The merge runs on a worker thread (which uses the crate's pool) while the calling
 //! thread waits with the GIL released, waking every 100 ms to run Python's signal
-//! handlers (so Ctrl-C cancels the merge, which then removes its temporary output) and
-//! to report progress to an optional callback.
+//! handlers (so Ctrl-C, or any handler that raises, cancels the merge, which then
+//! removes its temporary output) and to report progress to an optional callback.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use unilora_core::merge::{Control, MergeOptions};
+use unilora_core::control::{Control, run_watched, wait_a_poll};
+use unilora_core::merge::MergeOptions;
 use unilora_core::safetensors::{Dtype, Header};
 use unilora_core::{CoreError, ExportOptions};
 
 use crate::errors::IntoPyResult;
-
-/// How often the waiting thread checks signals and reports progress.
-const POLL: Duration = Duration::from_millis(100);
 
 fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<Dtype>> {
     dtype.map(Dtype::parse_target).transpose().py()
@@ -26,53 +23,35 @@ fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<Dtype>> {
 /// Runs `work` on a scoped thread; meanwhile the caller waits without the GIL, checks
 /// signals and calls `progress(done, total)` about every 100 ms. An exception (from a
 /// signal handler or the callback) cancels the work through `control` and is raised
-/// once the worker has cleaned up.
+/// once the worker has cleaned up; a panic of the worker is an internal error.
 fn run_with_signals<T: Send>(
     py: Python<'_>,
     control: &Control,
     progress: Option<&Bound<'_, PyAny>>,
     work: impl FnOnce() -> Result<T, CoreError> + Send,
 ) -> PyResult<T> {
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(work);
-        let mut pending: Option<PyErr> = None;
-        let mut last: Option<Instant> = None;
-        loop {
-            // Signals and progress first (also right after the start), then wait.
-            let finished = handle.is_finished();
-            if pending.is_none() {
-                if let Err(e) = py.check_signals() {
-                    control.cancel();
-                    pending = Some(e);
-                } else if let Some(cb) = progress {
-                    if finished || last.is_none_or(|t| t.elapsed() >= POLL) {
-                        last = Some(Instant::now());
-                        let (done, total) = control.progress();
-                        if let Err(e) = cb.call1((done, total)) {
-                            control.cancel();
-                            pending = Some(e);
-                        }
-                    }
-                }
+    let mut pending: Option<PyErr> = None;
+    let result = run_watched(
+        work,
+        |_finished| {
+            if pending.is_some() {
+                return;
             }
-            if finished {
-                break;
-            }
-            py.detach(|| {
-                let start = Instant::now();
-                while !handle.is_finished() && start.elapsed() < POLL {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+            let outcome = py.check_signals().and_then(|()| match progress {
+                Some(cb) => cb.call1(control.progress()).map(drop),
+                None => Ok(()),
             });
-        }
-        let result = handle
-            .join()
-            .unwrap_or_else(|_| Err(CoreError::InvalidArgument("merge worker panicked".into())));
-        match pending {
-            Some(err) => Err(err),
-            None => result.py(),
-        }
-    })
+            if let Err(e) = outcome {
+                control.cancel();
+                pending = Some(e);
+            }
+        },
+        |is_finished| py.detach(|| wait_a_poll(is_finished)),
+    );
+    match pending {
+        Some(err) => Err(err),
+        None => result.py(),
+    }
 }
 
 /// Merges the adapter into a safetensors file or model folder, writing `out`.
@@ -120,6 +99,8 @@ pub fn merge<'py>(
     d.set_item("tensors", report.tensors)?;
     d.set_item("shards", report.shards)?;
     d.set_item("other_files", report.other_files)?;
+    d.set_item("left_out", report.left_out)?;
+    d.set_item("warnings", report.warnings)?;
     d.set_item("bytes_written", report.bytes_written)?;
     d.set_item("largest_tensor_bytes", report.largest_tensor_bytes)?;
     Ok(d)

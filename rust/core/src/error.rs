@@ -43,6 +43,10 @@ pub enum CoreError {
     /// The operation was cancelled (e.g. by a Python KeyboardInterrupt).
     #[error("interrupted")]
     Interrupted,
+    /// A bug, not a bad input: a worker thread panicked. The message carries the
+    /// panic's text.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// An output buffer could not be allocated.
     #[error("cannot allocate {bytes} bytes for {what}")]
     OutOfMemory {
@@ -89,6 +93,16 @@ impl CoreError {
         Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
     }
 
+    /// The error for a thread that panicked with `payload` while doing `what`.
+    pub fn from_panic(what: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        CoreError::Internal(format!("{what} panicked ({text}); please report this"))
+    }
+
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         CoreError::Format {
@@ -125,6 +139,8 @@ pub unsafe trait ZeroValid: Copy {}
 
 // SAFETY: all-zero bytes are 0.0 / 0 for these primitive types.
 unsafe impl ZeroValid for f32 {}
+// SAFETY: as above.
+unsafe impl ZeroValid for u8 {}
 // SAFETY: as above.
 unsafe impl ZeroValid for u32 {}
 // SAFETY: as above.

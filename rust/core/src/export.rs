@@ -64,29 +64,33 @@ pub struct ExportReport {
     pub weights_bytes: u64,
 }
 
+/// The kind of output an export writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
+pub const OUTPUT_KIND: &str = "export-lora";
+
 /// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter`.
 pub fn peft_config(adapter: &Adapter) -> Value {
-    let alpha = if adapter.alpha.fract() == 0.0 && adapter.alpha.abs() < 2f64.powi(53) {
-        Value::from(adapter.alpha as i64)
+    let config = &adapter.config;
+    let alpha = if config.alpha.fract() == 0.0 && config.alpha.abs() < 2f64.powi(53) {
+        Value::from(config.alpha as i64)
     } else {
-        Value::from(adapter.alpha)
+        Value::from(config.alpha)
     };
-    let all_conv = adapter.modules.iter().all(|m| m.kind == ModuleKind::Conv1d);
-    let targets: Vec<Value> = adapter
+    let all_conv = config.modules.iter().all(|m| m.kind == ModuleKind::Conv1d);
+    let targets: Vec<Value> = config
         .modules
         .iter()
         .map(|m| Value::from(m.name.clone()))
         .collect();
-    let to_save = if adapter.modules_to_save.is_empty() {
+    let to_save = if config.modules_to_save.is_empty() {
         Value::Null
     } else {
-        Value::from(adapter.modules_to_save.clone())
+        Value::from(config.modules_to_save.clone())
     };
     json!({
         "peft_type": "LORA",
         "task_type": null,
-        "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": adapter.rank,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": config.rank,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "target_modules": targets,
@@ -113,19 +117,38 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
         )));
     }
     fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
-    if fs::symlink_metadata(&opts.out).is_ok() && !opts.overwrite {
-        return Err(fsutil::already_exists(&opts.out));
-    }
+    fsutil::check_output(&opts.out, opts.overwrite, Some(OUTPUT_KIND))?;
     let adapter = Adapter::open(&opts.adapter)?;
-    let pairs = adapter.lora_pairs()?;
-    let r = adapter.rank;
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    let staging = TempPath::new_folder(&opts.out, OUTPUT_KIND)?;
+    let weights_bytes = write_lora_weights(&adapter, opts.dtype, staging.path())?;
+    let config_path = staging.path().join("adapter_config.json");
+    let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))
+        .map_err(|e| CoreError::InvalidArgument(format!("cannot serialise the config: {e}")))?;
+    text.push(b'\n');
+    write_synced(&config_path, &text)?;
+    staging.commit(opts.overwrite)?;
+    Ok(ExportReport {
+        out: opts.out.clone(),
+        modules: adapter.config.modules.len(),
+        saved_tensors: adapter.extra_tensors().count(),
+        lora_parameters: adapter.config.total_size(),
+        weights_bytes,
+    })
+}
 
-    let mut names = Vec::with_capacity(2 * adapter.modules.len());
+/// Writes `adapter_model.safetensors` of the LoRA equivalent into `dir`; returns its size.
+fn write_lora_weights(adapter: &Adapter, dtype: Dtype, dir: &Path) -> Result<u64> {
+    let pairs = adapter.lora_pairs()?;
+    let r = adapter.config.rank;
+    let mut names = Vec::with_capacity(2 * adapter.config.modules.len());
     let mut shapes = Vec::with_capacity(names.capacity());
-    for m in &adapter.modules {
-        names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), opts.dtype));
+    for m in &adapter.config.modules {
+        names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), dtype));
         shapes.push(vec![r, m.in_features]);
-        names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), opts.dtype));
+        names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), dtype));
         shapes.push(vec![m.out_features, r]);
     }
     let extras: Vec<_> = adapter.extra_tensors().cloned().collect();
@@ -142,24 +165,19 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     meta.insert("format".into(), Value::from("pt"));
     let (header, offsets) = build_header(&spec, Some(&meta))?;
 
-    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-    }
-    let staging = TempPath::new(&opts.out, "tmp")?;
-    fs::create_dir(staging.path()).map_err(|e| CoreError::io(staging.path(), e))?;
-    let weights = staging.path().join("adapter_model.safetensors");
+    let weights = dir.join("adapter_model.safetensors");
     let io = |e| CoreError::io(&weights, e);
     let file = File::create(&weights).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&header).map_err(io)?;
-    let size = (opts.dtype.bits() / 8) as usize;
+    let size = (dtype.bits() / 8) as usize;
     let mut buf = Vec::new();
     for pair in &pairs {
         for mat in [&pair.a, &pair.b] {
             buf.resize(mat.len() * size, 0);
-            convert::encode(opts.dtype, mat, &mut buf)?;
+            convert::encode(dtype, mat, &mut buf)?;
             w.write_all(&buf).map_err(io)?;
         }
     }
@@ -171,21 +189,7 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
     w.flush().map_err(io)?;
     drop(w);
     file.sync_all().map_err(io)?;
-    let weights_bytes = 8 + header.len() as u64 + offsets.last().map_or(0, |o| o.1);
-
-    let config_path = staging.path().join("adapter_config.json");
-    let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))
-        .map_err(|e| CoreError::InvalidArgument(format!("cannot serialise the config: {e}")))?;
-    text.push(b'\n');
-    write_synced(&config_path, &text)?;
-    staging.commit(opts.overwrite)?;
-    Ok(ExportReport {
-        out: opts.out.clone(),
-        modules: adapter.modules.len(),
-        saved_tensors: extras.len(),
-        lora_parameters: adapter.total_size(),
-        weights_bytes,
-    })
+    Ok(8 + header.len() as u64 + offsets.last().map_or(0, |o| o.1))
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {

@@ -1,6 +1,11 @@
 //! The adapter fingerprint: a SHA-256 over the spec version, the seed, `d` and the
 //! named matrix shapes in flattening order. Two adapters with the same fingerprint
 //! reconstruct the same matrices from the same `theta_d`.
+//!
+//! The hashed text has one line per matrix, `<name>\t<rows>\t<cols>`; it is unambiguous
+//! (two different lists never give the same text) as long as no name holds a line
+//! break or a tab. [`check_name`] is that rule, and adapter configs refuse module names
+//! that break it ([`crate::config`]).
 
 use sha2::{Digest, Sha256};
 
@@ -15,7 +20,8 @@ pub fn canonical_text(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> Strin
     text
 }
 
-/// `"sha256:" + hex(SHA-256(canonical_text))`.
+/// `"sha256:" + hex(SHA-256(canonical_text))`. Names must pass [`check_name`] for the
+/// result to identify the list.
 pub fn fingerprint(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> String {
     let digest = Sha256::digest(canonical_text(seed, d, matrices).as_bytes());
     let mut out = String::with_capacity(7 + 64);
@@ -24,4 +30,43 @@ pub fn fingerprint(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> String {
         out.push_str(&format!("{byte:02x}"));
     }
     out
+}
+
+/// Refuses a name holding a control character (U+0000 to U+001F, U+007F: tab and line
+/// breaks among them), which would make the fingerprint text ambiguous.
+pub fn check_name(name: &str) -> Result<(), String> {
+    match name.chars().find(|c| c.is_ascii_control()) {
+        Some(c) => Err(format!(
+            "the name holds the control character {c:?}, which the fingerprint cannot encode \
+             unambiguously; module names are free of tabs, line breaks and other control characters"
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_refused() {
+        for bad in ["a\tb", "a\nb", "a\rb", "\u{0}", "x\u{7f}"] {
+            assert!(
+                check_name(bad).unwrap_err().contains("control character"),
+                "{bad:?}"
+            );
+        }
+        for good in ["model.layers.0.self_attn.q_proj", "", "é.ü", "a b", "0"] {
+            check_name(good).unwrap();
+        }
+    }
+
+    /// Without the rule, a name with a tab and a line break imitates two matrices.
+    #[test]
+    fn the_rule_is_what_keeps_the_text_unambiguous() {
+        let one = canonical_text(0, 2, &[("a\t1\t1\nb", 1, 1)]);
+        let two = canonical_text(0, 2, &[("a", 1, 1), ("b", 1, 1)]);
+        assert_eq!(one, two);
+        assert!(check_name("a\t1\t1\nb").is_err());
+    }
 }

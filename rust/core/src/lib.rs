@@ -8,14 +8,18 @@
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
 //!   without materialising an index array.
 //! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
+//! * [`config`]: `adapter_config.json` and its one validator.
 //! * [`adapter`]: reading and verifying an adapter directory.
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
-//! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint.
+//! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
+//!   ([`control`]: its progress, cancellation and the loop that watches it).
 //! * [`export`]: exact export as a standard PEFT LoRA adapter.
 
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod config;
+pub mod control;
 pub mod convert;
 pub mod error;
 pub mod export;
@@ -31,6 +35,7 @@ pub mod reconstruct;
 pub mod safetensors;
 
 pub use adapter::Adapter;
+pub use config::AdapterConfig;
 pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, export_lora};
 pub use fingerprint::fingerprint;

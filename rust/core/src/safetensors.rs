@@ -22,6 +22,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::{CoreError, Result};
+use crate::fsutil;
 
 /// Largest header accepted (the limit of the reference safetensors implementation).
 pub const MAX_HEADER_SIZE: u64 = 100_000_000;
@@ -304,9 +305,10 @@ pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()>
 }
 
 impl Header {
-    /// Opens `path` and reads its header (see the module docs for the checks).
+    /// Opens `path` (a regular file: see [`fsutil::open_regular`]) and reads its header
+    /// (see the module docs for the checks).
     pub fn read(path: &Path) -> Result<(File, Header)> {
-        let file = File::open(path).map_err(|e| CoreError::io(path, e))?;
+        let file = fsutil::open_regular(path)?;
         let header = Header::read_from(&file, path)?;
         Ok((file, header))
     }

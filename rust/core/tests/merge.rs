@@ -150,15 +150,20 @@ fn fixture(dtype: Dtype) -> Fixture {
 fn reference(fx: &Fixture, module: &str, w: &[f32]) -> Vec<f32> {
     let a = Adapter::open(&fx.adapter).unwrap();
     let pairs = a.lora_pairs().unwrap();
-    let k = a.modules.iter().position(|m| m.name == module).unwrap();
-    let m = &a.modules[k];
+    let k = a
+        .config
+        .modules
+        .iter()
+        .position(|m| m.name == module)
+        .unwrap();
+    let m = &a.config.modules[k];
     let (b, aa) = (&pairs[k].b, &pairs[k].a);
     let (r, fin, fout) = (
-        a.rank as usize,
+        a.config.rank as usize,
         m.in_features as usize,
         m.out_features as usize,
     );
-    let s = a.scaling();
+    let s = a.config.scaling();
     let mut out = w.to_vec();
     for i in 0..fout {
         for j in 0..fin {

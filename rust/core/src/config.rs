@@ -1,0 +1,778 @@
+//! The adapter configuration, `adapter_config.json` (docs/SPEC.md, section 3), and its
+//! one validator.
+//!
+//! Every reader goes through [`AdapterConfig::from_value`]: the Rust merge and export,
+//! and, through `unilora_rs._core`, the Python loader, `inspect` and the torch layer's
+//! `from_pretrained`. So they all accept and reject the same files, with the same
+//! message. The checks:
+//!
+//! * `format` is `"unilora_rs"`, `format_version` is not newer than this reader's,
+//!   `spec_version` is 1;
+//! * `seed` is a u64, `vector_length` (`d`) is in `[1, 2^32]`, `rank` is a positive
+//!   integer, `alpha` a finite number, `init_range` a positive finite number;
+//! * `modules` is a non-empty list of objects with exactly the keys `name`,
+//!   `in_features`, `out_features` and (optionally) `kind`; names are distinct,
+//!   non-empty and free of control characters (so the fingerprint text is unambiguous);
+//!   sizes are integers in `[1, 2^64 - 1]`; `kind` is `linear` or `conv1d`;
+//! * the rank is at most every module's `min(in_features, out_features)`, the LoRA
+//!   parameter count `D` fits in 64 bits and `d <= D`;
+//! * the informative keys have the right types (`target_modules`, `exclude_modules`:
+//!   null, a string or a list of strings; `modules_to_save`: a list of non-empty
+//!   strings; `base_model_name_or_path`, `library_version`: a string or null);
+//! * a config read from a file records a fingerprint ([`AdapterConfig::read`]); whether
+//!   it matches is [`AdapterConfig::verify`]. Other top-level keys are not checked and
+//!   are kept as they are ([`AdapterConfig::extra`]).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value, json};
+
+use crate::error::{CoreError, Result};
+use crate::fingerprint::{check_name, fingerprint};
+use crate::fsutil;
+
+/// Name of the adapter's configuration file.
+pub const CONFIG_NAME: &str = "adapter_config.json";
+/// The `format` value of an adapter config.
+pub const FORMAT_NAME: &str = "unilora_rs";
+/// The newest `format_version` this reader understands.
+pub const FORMAT_VERSION: u64 = 1;
+/// The generator spec version adapters are written with (docs/SPEC.md, section 1).
+pub const ADAPTER_SPEC_VERSION: u64 = 1;
+/// The largest `d` the generator supports.
+pub const MAX_D: u64 = 1 << 32;
+/// The `init_range` of a config that does not record one.
+pub const DEFAULT_INIT_RANGE: f64 = 0.02;
+
+const MODULE_KEYS: [&str; 4] = ["name", "in_features", "out_features", "kind"];
+
+const CONFIG_KEYS: [&str; 15] = [
+    "format",
+    "format_version",
+    "spec_version",
+    "seed",
+    "vector_length",
+    "rank",
+    "alpha",
+    "modules",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "init_range",
+    "fingerprint",
+    "library_version",
+];
+
+/// How a module stores its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// `nn.Linear`: weight `[out, in]`, update `B @ A`.
+    Linear,
+    /// GPT-2 style `Conv1D`: weight `[in, out]`, update `(B @ A)^T`.
+    Conv1d,
+}
+
+impl ModuleKind {
+    /// The name used in `adapter_config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleKind::Linear => "linear",
+            ModuleKind::Conv1d => "conv1d",
+        }
+    }
+}
+
+/// One adapted module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterModule {
+    /// Qualified module name in the base model (the weight is `<name>.weight`).
+    pub name: String,
+    /// Input features.
+    pub in_features: u64,
+    /// Output features.
+    pub out_features: u64,
+    /// Weight layout.
+    pub kind: ModuleKind,
+}
+
+impl AdapterModule {
+    /// Shape of the base weight: `[out, in]` for linear, `[in, out]` for conv1d.
+    pub fn weight_shape(&self) -> [u64; 2] {
+        match self.kind {
+            ModuleKind::Linear => [self.out_features, self.in_features],
+            ModuleKind::Conv1d => [self.in_features, self.out_features],
+        }
+    }
+
+    /// Parses and checks one entry of `modules` (`label` names it in messages, e.g.
+    /// `modules[3]`).
+    pub fn from_value(value: &Value, label: &str) -> std::result::Result<Self, String> {
+        let Some(obj) = value.as_object() else {
+            return Err(format!(
+                "{label} must be an object {{name, in_features, out_features, kind}}, got {value}"
+            ));
+        };
+        let name = match obj.get("name") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            other => {
+                return Err(format!(
+                    "{label}: name must be a non-empty string, got {}",
+                    shown(other)
+                ));
+            }
+        };
+        let label = format!("{label} ({name:?})");
+        check_name(&name).map_err(|e| format!("{label}: {e}"))?;
+        if let Some(key) = obj.keys().find(|k| !MODULE_KEYS.contains(&k.as_str())) {
+            return Err(format!(
+                "{label}: unknown key {key:?} (a module has {})",
+                MODULE_KEYS.join(", ")
+            ));
+        }
+        let size = |key: &str| {
+            uint(obj.get(key), 1, u64::MAX).map_err(|got| {
+                format!("{label}: {key} must be an integer in [1, 2^64 - 1], got {got}")
+            })
+        };
+        let (in_features, out_features) = (size("in_features")?, size("out_features")?);
+        let kind = match obj.get("kind") {
+            None => ModuleKind::Linear,
+            Some(Value::String(s)) if s == "linear" => ModuleKind::Linear,
+            Some(Value::String(s)) if s == "conv1d" => ModuleKind::Conv1d,
+            Some(other) => {
+                return Err(format!(
+                    "{label}: kind {other} is not one of \"linear\", \"conv1d\""
+                ));
+            }
+        };
+        Ok(AdapterModule {
+            name,
+            in_features,
+            out_features,
+            kind,
+        })
+    }
+
+    /// The JSON object of this module.
+    pub fn to_value(&self) -> Value {
+        json!({
+            "name": self.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "kind": self.kind.name(),
+        })
+    }
+}
+
+/// A checked adapter configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterConfig {
+    /// `format_version` of the file (0 when absent).
+    pub format_version: u64,
+    /// The generator spec version.
+    pub spec_version: u64,
+    /// Seed of the projection.
+    pub seed: u64,
+    /// `d`, the length of `theta_d` (`vector_length`).
+    pub d: u64,
+    /// The LoRA rank `r`.
+    pub rank: u64,
+    /// LoRA alpha (the update is scaled by `alpha / r`).
+    pub alpha: f64,
+    /// Modules in flattening order.
+    pub modules: Vec<AdapterModule>,
+    /// Names of the modules whose full weights the weights file holds.
+    pub modules_to_save: Vec<String>,
+    /// The matching rule the module list was resolved from (informative).
+    pub target_modules: Value,
+    /// The exclusion rule (informative).
+    pub exclude_modules: Value,
+    /// The base model recorded in the config.
+    pub base_model_name_or_path: Option<String>,
+    /// Half-width of the uniform init of `theta_d` (informative).
+    pub init_range: f64,
+    /// The recorded fingerprint (empty when the config records none).
+    pub fingerprint: String,
+    /// The unilora_rs version that wrote the file (informative).
+    pub library_version: Option<String>,
+    /// The other top-level keys, unchecked, in file order (kept when the config is
+    /// written back by [`AdapterConfig::to_value`]).
+    pub extra: Map<String, Value>,
+}
+
+impl AdapterConfig {
+    /// Checks a parsed `adapter_config.json` (everything but the fingerprint match).
+    pub fn from_value(value: &Value) -> std::result::Result<Self, String> {
+        let Some(obj) = value.as_object() else {
+            return Err(format!(
+                "not a unilora_rs adapter config: expected a JSON object, got {value}"
+            ));
+        };
+        check_format(obj)?;
+        let config = AdapterConfig {
+            format_version: match obj.get("format_version") {
+                None | Some(Value::Null) => 0,
+                v => uint(v, 0, u64::MAX).map_err(|got| {
+                    format!("format_version must be a non-negative integer, got {got}")
+                })?,
+            },
+            spec_version: ADAPTER_SPEC_VERSION,
+            seed: uint(obj.get("seed"), 0, u64::MAX)
+                .map_err(|got| format!("seed must be an integer in [0, 2^64 - 1], got {got}"))?,
+            d: uint(obj.get("vector_length"), 1, MAX_D).map_err(|got| {
+                format!("vector_length (d) must be an integer in [1, 2^32], got {got}")
+            })?,
+            rank: uint(obj.get("rank"), 1, u64::MAX)
+                .map_err(|got| format!("rank must be a positive integer, got {got}"))?,
+            alpha: finite(obj.get("alpha"))
+                .map_err(|got| format!("alpha must be a finite number, got {got}"))?,
+            modules: parse_modules(obj.get("modules"))?,
+            modules_to_save: string_list(obj.get("modules_to_save"))?,
+            target_modules: rule(obj, "target_modules")?,
+            exclude_modules: rule(obj, "exclude_modules")?,
+            base_model_name_or_path: optional_string(obj, "base_model_name_or_path")?,
+            init_range: init_range(obj.get("init_range"))?,
+            fingerprint: match obj.get("fingerprint") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => return Err(format!("fingerprint must be a string, got {other}")),
+            },
+            library_version: optional_string(obj, "library_version")?,
+            extra: obj
+                .iter()
+                .filter(|(k, _)| !CONFIG_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        if config.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "format_version {} is newer than this unilora_rs ({FORMAT_VERSION}); upgrade unilora_rs",
+                config.format_version
+            ));
+        }
+        config.check_sizes()?;
+        Ok(config)
+    }
+
+    /// Reads and checks the config of the adapter at `path` (its folder, or its
+    /// `adapter_config.json`). Returns the config and the adapter folder. A config that
+    /// records no fingerprint is refused; whether it matches is [`AdapterConfig::verify`].
+    pub fn read(path: &Path) -> Result<(AdapterConfig, PathBuf)> {
+        let (dir, config_path) = locate(path)?;
+        let text = fsutil::read_regular(&config_path)?;
+        let value = parse_json(&text).map_err(|msg| CoreError::format(&config_path, msg))?;
+        let config = AdapterConfig::from_value(&value)
+            .map_err(|msg| CoreError::format(&config_path, msg))?;
+        if config.fingerprint.is_empty() {
+            return Err(CoreError::format(
+                &config_path,
+                "no fingerprint: an adapter config records the fingerprint that binds theta_d \
+                 to its seed, d and module list",
+            ));
+        }
+        Ok((config, dir))
+    }
+
+    /// `D`: the number of LoRA parameters the adapter represents.
+    pub fn total_size(&self) -> u64 {
+        self.modules
+            .iter()
+            .map(|m| self.rank * (m.in_features + m.out_features))
+            .sum()
+    }
+
+    /// The LoRA scaling `alpha / r`, computed in binary64 and rounded to float32.
+    pub fn scaling(&self) -> f32 {
+        (self.alpha / self.rank as f64) as f32
+    }
+
+    /// The matrices of `theta_D` in flattening order, named as the fingerprint names
+    /// them: per module `<name>.lora_B` (`out x r`), then `<name>.lora_A` (`r x in`).
+    pub fn matrices(&self) -> Vec<(String, u64, u64)> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                [
+                    (format!("{}.lora_B", m.name), m.out_features, self.rank),
+                    (format!("{}.lora_A", m.name), self.rank, m.in_features),
+                ]
+            })
+            .collect()
+    }
+
+    /// The fingerprint recomputed from seed, `d` and the module list.
+    pub fn expected_fingerprint(&self) -> String {
+        let matrices = self.matrices();
+        let named: Vec<(&str, u64, u64)> = matrices
+            .iter()
+            .map(|(n, r, c)| (n.as_str(), *r, *c))
+            .collect();
+        fingerprint(self.seed, self.d, &named)
+    }
+
+    /// Fails with [`CoreError::Mismatch`] when the recorded fingerprint is not the one
+    /// seed, `d` and the module list give (`source` names the config in the message).
+    pub fn verify(&self, source: &Path) -> Result<()> {
+        match self.fingerprint_mismatch() {
+            None => Ok(()),
+            Some(msg) => Err(CoreError::Mismatch(format!("{}: {msg}", source.display()))),
+        }
+    }
+
+    /// What is wrong with the recorded fingerprint, if anything.
+    pub fn fingerprint_mismatch(&self) -> Option<String> {
+        let expected = self.expected_fingerprint();
+        (self.fingerprint != expected).then(|| {
+            format!(
+                "adapter fingerprint mismatch: the config records {:?} but seed={}, d={} and the {} \
+                 listed modules give {expected}; the seed, d or module list was changed after \
+                 training, so theta_d would rebuild the wrong matrices",
+                self.fingerprint,
+                self.seed,
+                self.d,
+                self.modules.len()
+            )
+        })
+    }
+
+    /// The JSON object of this config, as `adapter_config.json` holds it (the known
+    /// keys, then the [`AdapterConfig::extra`] ones).
+    pub fn to_value(&self) -> Value {
+        let mut value = json!({
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "spec_version": self.spec_version,
+            "seed": self.seed,
+            "vector_length": self.d,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "modules": self.modules.iter().map(AdapterModule::to_value).collect::<Vec<_>>(),
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "modules_to_save": self.modules_to_save,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "init_range": self.init_range,
+            "fingerprint": self.fingerprint,
+            "library_version": self.library_version,
+        });
+        if let Some(obj) = value.as_object_mut() {
+            obj.extend(self.extra.clone());
+        }
+        value
+    }
+
+    /// Rank against every layer, `D` in 64 bits, `d <= D`.
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        let mut total = 0u64;
+        for m in &self.modules {
+            let smaller = m.in_features.min(m.out_features);
+            if self.rank > smaller {
+                return Err(format!(
+                    "rank {} is larger than module {:?} (in_features {}, out_features {}): \
+                     B @ A has rank at most {smaller}; choose rank <= {smaller} or leave the module out",
+                    self.rank, m.name, m.in_features, m.out_features
+                ));
+            }
+            total = m
+                .in_features
+                .checked_add(m.out_features)
+                .and_then(|n| n.checked_mul(self.rank))
+                .and_then(|n| n.checked_add(total))
+                .ok_or_else(|| {
+                    "the LoRA parameter count D of the listed modules does not fit in 64 bits"
+                        .to_string()
+                })?;
+        }
+        if self.d > total {
+            return Err(format!(
+                "d = {} is larger than D = {total} (the LoRA parameter count of the listed modules)",
+                self.d
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The adapter folder and config path of `path` (a folder, or its config file).
+fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    if path.is_dir() {
+        return Ok((path.to_path_buf(), path.join(CONFIG_NAME)));
+    }
+    if path.file_name().is_some_and(|n| n == CONFIG_NAME) {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        return Ok((dir, path.to_path_buf()));
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: an adapter is a directory holding {CONFIG_NAME} and adapter_model.safetensors",
+            path.display()
+        )));
+    }
+    Err(CoreError::io(path, std::io::ErrorKind::NotFound.into()))
+}
+
+fn check_format(obj: &Map<String, Value>) -> std::result::Result<(), String> {
+    let fmt = obj.get("format");
+    if fmt.and_then(Value::as_str) != Some(FORMAT_NAME) {
+        return Err(format!(
+            "not a unilora_rs adapter (format = {}, expected {FORMAT_NAME:?})",
+            shown(fmt)
+        ));
+    }
+    match obj.get("spec_version") {
+        Some(v) if v.as_u64() == Some(ADAPTER_SPEC_VERSION) => Ok(()),
+        other => Err(format!(
+            "unsupported generator spec_version {} (this unilora_rs reads spec_version {ADAPTER_SPEC_VERSION})",
+            shown(other)
+        )),
+    }
+}
+
+fn parse_modules(value: Option<&Value>) -> std::result::Result<Vec<AdapterModule>, String> {
+    let Some(Value::Array(items)) = value else {
+        return Err(format!(
+            "modules must be a list of module objects, got {}",
+            shown(value)
+        ));
+    };
+    if items.is_empty() {
+        return Err("an adapter needs at least one module (modules is empty)".into());
+    }
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut modules = Vec::with_capacity(items.len());
+    for (k, item) in items.iter().enumerate() {
+        let module = AdapterModule::from_value(item, &format!("modules[{k}]"))?;
+        if !seen.insert(module.name.clone()) {
+            return Err(format!("module {:?} is listed twice", module.name));
+        }
+        modules.push(module);
+    }
+    Ok(modules)
+}
+
+fn string_list(value: Option<&Value>) -> std::result::Result<Vec<String>, String> {
+    let bad = || {
+        format!(
+            "modules_to_save must be a list of non-empty strings, got {}",
+            shown(value)
+        )
+    };
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn rule(obj: &Map<String, Value>, key: &str) -> std::result::Result<Value, String> {
+    match obj.get(key) {
+        None => Ok(Value::Null),
+        Some(v @ (Value::Null | Value::String(_))) => Ok(v.clone()),
+        Some(v @ Value::Array(items)) if items.iter().all(Value::is_string) => Ok(v.clone()),
+        Some(other) => Err(format!(
+            "{key} must be null, a string or a list of strings, got {other}"
+        )),
+    }
+}
+
+fn optional_string(
+    obj: &Map<String, Value>,
+    key: &str,
+) -> std::result::Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("{key} must be a string or null, got {other}")),
+    }
+}
+
+fn init_range(value: Option<&Value>) -> std::result::Result<f64, String> {
+    match value {
+        None | Some(Value::Null) => Ok(DEFAULT_INIT_RANGE),
+        Some(v) => match finite(Some(v)) {
+            Ok(x) if x > 0.0 => Ok(x),
+            _ => Err(format!(
+                "init_range must be a positive finite number, got {v}"
+            )),
+        },
+    }
+}
+
+/// An integer in `[min, max]` (not a bool, not a float); the error is the value as shown.
+fn uint(value: Option<&Value>, min: u64, max: u64) -> std::result::Result<u64, String> {
+    match value.and_then(Value::as_u64) {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(shown(value)),
+    }
+}
+
+/// A number (JSON numbers are always finite).
+fn finite(value: Option<&Value>) -> std::result::Result<f64, String> {
+    match value {
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| n.to_string()),
+        other => Err(shown(other)),
+    }
+}
+
+fn shown(value: Option<&Value>) -> String {
+    value.map_or_else(|| "nothing (the key is missing)".into(), Value::to_string)
+}
+
+/// Parses JSON text; errors name the key at fault where they can, and say so plainly
+/// for `NaN` / `Infinity` (accepted by some JSON writers, but not JSON).
+pub fn parse_json(text: &[u8]) -> std::result::Result<Value, String> {
+    let err = match serde_json::from_slice(text) {
+        Ok(value) => return Ok(value),
+        Err(err) => err,
+    };
+    let offset = byte_offset(text, err.line(), err.column());
+    let key = key_before(text, offset).map_or_else(String::new, |k| format!("{k}: "));
+    let near = &text[offset.saturating_sub(2)..];
+    let non_finite = ["NaN", "Infinity", "-Infinity"]
+        .iter()
+        .any(|lit| (0..3).any(|s| near.get(s..).is_some_and(|t| t.starts_with(lit.as_bytes()))));
+    if non_finite {
+        return Err(format!(
+            "invalid JSON at line {} column {}: {key}NaN or Infinity is not finite (JSON numbers must be finite)",
+            err.line(),
+            err.column()
+        ));
+    }
+    Err(format!("invalid JSON ({key}{err})"))
+}
+
+fn byte_offset(text: &[u8], line: usize, column: usize) -> usize {
+    let start: usize = text
+        .split_inclusive(|&b| b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(<[u8]>::len)
+        .sum();
+    (start + column.saturating_sub(1)).min(text.len())
+}
+
+/// The object key whose value starts before `offset`, if the text there is `"key":`.
+fn key_before(text: &[u8], offset: usize) -> Option<String> {
+    let head = &text[..offset];
+    let colon = head.iter().rposition(|&b| b == b':')?;
+    let before = head[..colon].trim_ascii_end();
+    let inner = before.strip_suffix(b"\"")?;
+    let open = inner.iter().rposition(|&b| b == b'"')?;
+    let key = std::str::from_utf8(&inner[open + 1..]).ok()?;
+    (!key.is_empty() && !key.contains(['{', '}', ',', '\n'])).then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Value {
+        json!({
+            "format": "unilora_rs", "format_version": 1, "spec_version": 1, "seed": 7,
+            "vector_length": 64, "rank": 4, "alpha": 8.0,
+            "modules": [
+                {"name": "a.q", "in_features": 16, "out_features": 24, "kind": "linear"},
+                {"name": "a.c", "in_features": 8, "out_features": 12, "kind": "conv1d"},
+            ],
+            "modules_to_save": ["head"], "target_modules": ["q", "c"],
+        })
+    }
+
+    fn with(key: &str, v: Value) -> Value {
+        let mut g = good();
+        g[key] = v;
+        g
+    }
+
+    fn err(v: &Value) -> String {
+        AdapterConfig::from_value(v).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_config_round_trips() {
+        let c = AdapterConfig::from_value(&good()).unwrap();
+        assert_eq!((c.seed, c.d, c.rank, c.alpha), (7, 64, 4, 8.0));
+        assert_eq!(c.modules[1].kind, ModuleKind::Conv1d);
+        assert_eq!(c.modules[1].weight_shape(), [8, 12]);
+        assert_eq!(c.total_size(), 4 * (40 + 20));
+        assert_eq!(c.init_range, DEFAULT_INIT_RANGE);
+        assert!(c.fingerprint.is_empty());
+        assert_eq!(AdapterConfig::from_value(&c.to_value()).unwrap(), c);
+        assert_eq!(c.matrices()[0], ("a.q.lora_B".to_string(), 24, 4));
+        assert_eq!(c.matrices()[3], ("a.c.lora_A".to_string(), 4, 8));
+    }
+
+    #[test]
+    fn other_keys_are_kept_as_they_are() {
+        let mut g = good();
+        g["task"] = json!({"type": "causal-lm", "new_tensors": ["lm_head.weight"]});
+        g["notes"] = json!(null);
+        let c = AdapterConfig::from_value(&g).unwrap();
+        assert_eq!(c.extra.keys().collect::<Vec<_>>(), ["task", "notes"]);
+        let back = c.to_value();
+        assert_eq!(back["task"], g["task"]);
+        assert_eq!(AdapterConfig::from_value(&back).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (
+                with("alpha", json!("8")),
+                "alpha must be a finite number, got \"8\"",
+            ),
+            (with("alpha", Value::Null), "alpha must be a finite number"),
+            (
+                with("rank", json!(0)),
+                "rank must be a positive integer, got 0",
+            ),
+            (
+                with("rank", json!(true)),
+                "rank must be a positive integer, got true",
+            ),
+            (
+                with("rank", json!(9)),
+                "rank 9 is larger than module \"a.c\"",
+            ),
+            (
+                with("rank", json!(1u64 << 40)),
+                "rank 1099511627776 is larger",
+            ),
+            (
+                with("seed", json!(-1)),
+                "seed must be an integer in [0, 2^64 - 1], got -1",
+            ),
+            (with("vector_length", json!(0)), "vector_length (d) must be"),
+            (
+                with("vector_length", json!(241)),
+                "d = 241 is larger than D = 240",
+            ),
+            (
+                with("init_range", json!(0.0)),
+                "init_range must be a positive",
+            ),
+            (
+                with("target_modules", json!(5)),
+                "target_modules must be null",
+            ),
+            (
+                with("modules_to_save", json!("head")),
+                "modules_to_save must be a list",
+            ),
+            (
+                with("base_model_name_or_path", json!(5)),
+                "base_model_name_or_path must be",
+            ),
+            (
+                with("format_version", json!(2)),
+                "format_version 2 is newer",
+            ),
+            (with("format_version", json!("1")), "format_version must be"),
+            (
+                with("spec_version", json!(2)),
+                "unsupported generator spec_version 2",
+            ),
+            (with("format", json!("peft")), "not a unilora_rs adapter"),
+            (with("modules", json!([])), "at least one module"),
+            (
+                with("modules", json!(["a.q"])),
+                "modules[0] must be an object",
+            ),
+            (
+                with("fingerprint", json!(3)),
+                "fingerprint must be a string",
+            ),
+            (json!([1]), "expected a JSON object"),
+        ];
+        for (value, want) in cases {
+            let got = err(&value);
+            assert!(got.contains(want), "{got:?} does not contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn module_entries_are_strict() {
+        let module = |m: Value| with("modules", json!([m]));
+        let base = json!({"name": "a.q", "in_features": 16, "out_features": 24});
+        let cases = [
+            (json!({"bias": true}), "unknown key \"bias\""),
+            (
+                json!({"in_features": 1.5}),
+                "in_features must be an integer in [1, 2^64 - 1], got 1.5",
+            ),
+            (json!({"in_features": 0}), "in_features must be"),
+            (json!({"out_features": "24"}), "out_features must be"),
+            (json!({"kind": "Linear"}), "kind \"Linear\" is not one of"),
+            (json!({"name": ""}), "name must be a non-empty string"),
+            (json!({"name": "a\tb"}), "control character"),
+            (json!({"name": "a\nb"}), "control character"),
+        ];
+        for (patch, want) in cases {
+            let mut m = base.clone();
+            for (k, v) in patch.as_object().unwrap() {
+                m[k] = v.clone();
+            }
+            let got = err(&module(m));
+            assert!(got.contains(want), "{got:?} does not contain {want:?}");
+        }
+        let twice = with("modules", json!([base.clone(), base]));
+        assert!(err(&twice).contains("listed twice"));
+        let huge: Value = serde_json::from_str(
+            r#"{"name": "x", "in_features": 18446744073709551621, "out_features": 4}"#,
+        )
+        .unwrap();
+        assert!(err(&module(huge)).contains("in_features must be an integer in [1, 2^64 - 1]"));
+    }
+
+    #[test]
+    fn d_up_to_2_pow_32_and_d_overflow() {
+        let big = |fin: u64, rank: u64, d: u64| {
+            json!({
+                "format": "unilora_rs", "spec_version": 1, "seed": 0, "vector_length": d,
+                "rank": rank, "alpha": 1.0,
+                "modules": [
+                    {"name": "a", "in_features": fin, "out_features": fin},
+                    {"name": "b", "in_features": fin, "out_features": fin},
+                ],
+            })
+        };
+        AdapterConfig::from_value(&big(1 << 20, 1 << 12, 1 << 32)).unwrap();
+        assert!(err(&big(1 << 20, 1 << 12, (1 << 32) + 1)).contains("vector_length (d)"));
+        assert!(err(&big(u64::MAX / 2, 2, 1)).contains("does not fit in 64 bits"));
+    }
+
+    #[test]
+    fn json_errors_name_the_key() {
+        let text = b"{\n  \"format\": \"unilora_rs\",\n  \"alpha\": Infinity\n}";
+        let got = parse_json(text).unwrap_err();
+        assert!(
+            got.contains("line 3") && got.contains("alpha: NaN or Infinity is not finite"),
+            "{got}"
+        );
+        for lit in ["NaN", "-Infinity"] {
+            let text = format!("{{\"rank\": 4, \"alpha\": {lit}}}");
+            let got = parse_json(text.as_bytes()).unwrap_err();
+            assert!(
+                got.contains("alpha: NaN or Infinity is not finite"),
+                "{got}"
+            );
+        }
+        let got = parse_json(b"{\"alpha\": 1e400}").unwrap_err();
+        assert!(got.contains("alpha: number out of range"), "{got}");
+        let got = parse_json(b"{\"a\": [1, 2,]}").unwrap_err();
+        assert!(got.starts_with("invalid JSON ("), "{got}");
+    }
+}

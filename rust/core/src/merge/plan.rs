@@ -1,0 +1,128 @@
+//! Planning a shard: its output header, where each tensor goes and what happens to
+//! it, and the independent pieces of work (byte copies and tiles) that write it.
+
+use std::collections::HashMap;
+
+use super::{Action, COPY_CHUNK, MergeOptions, MergeReport, OutTensor, Plan, Shard, Work};
+use crate::error::Result;
+use crate::safetensors::{Dtype, build_header};
+
+/// The output layout of shard `s` and its pieces of work; counts copies and casts into
+/// `report`.
+pub(super) fn plan_shard(
+    s: usize,
+    shard: &Shard,
+    actions: &HashMap<(usize, usize), Action>,
+    opts: &MergeOptions,
+    report: &mut MergeReport,
+) -> Result<Plan> {
+    let tensors = &shard.header.tensors;
+    let dtypes: Vec<Dtype> = tensors
+        .iter()
+        .map(|t| match opts.dtype {
+            Some(dt) if t.dtype.is_float() => dt,
+            _ => t.dtype,
+        })
+        .collect();
+    let (header, offsets) = if dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) {
+        let offsets = tensors.iter().map(|t| (t.begin, t.end)).collect();
+        (shard.header.raw.clone(), offsets)
+    } else {
+        let spec: Vec<(&str, Dtype, &[u64])> = tensors
+            .iter()
+            .zip(&dtypes)
+            .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
+            .collect();
+        build_header(&spec, shard.header.metadata.as_ref())?
+    };
+    let mut plan = Plan {
+        data_len: offsets.last().map_or(0, |o| o.1),
+        outs: Vec::with_capacity(tensors.len()),
+        work: Vec::new(),
+        header,
+    };
+    for (t, info) in tensors.iter().enumerate() {
+        report.largest_tensor_bytes = report.largest_tensor_bytes.max(info.nbytes());
+        let action = match actions.get(&(s, t)) {
+            Some(a) => *a,
+            None if dtypes[t] != info.dtype => Action::Cast,
+            None => Action::Copy,
+        };
+        let out = OutTensor {
+            src: t,
+            dtype: dtypes[t],
+            begin: offsets[t].0,
+            action,
+        };
+        match action {
+            Action::Copy => {
+                report.copied += 1;
+                let src = shard.header.data_start() + info.begin;
+                let dst = plan.header.len() as u64 + 8 + out.begin;
+                push_copy(&mut plan.work, src, dst, info.nbytes());
+            }
+            Action::Cast => {
+                report.cast += 1;
+                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile());
+            }
+            Action::Merge(_) => {
+                let cols = info.shape[1];
+                let step = (opts.tile() / cols).max(1) * cols;
+                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), step);
+            }
+            Action::Replace(_) => {
+                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile())
+            }
+        }
+        plan.outs.push(out);
+    }
+    report.tensors += tensors.len();
+    plan.work = split_copies(plan.work);
+    Ok(plan)
+}
+
+/// A byte copy, joined with the previous one when both ranges continue it.
+fn push_copy(work: &mut Vec<Work>, src: u64, dst: u64, len: u64) {
+    match work.last_mut() {
+        Some(Work::Copy {
+            src: s0,
+            dst: d0,
+            len: l0,
+        }) if *s0 + *l0 == src && *d0 + *l0 == dst => *l0 += len,
+        _ if len > 0 => work.push(Work::Copy { src, dst, len }),
+        _ => {}
+    }
+}
+
+/// Tiles of `step` elements over the `numel` elements of output tensor `t`.
+fn push_tiles(work: &mut Vec<Work>, t: usize, numel: u64, step: u64) {
+    let mut e0 = 0;
+    while e0 < numel {
+        let e1 = (e0 + step).min(numel);
+        work.push(Work::Tile { t, e0, e1 });
+        e0 = e1;
+    }
+}
+
+/// Splits long copies into [`COPY_CHUNK`] pieces.
+fn split_copies(work: Vec<Work>) -> Vec<Work> {
+    let mut split = Vec::with_capacity(work.len());
+    for w in work {
+        match w {
+            Work::Copy { src, dst, len } => {
+                let mut off = 0;
+                while off < len {
+                    let n = COPY_CHUNK.min(len - off);
+                    split.push(Work::Copy {
+                        src: src + off,
+                        dst: dst + off,
+                        len: n,
+                    });
+                    off += n;
+                }
+            }
+            tile => split.push(tile),
+        }
+    }
+    split
+}

@@ -1,0 +1,270 @@
+//! Writing: each shard's pieces of work in parallel into the staging output, then the
+//! folder's other files and its shard index.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+
+use super::rel_string;
+use super::rows::{Prepared, Rows};
+use super::{Action, Control, Inputs, MergeOptions, MergeReport, OutTensor, Plan, Shard, Work};
+use crate::adapter::Adapter;
+use crate::convert;
+use crate::error::{CoreError, Result};
+use crate::fsutil;
+use crate::parallel;
+use crate::safetensors::{TensorInfo, byte_size, read_exact_at, write_all_at};
+
+/// What the writers of all shards share.
+pub(super) struct Writer<'a> {
+    pub(super) opts: &'a MergeOptions,
+    pub(super) adapter: &'a Adapter,
+    pub(super) extras: &'a [&'a TensorInfo],
+    pub(super) prepared: &'a [Prepared],
+    pub(super) scale: f32,
+    pub(super) control: &'a Control,
+}
+
+impl Writer<'_> {
+    /// Writes `shard` as `plan` says into the staging output; returns its size.
+    pub(super) fn write_shard(
+        &self,
+        shard: &Shard,
+        plan: &Plan,
+        staging: &Path,
+        is_dir: bool,
+    ) -> Result<u64> {
+        let dst_path = if is_dir {
+            staging.join(&shard.rel)
+        } else {
+            staging.to_path_buf()
+        };
+        if let Some(parent) = dst_path.parent() {
+            fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+        }
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&dst_path)
+            .map_err(|e| CoreError::io(&dst_path, e))?;
+        let dst_data = 8 + plan.header.len() as u64;
+        let total_len = dst_data + plan.data_len;
+        fsutil::preallocate(&dst, total_len, &dst_path)?;
+        let mut head = Vec::with_capacity(dst_data as usize);
+        head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
+        head.extend_from_slice(&plan.header);
+        write_all_at(&dst, &head, 0).map_err(|e| CoreError::io(&dst_path, e))?;
+        let job = ShardJob {
+            writer: self,
+            shard,
+            outs: &plan.outs,
+            dst: &dst,
+            dst_path: &dst_path,
+            dst_data,
+        };
+        parallel::install(|| {
+            plan.work
+                .par_iter()
+                .try_for_each_init(Scratch::default, |scratch, w| job.run(w, scratch))
+        })?;
+        if self.opts.fsync {
+            dst.sync_all().map_err(|e| CoreError::io(&dst_path, e))?;
+        }
+        Ok(total_len)
+    }
+}
+
+// ------------------------------------------------------------------ finish the folder
+
+/// Copies the folder's other files into the staging folder, writes the shard index,
+/// and syncs them.
+pub(super) fn finish_folder(
+    opts: &MergeOptions,
+    inputs: &Inputs,
+    plans: &[Plan],
+    staging: &Path,
+    report: &mut MergeReport,
+) -> Result<()> {
+    let mut not_copied: BTreeSet<PathBuf> = inputs.shards.iter().map(|s| s.rel.clone()).collect();
+    not_copied.extend(inputs.left_out.iter().cloned());
+    not_copied.insert(PathBuf::from(fsutil::OUTPUT_MARKER));
+    let index_rel = inputs
+        .index
+        .as_ref()
+        .and_then(|(p, _)| p.strip_prefix(&opts.base).ok().map(Path::to_path_buf));
+    not_copied.extend(index_rel.clone());
+    let skip = |rel: &Path| {
+        not_copied.contains(rel)
+            || rel
+                .components()
+                .next()
+                .is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
+    };
+    let copied = fsutil::copy_tree(&opts.base, staging, &skip)?;
+    report.other_files = copied.iter().map(|p| rel_string(p)).collect();
+    if let (Some((index_path, value)), Some(index_rel)) = (&inputs.index, &index_rel) {
+        write_index(
+            index_path,
+            value,
+            &inputs.shards,
+            plans,
+            &staging.join(index_rel),
+        )?;
+        report.other_files.push(rel_string(index_rel));
+        report.other_files.sort();
+    }
+    if opts.fsync {
+        for rel in &report.other_files {
+            let p = staging.join(rel);
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| CoreError::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The shard index of the output: the input's bytes, or, when a dtype change altered
+/// the sizes, the input with a new `metadata.total_size`.
+fn write_index(
+    index_path: &Path,
+    value: &Value,
+    shards: &[Shard],
+    plans: &[Plan],
+    dst: &Path,
+) -> Result<()> {
+    let sizes_changed = plans
+        .iter()
+        .zip(shards)
+        .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
+    if !sizes_changed {
+        fs::copy(index_path, dst).map_err(|e| CoreError::io(dst, e))?;
+        return Ok(());
+    }
+    let total: u64 = plans
+        .iter()
+        .zip(shards)
+        .flat_map(|(p, s)| p.outs.iter().map(move |o| (o, &s.header.tensors[o.src])))
+        .map(|(o, t)| byte_size(o.dtype, &t.shape).unwrap_or(0))
+        .sum();
+    let mut value = value.clone();
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("total_size".into(), Value::from(total));
+    } else if let Some(obj) = value.as_object_mut() {
+        let mut meta = Map::new();
+        meta.insert("total_size".into(), Value::from(total));
+        obj.insert("metadata".into(), Value::Object(meta));
+    }
+    let mut text = serde_json::to_vec_pretty(&value)
+        .map_err(|e| CoreError::format(index_path, format!("cannot serialise ({e})")))?;
+    text.push(b'\n');
+    fs::write(dst, text).map_err(|e| CoreError::io(dst, e))
+}
+
+#[derive(Default)]
+struct Scratch {
+    input: Vec<u8>,
+    output: Vec<u8>,
+    values: Vec<f32>,
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// The writer of one shard's pieces of work.
+struct ShardJob<'a> {
+    writer: &'a Writer<'a>,
+    shard: &'a Shard,
+    outs: &'a [OutTensor],
+    dst: &'a File,
+    dst_path: &'a Path,
+    dst_data: u64,
+}
+
+impl ShardJob<'_> {
+    fn run(&self, work: &Work, scratch: &mut Scratch) -> Result<()> {
+        if self.writer.control.is_cancelled() {
+            return Err(CoreError::Interrupted);
+        }
+        match *work {
+            Work::Copy { src, dst, len } => fsutil::copy_range(
+                &self.shard.file,
+                &self.shard.path,
+                src,
+                self.dst,
+                self.dst_path,
+                dst,
+                len,
+                &|| !self.writer.control.is_cancelled(),
+                &|n| self.writer.control.add(n),
+            ),
+            Work::Tile { t, e0, e1 } => self.tile(t, e0, e1, scratch),
+        }
+    }
+
+    fn tile(&self, t: usize, e0: u64, e1: u64, scratch: &mut Scratch) -> Result<()> {
+        let out = &self.outs[t];
+        let info = &self.shard.header.tensors[out.src];
+        let n = (e1 - e0) as usize;
+        let (src_dtype, src_file, src_path, src_off) = match out.action {
+            Action::Replace(k) => {
+                let extra = self.writer.extras[k];
+                let off = self.writer.adapter.weights.data_start() + extra.begin;
+                (
+                    extra.dtype,
+                    self.writer.adapter.weights_file(),
+                    self.writer.adapter.weights_path.as_path(),
+                    off,
+                )
+            }
+            _ => (
+                info.dtype,
+                &self.shard.file,
+                self.shard.path.as_path(),
+                self.shard.header.data_start() + info.begin,
+            ),
+        };
+        let in_size = (src_dtype.bits() / 8) as usize;
+        let out_size = (out.dtype.bits() / 8) as usize;
+        let input = grow(&mut scratch.input, n * in_size);
+        read_exact_at(src_file, input, src_off + e0 * in_size as u64)
+            .map_err(|e| CoreError::io(src_path, e))?;
+        let output = grow(&mut scratch.output, n * out_size);
+        match out.action {
+            Action::Merge(k) => {
+                let prep = &self.writer.prepared[k];
+                prep.merge_rows(Rows {
+                    input,
+                    src: src_dtype,
+                    output,
+                    dst: out.dtype,
+                    row0: (e0 / prep.cols as u64) as usize,
+                    s: self.writer.scale,
+                });
+            }
+            _ => convert::cast(
+                src_dtype,
+                input,
+                out.dtype,
+                output,
+                grow(&mut scratch.values, n),
+            )?,
+        }
+        write_all_at(
+            self.dst,
+            output,
+            self.dst_data + out.begin + e0 * out_size as u64,
+        )
+        .map_err(|e| CoreError::io(self.dst_path, e))?;
+        self.writer.control.add((n * out_size) as u64);
+        Ok(())
+    }
+}
