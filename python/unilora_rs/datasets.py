@@ -120,7 +120,9 @@ def _read_jsonl(p: Path, text: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise FormatError(f"{p}, line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(obj, dict):
-            raise FormatError(f"{p}, line {number}: expected a JSON object, got {type(obj).__name__}")
+            raise FormatError(
+                f"{p}, line {number}: expected a JSON object, got {type(obj).__name__}"
+            )
         rows.append(obj)
     return rows
 
@@ -156,7 +158,9 @@ def _texts(values: Iterable[Any], source: str, column: str) -> list[str]:
             raise InvalidArgumentError(f"{source}: row {i + 1} has no text in column {column!r}")
         s = str(v).strip()
         if not s:
-            raise InvalidArgumentError(f"{source}: row {i + 1} has an empty text in column {column!r}")
+            raise InvalidArgumentError(
+                f"{source}: row {i + 1} has an empty text in column {column!r}"
+            )
         out.append(s)
     return out
 
@@ -165,7 +169,9 @@ def text_examples(
     rows: Sequence[Mapping[str, Any]], *, text_column: str = "text", source: str = "data"
 ) -> list[Example]:
     """The texts of ``rows`` (for causal language modelling)."""
-    return [Example(t) for t in _texts(_column(rows, text_column, source, "text"), source, text_column)]
+    return [
+        Example(t) for t in _texts(_column(rows, text_column, source, "text"), source, text_column)
+    ]
 
 
 def _label_key(value: Any, source: str, row: int, column: str) -> str | int:
@@ -334,8 +340,7 @@ def _package_dir(module: str, pip_name: str, version: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            f"the package {pip_name} is not installed: pip install --no-deps "
-            f"{pip_name}=={version}"
+            f"the package {pip_name} is not installed: pip install --no-deps {pip_name}=={version}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

@@ -201,15 +201,23 @@ def _head_only(args: argparse.Namespace, common: dict[str, Any], out: Path) -> d
     for p in params:
         p.requires_grad_(True)
     enc = encode(tok, train, common["max_length"])
-    held_b = batches(encode(tok, held, common["max_length"]), held, tok, 64, "classification",
-                     shuffle=False)
+    held_b = batches(
+        encode(tok, held, common["max_length"]), held, tok, 64, "classification", shuffle=False
+    )
     lr = args.baseline_lr or BASELINE_LR
     t0 = time.perf_counter()
     history = train_loop(
         model,
         [{"params": params, "lr": lr}],
-        lambda epoch: batches(enc, train, tok, common["batch_size"], "classification",
-                              shuffle=True, seed=common["seed"] * 1000 + epoch),
+        lambda epoch: batches(
+            enc,
+            train,
+            tok,
+            common["batch_size"],
+            "classification",
+            shuffle=True,
+            seed=common["seed"] * 1000 + epoch,
+        ),
         task="classification",
         epochs=common.get("epochs", defaults.epochs),
         max_steps=common["max_steps"],
@@ -287,7 +295,11 @@ def _table(base: dict[str, Any], m: dict[str, Any], ours: int, lora: int) -> str
             f"{ours:,} bytes (LoRA r={m['rank']} export: {lora:,} bytes, "
             f"{m['lora_parameters_same_rank']:,} params)",
         ),
-        ("train time", f"{base['seconds']:.1f} s", f"{m['train_seconds']:.1f} s ({m['steps']} steps)"),
+        (
+            "train time",
+            f"{base['seconds']:.1f} s",
+            f"{m['train_seconds']:.1f} s ({m['steps']} steps)",
+        ),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

@@ -110,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or args.data.with_name(f"{args.data.stem}-unilora")
     options: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in ("lr", "head_lr", "epochs")
-        if getattr(args, k) is not None
+        k: getattr(args, k) for k in ("lr", "head_lr", "epochs") if getattr(args, k) is not None
     }
     fargs = FinetuneArgs(
         model=args.model or default_model(),
@@ -143,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
 def summary(m: dict[str, Any], out: Path) -> str:
     """The lines printed after training."""
     tp = m["trainable_parameters"]
-    lines = [f"trained {m['steps']} steps in {m['train_seconds']:.1f} s on {m['train_examples']:,} "
-             f"examples ({m['seconds_per_step']:.3f} s/step)"]
+    lines = [
+        f"trained {m['steps']} steps in {m['train_seconds']:.1f} s on {m['train_examples']:,} "
+        f"examples ({m['seconds_per_step']:.3f} s/step)"
+    ]
     if "eval_accuracy" in m:
         lines.append(
             f"eval accuracy {m['eval_accuracy']:.4f}, eval loss {m['eval_loss']:.4f} "

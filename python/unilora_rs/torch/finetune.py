@@ -124,7 +124,9 @@ def load_task_model(
 
     with _quiet_transformers():
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True
+            )
         except Exception as err:  # transformers raises many types here
             raise InvalidArgumentError(
                 f"{folder}: the tokenizer does not load ({type(err).__name__}: {err})"
@@ -149,7 +151,9 @@ def load_task_model(
             ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise InvalidArgumentError(f"{folder}: the tokenizer has neither a pad nor an eos token")
+            raise InvalidArgumentError(
+                f"{folder}: the tokenizer has neither a pad nor an eos token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -182,7 +186,9 @@ class Batch:
     rows: list[int]
 
 
-def encode(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[dict[str, list[int]]]:
+def encode(
+    tokenizer: Any, examples: Sequence[Example], max_length: int
+) -> list[dict[str, list[int]]]:
     """Tokenizes every text once (truncated to ``max_length`` tokens)."""
     if max_length < 2:
         raise InvalidArgumentError(f"max_length must be at least 2, got {max_length}")
@@ -220,7 +226,9 @@ def batches(
             data = [encoded[i][key] + [fill] * (width - len(encoded[i][key])) for i in rows]
             inputs[key] = torch.tensor(data, dtype=torch.long, device=device)
         if task == "classification":
-            labels = torch.tensor([examples[i].label for i in rows], dtype=torch.long, device=device)
+            labels = torch.tensor(
+                [examples[i].label for i in rows], dtype=torch.long, device=device
+            )
         else:
             labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         out.append(Batch(inputs, labels, rows))
@@ -533,7 +541,9 @@ def _check_args(args: FinetuneArgs) -> None:
     for name in ("lr", "head_lr"):
         v = getattr(args, name)
         if not (v > 0 and math.isfinite(v)):
-            raise InvalidArgumentError(f"{name.replace('_', '-')} must be a positive number, got {v}")
+            raise InvalidArgumentError(
+                f"{name.replace('_', '-')} must be a positive number, got {v}"
+            )
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise InvalidArgumentError(f"warmup ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -548,7 +558,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         ours = (out / METRICS_NAME).is_file() and (out / "adapter_config.json").is_file()
         if not overwrite:
             raise FileExistsError(
-                17, "output folder is not empty (use --overwrite to replace an earlier run)", str(out)
+                17,
+                "output folder is not empty (use --overwrite to replace an earlier run)",
+                str(out),
             )
         if not ours:
             raise FileExistsError(
@@ -576,7 +588,10 @@ def finetune(
     pad_set = _pad_was_set(args.model, model)
     head = modules_of(new_tensors, model) if args.task == "classification" else []
     probe = UniLoRAConfig(
-        rank=args.rank, vector_length=1, seed=args.seed, target_modules=args.target_modules,
+        rank=args.rank,
+        vector_length=1,
+        seed=args.seed,
+        target_modules=args.target_modules,
         modules_to_save=head or None,
     )
     total = lora_parameter_count(model, probe)
@@ -592,7 +607,9 @@ def finetune(
     wrapped = get_unilora_model(model, config)
     train_enc = encode(tokenizer, train, args.max_length)
     held_enc = encode(tokenizer, held, args.max_length)
-    eval_batches = batches(held_enc, held, tokenizer, max(args.batch_size, 64), args.task, shuffle=False)
+    eval_batches = batches(
+        held_enc, held, tokenizer, max(args.batch_size, 64), args.task, shuffle=False
+    )
     head_params = [p for n, p in wrapped.named_parameters() if p.requires_grad and n != "theta_d"]
     groups: list[dict[str, Any]] = [{"params": [wrapped.theta_d], "lr": args.lr}]
     if head_params:
@@ -602,7 +619,12 @@ def finetune(
         wrapped,
         groups,
         lambda epoch: batches(
-            train_enc, train, tokenizer, args.batch_size, args.task, shuffle=True,
+            train_enc,
+            train,
+            tokenizer,
+            args.batch_size,
+            args.task,
+            shuffle=True,
             seed=args.seed * 1000 + epoch,
         ),
         task=args.task,
@@ -658,9 +680,7 @@ def _metrics(
     new_tensors: Sequence[str],
 ) -> dict[str, Any]:
     steps = history[-1]["steps"] if history else 0
-    head = sum(
-        p.numel() for n, p in model.named_parameters() if p.requires_grad and n != "theta_d"
-    )
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n != "theta_d")
     final = history[-1] if history else {}
     out: dict[str, Any] = {
         "task": args.task,
@@ -736,7 +756,9 @@ def _save(
 
 
 def _adapter_bytes(out: Path) -> int:
-    return sum((out / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors"))
+    return sum(
+        (out / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors")
+    )
 
 
 def args_dict(args: FinetuneArgs) -> dict[str, Any]:
