@@ -63,6 +63,10 @@ class MergeResult:
     seconds: float
     left_out: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Tensors the base lacks, written from the adapter (its ``task.new_tensors``).
+    added: list[str] = field(default_factory=list)
+    #: Keys set in the output's ``config.json`` (``task.config``, ``dtype``).
+    config_keys: list[str] = field(default_factory=list)
 
     @property
     def merged_count(self) -> int:
@@ -256,12 +260,18 @@ def merge(
 
     Each adapted module's weight ``W`` becomes ``W + (alpha / r) * B @ A`` (transposed
     for ``conv1d`` modules), computed in float32 and rounded once, to nearest even.
-    ``modules_to_save`` tensors of the adapter replace the same-named base tensors.
-    Every other tensor and the header metadata are copied unchanged.
+    ``modules_to_save`` tensors of the adapter replace the same-named base tensors;
+    those the base lacks and the adapter's ``task`` lists in ``new_tensors`` (a trained
+    classification head on a base checkpoint) are added to the last output file (and
+    to the shard index). Every other tensor and the header metadata are copied unchanged.
+    ``config.json`` gets the adapter's ``task.config`` keys (``architectures``,
+    ``id2label``, ...), so that ``AutoModelFor...from_pretrained(out)`` builds the
+    trained model.
 
     ``dtype=None`` keeps each tensor's dtype; ``"bf16"``, ``"f16"`` or ``"f32"`` casts
     every floating tensor (F16, BF16, F32, F64) of the output to that dtype (integer and
-    8-bit tensors are kept); ``config.json`` is copied as it is.
+    8-bit tensors are kept), and ``config.json``'s ``dtype`` (and ``torch_dtype`` when
+    present) say so.
 
     Every adapted module must match exactly one base tensor (``<name>.weight``, else a
     unique dotted-suffix match): a missing or ambiguous target raises
@@ -304,6 +314,8 @@ def merge(
         seconds=seconds,
         left_out=list(raw["left_out"]),
         warnings=list(raw["warnings"]),
+        added=list(raw["added"]),
+        config_keys=list(raw["config_keys"]),
     )
 
 

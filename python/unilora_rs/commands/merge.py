@@ -17,8 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=(
             "Writes BASE with every adapted weight W replaced by W + (alpha/r) B A, computed "
             "in float32 and rounded once (round to nearest even). Other tensors, metadata, "
-            "the shard index and the folder's other files are copied unchanged. The output "
-            "appears only when complete; the inputs are never modified."
+            "the shard index and the folder's other files are copied unchanged, except that "
+            "a trained head the base lacks is added and config.json gets the adapter's task "
+            "keys (e.g. architectures, id2label) and the --dtype. The output appears only "
+            "when complete; the inputs are never modified."
         ),
     )
     p.add_argument("base", help="a .safetensors file, or a model folder (shards + index.json)")
@@ -57,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     for message in result.warnings:
         print(f"unilora: warning: {' '.join(message.split())}", file=sys.stderr)
     extra = f", replaced {len(result.replaced)}" if result.replaced else ""
+    if result.added:
+        extra += f", added {len(result.added)} ({', '.join(result.added)})"
+    if result.config_keys:
+        extra += f", set {', '.join(result.config_keys)} in config.json"
     cast = f", cast {result.cast}" if result.cast else ""
     print(
         f"merged {result.merged_count} tensors{extra}{cast} into {result.out} "

@@ -57,8 +57,9 @@ fn run_with_signals<T: Send>(
 /// Merges the adapter into a safetensors file or model folder, writing `out`.
 ///
 /// Returns a dict with the merged tensors (`merged`: list of dicts with `module`,
-/// `tensor`, `file`), `replaced`, `cast`, `copied`, `tensors`, `shards`,
-/// `other_files`, `bytes_written` and `largest_tensor_bytes`.
+/// `tensor`, `file`), `replaced`, `added`, `config_keys`, `cast`, `copied`, `tensors`,
+/// `shards`, `other_files`, `left_out`, `warnings`, `bytes_written` and
+/// `largest_tensor_bytes`.
 #[pyfunction]
 #[pyo3(signature = (base, adapter, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
 #[allow(clippy::too_many_arguments)]
@@ -94,6 +95,8 @@ pub fn merge<'py>(
     }
     d.set_item("merged", merged)?;
     d.set_item("replaced", report.replaced)?;
+    d.set_item("added", report.added)?;
+    d.set_item("config_keys", report.config_keys)?;
     d.set_item("cast", report.cast)?;
     d.set_item("copied", report.copied)?;
     d.set_item("tensors", report.tensors)?;

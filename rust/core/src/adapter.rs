@@ -4,8 +4,8 @@
 //! [`Adapter::open`] checks, in order: the config ([`AdapterConfig::read`], the one
 //! validator every reader shares), its fingerprint, then the weights file: `theta_d` is
 //! float32 of length `d`, the fingerprint in the file's metadata (when it records one)
-//! is the config's, every other tensor belongs to a `modules_to_save` module, and
-//! `theta_d` is finite.
+//! is the config's, every other tensor belongs to a `modules_to_save` module, the
+//! `task`'s new tensors are among them, and `theta_d` is finite.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -153,6 +153,19 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
                     t.name, config.modules_to_save
                 ),
             ));
+        }
+    }
+    if let Some(task) = &config.task {
+        for name in &task.new_tensors {
+            if name == VECTOR_KEY || weights.get(name).is_none() {
+                return Err(CoreError::format(
+                    path,
+                    format!(
+                        "task.new_tensors names {name:?}, which is not a modules_to_save tensor \
+                         of the weights file"
+                    ),
+                ));
+            }
         }
     }
     let info = weights

@@ -20,8 +20,9 @@
 //!   null, a string or a list of strings; `modules_to_save`: a list of non-empty
 //!   strings; `base_model_name_or_path`, `library_version`: a string or null);
 //! * a config read from a file records a fingerprint ([`AdapterConfig::read`]); whether
-//!   it matches is [`AdapterConfig::verify`]. Other top-level keys are not checked and
-//!   are kept as they are ([`AdapterConfig::extra`]).
+//!   it matches is [`AdapterConfig::verify`];
+//! * `task`, when present, is checked by [`Task::from_value`]. Other top-level keys are
+//!   not checked and are kept as they are ([`AdapterConfig::extra`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{CoreError, Result};
 use crate::fingerprint::{check_name, fingerprint};
 use crate::fsutil;
+use crate::task::Task;
 
 /// Name of the adapter's configuration file.
 pub const CONFIG_NAME: &str = "adapter_config.json";
@@ -47,7 +49,7 @@ pub const DEFAULT_INIT_RANGE: f64 = 0.02;
 
 const MODULE_KEYS: [&str; 4] = ["name", "in_features", "out_features", "kind"];
 
-const CONFIG_KEYS: [&str; 15] = [
+const CONFIG_KEYS: [&str; 16] = [
     "format",
     "format_version",
     "spec_version",
@@ -63,6 +65,7 @@ const CONFIG_KEYS: [&str; 15] = [
     "init_range",
     "fingerprint",
     "library_version",
+    "task",
 ];
 
 /// How a module stores its weight.
@@ -197,6 +200,8 @@ pub struct AdapterConfig {
     pub fingerprint: String,
     /// The unilora_rs version that wrote the file (informative).
     pub library_version: Option<String>,
+    /// What the trained model is for (`task`), when recorded.
+    pub task: Option<Task>,
     /// The other top-level keys, unchecked, in file order (kept when the config is
     /// written back by [`AdapterConfig::to_value`]).
     pub extra: Map<String, Value>,
@@ -240,6 +245,7 @@ impl AdapterConfig {
                 Some(other) => return Err(format!("fingerprint must be a string, got {other}")),
             },
             library_version: optional_string(obj, "library_version")?,
+            task: Task::from_value(obj.get("task"))?,
             extra: obj
                 .iter()
                 .filter(|(k, _)| !CONFIG_KEYS.contains(&k.as_str()))
@@ -358,6 +364,9 @@ impl AdapterConfig {
             "library_version": self.library_version,
         });
         if let Some(obj) = value.as_object_mut() {
+            if let Some(task) = &self.task {
+                obj.insert("task".into(), task.to_value());
+            }
             obj.extend(self.extra.clone());
         }
         value
@@ -618,12 +627,19 @@ mod tests {
     #[test]
     fn other_keys_are_kept_as_they_are() {
         let mut g = good();
-        g["task"] = json!({"type": "causal-lm", "new_tensors": ["lm_head.weight"]});
+        g["task"] = json!({"type": "causal-lm", "config": {}, "new_tensors": ["lm_head.weight"]});
         g["notes"] = json!(null);
         let c = AdapterConfig::from_value(&g).unwrap();
-        assert_eq!(c.extra.keys().collect::<Vec<_>>(), ["task", "notes"]);
+        assert_eq!(c.extra.keys().collect::<Vec<_>>(), ["notes"]);
+        assert_eq!(c.task.as_ref().map(|t| t.kind.as_str()), Some("causal-lm"));
         let back = c.to_value();
         assert_eq!(back["task"], g["task"]);
+        g["task"] = json!({"type": "translation"});
+        assert!(
+            AdapterConfig::from_value(&g)
+                .unwrap_err()
+                .contains("task.type")
+        );
         assert_eq!(AdapterConfig::from_value(&back).unwrap(), c);
     }
 

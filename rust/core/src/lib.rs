@@ -9,7 +9,8 @@
 //!   without materialising an index array.
 //! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
 //! * [`config`]: `adapter_config.json` and its one validator.
-//! * [`adapter`]: reading and verifying an adapter directory.
+//! * [`adapter`]: reading and verifying an adapter directory; [`task`]: its optional
+//!   record of what the trained model is for (merged config keys, new head tensors).
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
 //! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
 //!   ([`control`]: its progress, cancellation and the loop that watches it).
@@ -33,6 +34,7 @@ pub mod parallel;
 pub mod projection;
 pub mod reconstruct;
 pub mod safetensors;
+pub mod task;
 
 pub use adapter::Adapter;
 pub use config::AdapterConfig;

@@ -96,6 +96,18 @@ impl Dtype {
         Dtype::F6E3M2,
     ];
 
+    /// The name transformers writes for this dtype in `config.json` (`"bfloat16"`,
+    /// `"float16"`, `"float32"`, `"float64"`; the safetensors name otherwise).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "bfloat16",
+            Dtype::F16 => "float16",
+            Dtype::F32 => "float32",
+            Dtype::F64 => "float64",
+            other => other.name(),
+        }
+    }
+
     /// The name used in safetensors headers (`"BF16"`, `"F32"`, ...).
     pub fn name(self) -> &'static str {
         match self {

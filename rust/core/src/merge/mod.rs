@@ -141,6 +141,12 @@ pub struct MergeReport {
     pub merged: Vec<MergedTensor>,
     /// Base tensors replaced by the adapter's `modules_to_save` tensors.
     pub replaced: Vec<String>,
+    /// Tensors the base lacks, written from the adapter (its `task.new_tensors`, e.g.
+    /// a trained classification head), in the output's last safetensors file.
+    pub added: Vec<String>,
+    /// Keys set in the output's `config.json` (the adapter's `task.config`, and
+    /// `dtype` / `torch_dtype` when the output dtype changed).
+    pub config_keys: Vec<String>,
     /// Tensors whose dtype was changed (besides merged and replaced ones).
     pub cast: usize,
     /// Tensors copied byte for byte.
@@ -175,10 +181,14 @@ enum Action {
     Copy,
     Cast,
     Merge(usize),
+    /// Written from the adapter's extra tensor `k` over a base tensor.
     Replace(usize),
+    /// Written from the adapter's extra tensor `k`; the base has no such tensor.
+    Add(usize),
 }
 
 struct OutTensor {
+    /// The base tensor (index in the shard's header); unused for [`Action::Add`].
     src: usize,
     dtype: Dtype,
     begin: u64,
@@ -217,12 +227,15 @@ struct Targets<'a> {
     merged: Vec<MergedTensor>,
     replaced: Vec<String>,
     extras: Vec<&'a TensorInfo>,
+    /// Extras (indices into `extras`) that the base lacks, appended to the last shard.
+    added: Vec<usize>,
 }
 
 /// Merges the adapter into the base checkpoint (see the module docs).
 ///
 /// Every adapted module must match exactly one base tensor (`<name>.weight`, else a
-/// unique dotted-suffix match); a missing or ambiguous target, a shape or dtype
+/// unique dotted-suffix match), and so must every `modules_to_save` tensor unless the
+/// adapter's `task` lists it as new (it is then added); a missing or ambiguous target, a shape or dtype
 /// mismatch, a corrupt file, an unsafe shard name, an output that overlaps an input,
 /// or an existing output without `overwrite` is an error, and nothing is written.
 pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
@@ -233,13 +246,31 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         out: opts.out.clone(),
         merged: targets.merged.clone(),
         replaced: targets.replaced.clone(),
+        added: targets
+            .added
+            .iter()
+            .map(|&k| targets.extras[k].name.clone())
+            .collect(),
         left_out: inputs.left_out.iter().map(|p| rel_string(p)).collect(),
         warnings: inputs.warning.iter().cloned().collect(),
         ..Default::default()
     };
     let mut plans = Vec::with_capacity(inputs.shards.len());
+    let last = inputs.shards.len() - 1;
     for (s, shard) in inputs.shards.iter().enumerate() {
-        plans.push(plan_shard(s, shard, &targets.actions, opts, &mut report)?);
+        let added: &[usize] = if s == last { &targets.added } else { &[] };
+        let new = added
+            .iter()
+            .map(|&k| (k, targets.extras[k]))
+            .collect::<Vec<_>>();
+        plans.push(plan_shard(
+            s,
+            shard,
+            &targets.actions,
+            &new,
+            opts,
+            &mut report,
+        )?);
     }
     control.set_total(plans.iter().map(|p| p.data_len).sum());
     let prepared = prepare_factors(&inputs.adapter)?;
@@ -267,7 +298,7 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         report.shards.push(rel_string(&shard.rel));
     }
     if inputs.is_dir && !control.is_cancelled() {
-        finish_folder(opts, &inputs, &plans, staging.path(), &mut report)?;
+        finish_folder(opts, &inputs, &targets, &plans, staging.path(), &mut report)?;
     }
     if control.is_cancelled() {
         return Err(CoreError::Interrupted);

@@ -5,32 +5,35 @@ use std::collections::HashMap;
 
 use super::{Action, COPY_CHUNK, MergeOptions, MergeReport, OutTensor, Plan, Shard, Work};
 use crate::error::Result;
-use crate::safetensors::{Dtype, build_header};
+use crate::safetensors::{Dtype, TensorInfo, build_header};
 
 /// The output layout of shard `s` and its pieces of work; counts copies and casts into
-/// `report`.
+/// `report`. `added` are the adapter's new tensors (index into the extras, tensor)
+/// appended after the shard's own.
 pub(super) fn plan_shard(
     s: usize,
     shard: &Shard,
     actions: &HashMap<(usize, usize), Action>,
+    added: &[(usize, &TensorInfo)],
     opts: &MergeOptions,
     report: &mut MergeReport,
 ) -> Result<Plan> {
     let tensors = &shard.header.tensors;
-    let dtypes: Vec<Dtype> = tensors
-        .iter()
-        .map(|t| match opts.dtype {
-            Some(dt) if t.dtype.is_float() => dt,
-            _ => t.dtype,
-        })
-        .collect();
-    let (header, offsets) = if dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) {
+    let out_dtype = |dtype: Dtype| match opts.dtype {
+        Some(dt) if dtype.is_float() => dt,
+        _ => dtype,
+    };
+    let dtypes: Vec<Dtype> = tensors.iter().map(|t| out_dtype(t.dtype)).collect();
+    let same = dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype);
+    let (header, offsets) = if same && added.is_empty() {
         let offsets = tensors.iter().map(|t| (t.begin, t.end)).collect();
         (shard.header.raw.clone(), offsets)
     } else {
+        let added_dtypes: Vec<Dtype> = added.iter().map(|(_, t)| out_dtype(t.dtype)).collect();
         let spec: Vec<(&str, Dtype, &[u64])> = tensors
             .iter()
             .zip(&dtypes)
+            .chain(added.iter().map(|(_, t)| *t).zip(&added_dtypes))
             .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
             .collect();
         build_header(&spec, shard.header.metadata.as_ref())?
@@ -70,13 +73,23 @@ pub(super) fn plan_shard(
                 let step = (opts.tile() / cols).max(1) * cols;
                 push_tiles(&mut plan.work, plan.outs.len(), info.numel(), step);
             }
-            Action::Replace(_) => {
+            Action::Replace(_) | Action::Add(_) => {
                 push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile())
             }
         }
         plan.outs.push(out);
     }
-    report.tensors += tensors.len();
+    for (j, &(k, info)) in added.iter().enumerate() {
+        let t = tensors.len() + j;
+        push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile());
+        plan.outs.push(OutTensor {
+            src: usize::MAX,
+            dtype: out_dtype(info.dtype),
+            begin: offsets[t].0,
+            action: Action::Add(k),
+        });
+    }
+    report.tensors += tensors.len() + added.len();
     plan.work = split_copies(plan.work);
     Ok(plan)
 }

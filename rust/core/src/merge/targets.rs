@@ -90,6 +90,7 @@ pub(super) fn resolve_targets(inputs: &Inputs) -> Result<Targets<'_>> {
         merged: Vec::with_capacity(adapter.config.modules.len()),
         replaced: Vec::new(),
         extras: adapter.extra_tensors().collect(),
+        added: Vec::new(),
     };
     for (k, module) in adapter.config.modules.iter().enumerate() {
         let what = format!("adapted module {:?}", module.name);
@@ -108,8 +109,27 @@ pub(super) fn resolve_targets(inputs: &Inputs) -> Result<Targets<'_>> {
             file: rel_string(&inputs.shards[hit.0].rel),
         });
     }
+    let task = adapter.config.task.as_ref();
     for (k, extra) in targets.extras.iter().enumerate() {
         let what = format!("modules_to_save tensor {:?}", extra.name);
+        if task.is_some_and(|t| t.is_new(&extra.name)) && index.lookup(&extra.name, "").is_empty() {
+            if !extra.dtype.is_float() {
+                return Err(CoreError::Dtype(format!(
+                    "{what} is {}; only floating tensors can be added",
+                    extra.dtype
+                )));
+            }
+            targets.added.push(k);
+            continue;
+        }
+        if index.lookup(&extra.name, "").is_empty() {
+            return Err(CoreError::Mismatch(format!(
+                "{what}: the base has no tensor {:?} (nor one unique dotted-suffix match); a \
+                 tensor the base lacks, such as a newly trained head, is written only when the \
+                 adapter's task lists it in new_tensors (`unilora train` records it)",
+                extra.name
+            )));
+        }
         let hit = index.find(&what, &extra.name, "")?;
         let info = index.info(hit);
         if info.shape != extra.shape {

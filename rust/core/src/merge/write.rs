@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use super::rel_string;
 use super::rows::{Prepared, Rows};
-use super::{Action, Control, Inputs, MergeOptions, MergeReport, OutTensor, Plan, Shard, Work};
+use super::{
+    Action, Control, Inputs, MergeOptions, MergeReport, OutTensor, Plan, Shard, Targets, Work,
+};
 use crate::adapter::Adapter;
 use crate::convert;
 use crate::error::{CoreError, Result};
@@ -80,11 +82,12 @@ impl Writer<'_> {
 
 // ------------------------------------------------------------------ finish the folder
 
-/// Copies the folder's other files into the staging folder, writes the shard index,
-/// and syncs them.
+/// Copies the folder's other files into the staging folder, writes the shard index
+/// and the updated `config.json`, and syncs them.
 pub(super) fn finish_folder(
     opts: &MergeOptions,
     inputs: &Inputs,
+    targets: &Targets<'_>,
     plans: &[Plan],
     staging: &Path,
     report: &mut MergeReport,
@@ -106,11 +109,24 @@ pub(super) fn finish_folder(
     };
     let copied = fsutil::copy_tree(&opts.base, staging, &skip)?;
     report.other_files = copied.iter().map(|p| rel_string(p)).collect();
+    update_config(opts, inputs, staging, report)?;
     if let (Some((index_path, value)), Some(index_rel)) = (&inputs.index, &index_rel) {
+        let last = inputs
+            .shards
+            .last()
+            .map(|s| rel_string(&s.rel))
+            .unwrap_or_default();
+        let added: Vec<(&str, &str)> = targets
+            .added
+            .iter()
+            .map(|&k| (targets.extras[k].name.as_str(), last.as_str()))
+            .collect();
         write_index(
             index_path,
             value,
             &inputs.shards,
+            &targets.extras,
+            &added,
             plans,
             &staging.join(index_rel),
         )?;
@@ -128,12 +144,15 @@ pub(super) fn finish_folder(
     Ok(())
 }
 
-/// The shard index of the output: the input's bytes, or, when a dtype change altered
-/// the sizes, the input with a new `metadata.total_size`.
+/// The shard index of the output: the input's bytes, or, when a dtype change or added
+/// tensors altered the sizes, the input with a new `metadata.total_size` (and the added
+/// tensors, `(name, file)`, in its `weight_map`).
 fn write_index(
     index_path: &Path,
     value: &Value,
     shards: &[Shard],
+    extras: &[&TensorInfo],
+    added: &[(&str, &str)],
     plans: &[Plan],
     dst: &Path,
 ) -> Result<()> {
@@ -141,17 +160,27 @@ fn write_index(
         .iter()
         .zip(shards)
         .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
-    if !sizes_changed {
+    if !sizes_changed && added.is_empty() {
         fs::copy(index_path, dst).map_err(|e| CoreError::io(dst, e))?;
         return Ok(());
     }
     let total: u64 = plans
         .iter()
         .zip(shards)
-        .flat_map(|(p, s)| p.outs.iter().map(move |o| (o, &s.header.tensors[o.src])))
-        .map(|(o, t)| byte_size(o.dtype, &t.shape).unwrap_or(0))
+        .flat_map(|(p, s)| {
+            p.outs.iter().map(move |o| match o.action {
+                Action::Add(k) => (o, &extras[k].shape),
+                _ => (o, &s.header.tensors[o.src].shape),
+            })
+        })
+        .map(|(o, shape)| byte_size(o.dtype, shape).unwrap_or(0))
         .sum();
     let mut value = value.clone();
+    if let Some(map) = value.get_mut("weight_map").and_then(Value::as_object_mut) {
+        for (name, file) in added {
+            map.insert((*name).to_string(), Value::from(*file));
+        }
+    }
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("total_size".into(), Value::from(total));
     } else if let Some(obj) = value.as_object_mut() {
@@ -212,10 +241,9 @@ impl ShardJob<'_> {
 
     fn tile(&self, t: usize, e0: u64, e1: u64, scratch: &mut Scratch) -> Result<()> {
         let out = &self.outs[t];
-        let info = &self.shard.header.tensors[out.src];
         let n = (e1 - e0) as usize;
         let (src_dtype, src_file, src_path, src_off) = match out.action {
-            Action::Replace(k) => {
+            Action::Replace(k) | Action::Add(k) => {
                 let extra = self.writer.extras[k];
                 let off = self.writer.adapter.weights.data_start() + extra.begin;
                 (
@@ -225,12 +253,15 @@ impl ShardJob<'_> {
                     off,
                 )
             }
-            _ => (
-                info.dtype,
-                &self.shard.file,
-                self.shard.path.as_path(),
-                self.shard.header.data_start() + info.begin,
-            ),
+            _ => {
+                let info = &self.shard.header.tensors[out.src];
+                (
+                    info.dtype,
+                    &self.shard.file,
+                    self.shard.path.as_path(),
+                    self.shard.header.data_start() + info.begin,
+                )
+            }
         };
         let in_size = (src_dtype.bits() / 8) as usize;
         let out_size = (out.dtype.bits() / 8) as usize;
@@ -267,4 +298,69 @@ impl ShardJob<'_> {
         self.writer.control.add((n * out_size) as u64);
         Ok(())
     }
+}
+
+// ------------------------------------------------------------------ config.json
+
+/// Name of a Hugging Face model folder's configuration file.
+pub(super) const MODEL_CONFIG_NAME: &str = "config.json";
+
+/// Sets the adapter's `task.config` keys, and the dtype when the output dtype changed,
+/// in the staged copy of the base's `config.json` (written whole, then synced with the
+/// other files). A folder without `config.json` gets a warning when there was
+/// something to set.
+fn update_config(
+    opts: &MergeOptions,
+    inputs: &Inputs,
+    staging: &Path,
+    report: &mut MergeReport,
+) -> Result<()> {
+    let mut updates: Map<String, Value> = inputs
+        .adapter
+        .config
+        .task
+        .as_ref()
+        .map(|t| t.config.clone())
+        .unwrap_or_default();
+    let path = staging.join(MODEL_CONFIG_NAME);
+    if updates.is_empty() && opts.dtype.is_none() {
+        return Ok(());
+    }
+    if !path.is_file() {
+        if !updates.is_empty() {
+            report.warnings.push(format!(
+                "the base folder has no {MODEL_CONFIG_NAME}: the adapter's task keys ({}) were \
+                 not written",
+                updates.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        return Ok(());
+    }
+    let text = fsutil::read_regular(&path)?;
+    let mut value = crate::config::parse_json(&text)
+        .map_err(|msg| CoreError::format(opts.base.join(MODEL_CONFIG_NAME), msg))?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(CoreError::format(
+            opts.base.join(MODEL_CONFIG_NAME),
+            "expected a JSON object",
+        ));
+    };
+    if let Some(dt) = opts.dtype {
+        let name = Value::from(dt.torch_name());
+        if obj.contains_key("torch_dtype") {
+            updates.insert("torch_dtype".into(), name.clone());
+        }
+        updates.insert("dtype".into(), name);
+    }
+    report.config_keys = updates.keys().cloned().collect();
+    obj.extend(updates);
+    let mut out = serde_json::to_vec_pretty(&value)
+        .map_err(|e| CoreError::format(&path, format!("cannot serialise ({e})")))?;
+    out.push(b'\n');
+    fs::write(&path, out).map_err(|e| CoreError::io(&path, e))?;
+    if !report.other_files.iter().any(|f| f == MODEL_CONFIG_NAME) {
+        report.other_files.push(MODEL_CONFIG_NAME.into());
+        report.other_files.sort();
+    }
+    Ok(())
 }
