@@ -62,6 +62,11 @@ class UniLoRAModel(nn.Module):
     ``gradient_checkpointing_enable``, ...), as in PEFT.
     """
 
+    #: transformers' Trainer refuses to fine-tune a quantized base (bitsandbytes, a GGUF
+    #: checkpoint) unless trainable adapters are attached; this flag, which the Trainer
+    #: reads from the model it is given, says they are (theta_d is the trainable tensor).
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         model: nn.Module,
