@@ -117,3 +117,10 @@ def test_fsdp2_matches_single_process(fsdp_run: Path, mode: str, tmp_path: Path)
     assert got.keys() == want.keys() == {"theta_d"}
     np.testing.assert_allclose(got["theta_d"], want["theta_d"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got["theta_d"], r0["theta"].numpy())
+
+
+def test_restore_adapter_into_sharded_theta(fsdp_run: Path) -> None:
+    initial = load_file(fsdp_run / "initial-adapter" / "adapter_model.safetensors")["theta_d"]
+    for rank in (0, 1):
+        restored = _rank(fsdp_run, "fp32", rank)["restored"]
+        np.testing.assert_array_equal(restored.numpy(), initial)

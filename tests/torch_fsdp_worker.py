@@ -137,9 +137,17 @@ def run(mode: str, rank: int, world: int, out_dir: str, adapter_dir: str) -> Non
     # Every rank joins the gather inside save_pretrained; rank 0 writes.
     written = model.save_pretrained(adapter, is_main_process=rank == 0)
     assert (written is not None) == (rank == 0)
+    restored = None
+    if mode == "fp32":
+        # Trainer's resume path on sharded ranks: each rank reads the file, keeps its shard.
+        from unilora_rs.torch.trainer import restore_adapter
+
+        restore_adapter(model, adapter_dir)
+        restored = model.theta_d.full_tensor().detach().clone()
     torch.save(
         {
             "theta": theta,
+            "restored": restored,
             "losses": losses,
             "reduce_scatter_numel": calls,
             "theta_type": theta_type,
