@@ -339,7 +339,7 @@ class UniLoRAModel(nn.Module):
         modules_to_save tensors are stored under their base state-dict names; bfloat16
         tensors are stored as float32 (exact) since the format is read with numpy.
 
-        Under FSDP2 (``theta_d`` a sharded DTensor) call it on every rank with
+        Under FSDP2 or DeepSpeed ZeRO-3 (``theta_d`` sharded) call it on every rank with
         ``is_main_process=(rank == 0)``: the tensors are gathered (a collective) and only
         the main process writes. ``state_dict`` (this model's keys, e.g. a full state dict
         from ``torch.distributed.checkpoint.state_dict.get_model_state_dict``, as
@@ -433,9 +433,17 @@ class UniLoRAModel(nn.Module):
 
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (sharded) DTensor, gathered from every rank; else ``t``."""
+    """The whole tensor of a sharded parameter, gathered from every rank (a collective):
+    an FSDP2 DTensor or a DeepSpeed ZeRO-3 partitioned parameter; else ``t``."""
     full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
+    if callable(full):
+        return full()
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
+    return t
 
 
 def _name_or_path(model: nn.Module) -> str | None:
