@@ -209,6 +209,10 @@ def main() -> int:
                 )
                 + "\n"
             )
+    # Leave the process group together: a rank exiting while its peer still holds the
+    # gloo connection can abort the peer.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
 
 

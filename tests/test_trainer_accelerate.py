@@ -22,7 +22,16 @@ from unilora_rs.errors import MismatchError  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "trainer_accelerate.py"
 DDP_CONFIG = ROOT / "examples" / "accelerate" / "ddp.yaml"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ZERO3_CONFIG = ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml"
+# DS_ACCELERATOR=cpu: DeepSpeed on the CPU (ignored by the other runs); ninja on PATH for
+# DeepSpeed's CPU communication op.
+ENV = dict(
+    os.environ,
+    OMP_NUM_THREADS="1",
+    PYTHONWARNINGS="ignore",
+    DS_ACCELERATOR="cpu",
+    PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+)
 
 
 def _run(cmd: list[str], timeout: int = 300) -> str:
@@ -38,11 +47,11 @@ def _one_process(out: Path, *extra: str) -> dict[str, object]:
     return json.loads(Path(f"{out}.json").read_text())
 
 
-def _two_processes(out: Path, *extra: str) -> dict[str, object] | None:
+def _two_processes(out: Path, *extra: str, config: Path = DDP_CONFIG) -> dict[str, object] | None:
     accelerate = Path(sys.executable).with_name("accelerate")
     _run(
         [
-            str(accelerate), "launch", "--config_file", str(DDP_CONFIG),
+            str(accelerate), "launch", "--config_file", str(config),
             "--main_process_port", str(_free_port()),
             str(EXAMPLE), "--out", str(out), "--per-device-batch", "2",
             "--record", f"{out}.json", *extra,
@@ -166,3 +175,21 @@ def test_resume_refuses_an_adapter_of_another_projection(
     np.testing.assert_array_equal(
         same.theta_d.detach().numpy(), _theta(runs["ddp"] / "checkpoint-3")
     )
+
+
+def test_deepspeed_zero3_trainer_and_resume(runs: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    _two_processes(out, "--stop-after", "3", config=ZERO3_CONFIG)
+    zero3 = _two_processes(out, "--resume", "last", config=ZERO3_CONFIG)
+    assert zero3 is not None
+    single = json.loads(Path(f"{runs['single']}.json").read_text())
+    assert zero3["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert zero3["steps_run"] == [4, 5, 6]
+    np.testing.assert_allclose(
+        list(zero3["losses"].values()), list(single["losses"].values()), rtol=0, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        _theta(out / "adapter"), _theta(runs["single"] / "adapter"), rtol=0, atol=1e-6
+    )
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").is_file()
