@@ -12,10 +12,12 @@ memory). Then a few AdamW steps on a per-rank batch of ``--batch`` sequences of
 ``--seq`` tokens.
 
 Reported per rank: the parameter bytes the rank holds after placement (local shards
-for FSDP2), the resident set after placement and the peak resident set of the whole
-run (``ru_maxrss``), each minus the resident set measured once the model is built and
-wrapped on the meta device, before anything is allocated (torch and the libraries, the
-same in every configuration).
+for FSDP2); the resident set after placement and after wrapping (DDP's construction
+broadcasts the module states); the peak resident set during the training steps
+(``VmHWM``, reset after wrapping) and of the whole run (``ru_maxrss``); each minus
+the resident set measured once the model is built and sharded on the meta device,
+before anything is allocated (torch and the libraries, the same in every
+configuration).
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def _rss_mib() -> float:
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _hwm_mib() -> float:
+    """The peak resident set since the last :func:`_reset_hwm` (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_hwm() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -98,6 +112,8 @@ def worker(args: argparse.Namespace) -> None:
     placed = _rss_mib()
     run: Any = DDP(model) if args.mode == "ddp" else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    wrapped = _rss_mib()
+    _reset_hwm()
     data = torch.Generator().manual_seed(1 + rank)
     for _ in range(args.steps):
         batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=data)
@@ -108,6 +124,8 @@ def worker(args: argparse.Namespace) -> None:
         "rank": rank,
         "params_held_mib": held / 2**20,
         "rss_after_placement_mib": placed - baseline,
+        "rss_wrapped_mib": wrapped - baseline,
+        "peak_rss_steps_mib": _hwm_mib() - baseline,
         "peak_rss_mib": _peak_mib() - baseline,
         "baseline_rss_mib": baseline,
         "base_params": sum(p.numel() for p in base.parameters()),
@@ -187,7 +205,9 @@ def main() -> int:
                 f"{mode:6s} base {dtype:4s} {r0['base_params'] / 1e6:.1f} M params: "
                 + " | ".join(
                     f"rank {r['rank']}: params {r['params_held_mib']:.0f} MiB, "
-                    f"after placement {r['rss_after_placement_mib']:.0f} MiB, "
+                    f"placed {r['rss_after_placement_mib']:.0f} MiB, "
+                    f"wrapped {r['rss_wrapped_mib']:.0f} MiB, "
+                    f"peak in steps {r['peak_rss_steps_mib']:.0f} MiB, "
                     f"peak {r['peak_rss_mib']:.0f} MiB"
                     for r in ranks
                 ),

@@ -389,7 +389,11 @@ def rebuild(
             f"theta_d must be 1-D of length d = {p.d}, got {tuple(theta.shape)}"
         )
     if theta.dtype != torch.float32:
-        raise InvalidArgumentError(f"theta_d must be float32, got {theta.dtype}")
+        raise InvalidArgumentError(
+            f"theta_d must be float32, got {theta.dtype} (under FSDP2 a MixedPrecisionPolicy "
+            "casts it: put theta_d in its own unit with param_dtype=torch.float32, see "
+            "docs/TRAINING.md)"
+        )
     if index is not None:
         return torch.ops.unilora_rs.gather(theta, index, p.rem, p.scale_hi, p.scale_lo)
     return torch.ops.unilora_rs.rebuild(theta, _seed_to_i64(p.seed), p.total, backend)
