@@ -155,6 +155,11 @@ def launch(args: argparse.Namespace, mode: str, dtype: str) -> list[dict[str, An
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    if args.mmap_threshold:
+        # A fixed glibc mmap threshold: every tensor larger than it is its own mapping,
+        # returned to the system when freed, so the resident set follows live memory
+        # (with the default dynamic threshold glibc keeps freed blocks in its heap).
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / f"rank{r}.json" for r in range(2)]
         common = [
@@ -185,6 +190,9 @@ def main() -> int:
     ap.add_argument("--d", type=int, default=2**16)
     ap.add_argument("--dtypes", default="f32,bf16", help="base dtypes to run")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--mmap-threshold", type=int, default=131072, help="glibc mmap threshold; 0: default"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="ddp", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
