@@ -34,23 +34,17 @@ from pathlib import Path
 from typing import Any
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """A line of /proc/self/status in MiB: ``VmRSS`` (resident now) or ``VmHWM`` (the
+    peak since the last :func:`_reset_hwm`)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _hwm_mib() -> float:
-    """The peak resident set since the last :func:`_reset_hwm` (``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _reset_hwm() -> None:
@@ -97,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32),
         )
     # Everything imported and wrapped, nothing allocated yet (meta): the baseline.
-    baseline = _rss_mib()
+    baseline = _status_mib("VmRSS")
     model.to_empty(device="cpu")
     base.model.rotary_emb = type(base.model.rotary_emb)(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -109,10 +103,10 @@ def worker(args: argparse.Namespace) -> None:
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
         for p in model.parameters()
     )
-    placed = _rss_mib()
+    placed = _status_mib("VmRSS")
     run: Any = DDP(model) if args.mode == "ddp" else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    wrapped = _rss_mib()
+    wrapped = _status_mib("VmRSS")
     _reset_hwm()
     data = torch.Generator().manual_seed(1 + rank)
     for _ in range(args.steps):
@@ -125,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
         "params_held_mib": held / 2**20,
         "rss_after_placement_mib": placed - baseline,
         "rss_wrapped_mib": wrapped - baseline,
-        "peak_rss_steps_mib": _hwm_mib() - baseline,
+        "peak_rss_steps_mib": _status_mib("VmHWM") - baseline,
         "peak_rss_mib": _peak_mib() - baseline,
         "baseline_rss_mib": baseline,
         "base_params": sum(p.numel() for p in base.parameters()),

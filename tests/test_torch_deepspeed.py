@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 import torch_fsdp_worker as common  # noqa: E402
+from dist_helpers import free_port  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from test_torch_fsdp import _reference  # noqa: E402
 
@@ -27,9 +27,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # DeepSpeed's CPU communication backend compiles a small C++ op with ninja on first use.
     bin_dir = str(Path(sys.executable).parent)
     env = dict(

@@ -4,10 +4,6 @@ the same global batches: theta_d, the losses and the saved adapters agree."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +15,11 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import torch_fsdp_worker as worker  # noqa: E402
+from dist_helpers import run_ranks  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "torch_fsdp_worker.py"
 MODES = ["fp32", "bf16", "ckpt", "meta"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _reference(bf16: bool, out: Path) -> dict[str, object]:
@@ -57,29 +48,7 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("fsdp")
     initial = tmp / "initial-adapter"
     worker.fresh_model().save_pretrained(initial)  # what the meta-device run loads
-    port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), "2", port, str(tmp), str(initial), *MODES],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=300)
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-4000:]
+    run_ranks(WORKER, lambda rank, port: [str(rank), "2", port, str(tmp), str(initial), *MODES])
     return tmp
 
 

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from dist_helpers import free_port  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from unilora_rs.errors import MismatchError  # noqa: E402
 
@@ -52,21 +53,13 @@ def _two_processes(out: Path, *extra: str, config: Path = DDP_CONFIG) -> dict[st
     _run(
         [
             str(accelerate), "launch", "--config_file", str(config),
-            "--main_process_port", str(_free_port()),
+            "--main_process_port", str(free_port()),
             str(EXAMPLE), "--out", str(out), "--per-device-batch", "2",
             "--record", f"{out}.json", *extra,
         ]
     )  # fmt: skip
     record = Path(f"{out}.json")
     return json.loads(record.read_text()) if record.exists() else None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _theta(adapter: Path) -> np.ndarray:
