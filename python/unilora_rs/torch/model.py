@@ -326,23 +326,41 @@ class UniLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ saving / loading
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **_: Any) -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> Path | None:
         """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` (SPEC.md section 3).
 
         modules_to_save tensors are stored under their base state-dict names; bfloat16
         tensors are stored as float32 (exact) since the format is read with numpy.
+
+        Under FSDP2 or DeepSpeed ZeRO-3 (``theta_d`` sharded) call it on every rank with
+        ``is_main_process=(rank == 0)``: the tensors are gathered (a collective) and only
+        the main process writes. ``state_dict`` (this model's keys, e.g. a full state dict
+        from ``torch.distributed.checkpoint.state_dict.get_model_state_dict``, as
+        ``Trainer`` passes it) supplies the tensors instead of the live parameters.
         """
-        theta = self.theta_d.detach().to("cpu", torch.float32).numpy()
-        if not np.isfinite(theta).all():
-            raise VectorError("theta_d holds NaN or Inf: refusing to save a broken adapter")
+        theta_t = state_dict["theta_d"] if state_dict is not None else self.theta_d
+        theta = _full_tensor(theta_t).detach().to("cpu", torch.float32).numpy()
         extra: dict[str, np.ndarray] = {}
         for name in self.saved_module_names:
             module = self.base_model.get_submodule(name)
             for pname, p in module.state_dict().items():
-                t = p.detach().to("cpu")
+                if state_dict is not None:
+                    p = state_dict[f"base_model.{name}.{pname}"]
+                t = _full_tensor(p).detach().to("cpu")
                 if t.dtype == torch.bfloat16:
                     t = t.to(torch.float32)
                 extra[f"{name}.{pname}"] = t.contiguous().numpy()
+        if not is_main_process:
+            return None
+        if not np.isfinite(theta).all():
+            raise VectorError("theta_d holds NaN or Inf: refusing to save a broken adapter")
         return save_adapter(save_directory, self.adapter_config, theta, extra)
 
     def push_to_hub(
@@ -412,6 +430,20 @@ class UniLoRAModel(nn.Module):
                 p.requires_grad_(False)
             wrapped.eval()
         return wrapped
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter, gathered from every rank (a collective):
+    an FSDP2 DTensor or a DeepSpeed ZeRO-3 partitioned parameter; else ``t``."""
+    full = getattr(t, "full_tensor", None)
+    if callable(full):
+        return full()
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
+    return t
 
 
 def _name_or_path(model: nn.Module) -> str | None:
