@@ -3,6 +3,8 @@
 //! * [`projection`]: the frozen, portable Uni-LoRA projection generator (spec v1):
 //!   an exactly balanced, isometric sparse map from `theta_d` to `theta_D` with O(1)
 //!   random access and an enumerable inverse.
+//! * [`fastfood`]: the paper's dense Fastfood projection (spec v2): Walsh–Hadamard
+//!   blocks with sign, permutation and Gaussian diagonals from the seed, O(D log n).
 //! * [`feistel`]: the keyed Feistel network behind the projection; [`fastdiv`]: division
 //!   by a constant with a multiply-high; [`kernel`]: the CPU gather and backward kernels.
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
@@ -25,6 +27,7 @@ pub mod convert;
 pub mod error;
 pub mod export;
 pub mod fastdiv;
+pub mod fastfood;
 pub mod feistel;
 pub mod fingerprint;
 pub mod fsutil;
