@@ -8,6 +8,7 @@
 mod adapter;
 mod convert;
 mod errors;
+mod foreign;
 mod json;
 mod merge;
 mod projection;
@@ -19,8 +20,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::projection::{
-        fingerprint, get_num_threads, projection, projection_params, reconstruct,
-        reconstruct_backward, set_num_threads, total_size,
+        fastfood_params, fingerprint, get_num_threads, map_sha256, projection, projection_params,
+        reconstruct, reconstruct_backward, set_num_threads, total_size,
     };
 
     #[pymodule_export]
@@ -38,6 +39,7 @@ mod _core {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("SPEC_VERSION", unilora_core::SPEC_VERSION)?;
         m.add("MAX_THREADS", unilora_core::parallel::max_threads())?;
+        crate::foreign::register();
         if let Some(msg) = unilora_core::parallel::env_warning() {
             let py = m.py();
             let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();

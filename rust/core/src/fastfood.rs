@@ -184,6 +184,26 @@ impl Fastfood {
         self.scale_of(gaussians(&self.block_keys(b), &mut g))
     }
 
+    /// Every block's key words ([`BlockKeys::words`], [`WORDS_PER_BLOCK`] per block)
+    /// and scale `c_b`, in block order: what a kernel elsewhere needs. The scales cost
+    /// one pass over the Gaussian diagonals (O(D), in the crate's pool).
+    pub fn block_table(&self) -> Result<(Vec<u32>, Vec<f32>)> {
+        let words = self.blocks.saturating_mul(WORDS_PER_BLOCK as u64);
+        let mut keys: Vec<u32> = CoreError::try_zeroed(words, "the Fastfood block keys")?;
+        let mut scales: Vec<f32> = CoreError::try_zeroed(self.blocks, "the Fastfood block scales")?;
+        for (b, k) in keys.chunks_mut(WORDS_PER_BLOCK).enumerate() {
+            k.copy_from_slice(&self.block_keys(b as u64).words());
+        }
+        let n = self.n() as usize;
+        parallel::install(|| {
+            scales.par_iter_mut().enumerate().for_each_init(
+                || vec![0f32; n],
+                |g, (b, c)| *c = self.scale_of(gaussians(&self.block_keys(b as u64), g)),
+            );
+        });
+        Ok((keys, scales))
+    }
+
     /// `c = float32(1 / sqrt(float64(nb) * (float64(q) * 2^(k - 32))))`, with `q` the
     /// sum of the squared Gaussian integers of a block (`q / 2^32 = sum G^2`).
     fn scale_of(&self, q: u128) -> f32 {
@@ -206,19 +226,7 @@ impl Fastfood {
         }
         let n = self.n();
         let item_rows = ITEM_ROWS.div_ceil(n) * n;
-        // Pieces cut at work item boundaries, each with its first row.
-        let mut pieces: Vec<(u64, &mut [f32])> = Vec::new();
-        let mut row = 0u64;
-        for out in outs.iter_mut() {
-            let mut rest: &mut [f32] = out;
-            while !rest.is_empty() {
-                let room = (item_rows - row % item_rows).min(rest.len() as u64) as usize;
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(room);
-                pieces.push((row, head));
-                row += room as u64;
-                rest = tail;
-            }
-        }
+        let mut pieces = crate::reconstruct::cut_pieces(outs, item_rows);
         let mut items: Vec<&mut [(u64, &mut [f32])]> = pieces
             .chunk_by_mut(|a, b| a.0 / item_rows == b.0 / item_rows)
             .collect();

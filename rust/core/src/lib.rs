@@ -7,6 +7,8 @@
 //!   blocks with sign, permutation and Gaussian diagonals from the seed, O(D log n).
 //! * [`feistel`]: the keyed Feistel network behind the projection; [`fastdiv`]: division
 //!   by a constant with a multiply-high; [`kernel`]: the CPU gather and backward kernels.
+//! * [`projector`]: which projection an adapter uses (sparse, Fastfood, or an explicit
+//!   map bound by its SHA-256) and the one place that dispatches on it.
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
 //!   without materialising an index array.
 //! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
@@ -35,6 +37,7 @@ pub mod kernel;
 pub mod merge;
 pub mod parallel;
 pub mod projection;
+pub mod projector;
 pub mod reconstruct;
 pub mod safetensors;
 pub mod task;
@@ -46,6 +49,7 @@ pub use export::{ExportOptions, ExportReport, export_lora};
 pub use fingerprint::fingerprint;
 pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use projection::{Projection, SPEC_VERSION};
+pub use projector::{ExplicitMap, ProjectionKind, Projector};
 pub use reconstruct::{
     BACKWARD_T_CHUNK, check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
 };
