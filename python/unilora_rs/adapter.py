@@ -199,9 +199,7 @@ class ProjectionMap:
     sha256: str
 
     @classmethod
-    def of(
-        cls, kind: str, indices: npt.ArrayLike, scales: npt.ArrayLike
-    ) -> ProjectionMap:
+    def of(cls, kind: str, indices: npt.ArrayLike, scales: npt.ArrayLike) -> ProjectionMap:
         """Wraps the arrays (int32 and float32, C order) with their SHA-256."""
         idx = np.ascontiguousarray(indices, dtype=np.int32)
         sc = np.ascontiguousarray(scales, dtype=np.float32)

@@ -97,7 +97,7 @@ def reconstruct(
     of the right shapes; they are returned.
 
     ``projection``: ``"sparse"`` (the default: the balanced map of spec v1) or
-    ``"fastfood"`` (the paper's dense Fastfood map, spec v2: Walsh–Hadamard blocks,
+    ``"fastfood"`` (the paper's dense Fastfood map, spec v2: Walsh-Hadamard blocks,
     O(D log n) time, no index memory either). See docs/SPEC.md.
 
     Raises :class:`VectorError` for NaN/Inf, :class:`InvalidArgumentError` for bad

@@ -199,3 +199,38 @@ fn bad_sizes_are_refused() {
             .is_err()
     );
 }
+
+/// Golden vector F1 of docs/SPEC.md section 4.6 (also in tests/data/golden_fastfood.json).
+#[test]
+fn golden_vector_f1() {
+    use sha2::{Digest, Sha256};
+    let f = Fastfood::new(0, 1000, 100).unwrap();
+    assert_eq!((f.n(), f.blocks()), (128, 8));
+    let words: Vec<String> = f
+        .block_keys(0)
+        .words()
+        .iter()
+        .map(|w| format!("{w:08x}"))
+        .collect();
+    assert_eq!(words[..4], ["d6064338", "a55d0d49", "4fe6a95f", "7b08c668"]);
+    assert_eq!(f.block_scale(0).to_bits(), 0x3b2f1e43);
+    let theta: Vec<f32> = (0..100).map(|j| ((j % 7) as f32 - 3.0) / 16.0).collect();
+    let grad: Vec<f32> = (0..1000).map(|i| ((i % 5) as f32 - 2.0) / 8.0).collect();
+    let hex = |v: &[f32]| -> String {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let out = f.reconstruct(&theta).unwrap();
+    assert_eq!(out[0].to_bits(), 0xbcdfb9a0);
+    assert_eq!(
+        hex(&out),
+        "1912c801cdae94e641641bf59b524620bdb9b3e61fc1e6b8429b10f7aa7feaaa"
+    );
+    assert_eq!(
+        hex(&f.backward(&grad).unwrap()),
+        "9323110547fb59c32d97597ac2befcf156a093f0a104498d82137cd11c91b238"
+    );
+}
