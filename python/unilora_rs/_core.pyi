@@ -13,7 +13,9 @@ __all__ = [
     "__version__",
     "check_adapter_config",
     "check_adapter_module",
+    "commit_folder",
     "export_lora",
+    "export_peft",
     "fastfood_params",
     "fingerprint",
     "get_num_threads",
@@ -27,6 +29,7 @@ __all__ = [
     "reconstruct_backward",
     "safetensors_header",
     "set_num_threads",
+    "staging_folder",
     "total_size",
 ]
 
@@ -76,6 +79,19 @@ def export_lora(
     dtype: str = "f32",
     overwrite: bool = False,
 ) -> dict[str, Any]: ...
+def export_peft(
+    adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> dict[str, Any]: ...
+def staging_folder(
+    out: str | os.PathLike[str], kind: str, *, overwrite: bool = False
+) -> os.PathLike[str]: ...
+def commit_folder(
+    staging: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    kind: str,
+    *,
+    overwrite: bool = False,
+) -> None: ...
 def safetensors_header(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int]: ...

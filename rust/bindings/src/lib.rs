@@ -11,6 +11,7 @@ mod errors;
 mod foreign;
 mod json;
 mod merge;
+mod peft;
 mod projection;
 
 use pyo3::prelude::*;
@@ -26,6 +27,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::merge::{export_lora, merge, safetensors_header};
+
+    #[pymodule_export]
+    use crate::peft::{commit_folder, export_peft, staging_folder};
 
     #[pymodule_export]
     use crate::adapter::{

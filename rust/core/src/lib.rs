@@ -18,7 +18,8 @@
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
 //! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
 //!   ([`control`]: its progress, cancellation and the loop that watches it).
-//! * [`export`]: exact export as a standard PEFT LoRA adapter.
+//! * [`export`]: exact export as a standard PEFT LoRA adapter; [`export_peft`]: export
+//!   in the format of PEFT's Uni-LoRA tuner (saved indices and scales).
 
 #![deny(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod control;
 pub mod convert;
 pub mod error;
 pub mod export;
+pub mod export_peft;
 pub mod fastdiv;
 pub mod fastfood;
 pub mod feistel;
@@ -46,6 +48,7 @@ pub use adapter::Adapter;
 pub use config::AdapterConfig;
 pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, export_lora};
+pub use export_peft::{PeftExportReport, export_peft};
 pub use fingerprint::fingerprint;
 pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use projection::{Projection, SPEC_VERSION};

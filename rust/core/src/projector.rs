@@ -361,6 +361,24 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_map_needs_its_generator() {
+        let config = AdapterConfig::from_value(&serde_json::json!({
+            "format": "unilora_rs", "spec_version": 2, "projection": "peft-numpy",
+            "map_sha256": format!("sha256:{}", "0".repeat(64)), "seed": 1, "vector_length": 4,
+            "rank": 1, "alpha": 1.0, "modules": [{"name": "m", "in_features": 4, "out_features": 4}],
+        }))
+        .unwrap();
+        // No generator is registered in the core's own tests (the Python package registers one).
+        let err = Projector::for_config(&config, || unreachable!())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("regenerated with numpy") && err.contains("--explicit"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn kinds_and_generated_projections() {
         for k in ProjectionKind::ALL {
             assert_eq!(ProjectionKind::parse(k.name()).unwrap(), k);
