@@ -276,6 +276,8 @@ impl Fastfood {
         let mut parts: Vec<f32> =
             CoreError::try_zeroed((group * d) as u64, "the partial sums of the backward pass")?;
         let n = self.n() as usize;
+        // One set of scratch buffers per worker, made on first use and kept for the call.
+        let mut scratches: Vec<Option<Scratch>> = (0..threads).map(|_| None).collect();
         let mut b0 = 0u64;
         while b0 < self.blocks {
             let m = (self.blocks - b0).min(group as u64) as usize;
@@ -284,12 +286,13 @@ impl Fastfood {
             parallel::install(|| {
                 parts
                     .par_chunks_mut(share * d)
+                    .zip(scratches.par_iter_mut())
                     .enumerate()
-                    .for_each(|(k, outs)| {
-                        let mut scratch = Scratch::new(n);
+                    .for_each(|(k, (outs, scratch))| {
+                        let scratch = scratch.get_or_insert_with(|| Scratch::new(n));
                         for (t, out) in outs.chunks_mut(d).enumerate() {
                             let b = b0 + (k * share + t) as u64;
-                            self.backward_block(b, grad, &mut scratch, out);
+                            self.backward_block(b, grad, scratch, out);
                         }
                     });
             });
@@ -310,7 +313,7 @@ impl Fastfood {
             // SAFETY: the CPU supports AVX2, the only target feature of the function.
             return unsafe { forward_block_avx2(self, b, theta, s) };
         }
-        forward_block_impl(self, b, theta, s)
+        forward_block_impl::<false>(self, b, theta, s)
     }
 
     /// Block `b` of the backward pass: `out = c_b * (B H Π^T G H grad_b)[..d]`.
@@ -321,7 +324,7 @@ impl Fastfood {
             unsafe { backward_block_avx2(self, b, grad, s, out) };
             return;
         }
-        backward_block_impl(self, b, grad, s, out);
+        backward_block_impl::<false>(self, b, grad, s, out);
     }
 }
 
@@ -350,18 +353,23 @@ fn write_block(row0: u64, c: f32, w: &[f32], item: &mut [(u64, &mut [f32])]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn forward_block_avx2(ff: &Fastfood, b: u64, theta: &[f32], s: &mut Scratch) -> f32 {
-    forward_block_impl(ff, b, theta, s)
+    forward_block_impl::<true>(ff, b, theta, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn backward_block_avx2(ff: &Fastfood, b: u64, grad: &[f32], s: &mut Scratch, out: &mut [f32]) {
-    backward_block_impl(ff, b, grad, s, out);
+    backward_block_impl::<true>(ff, b, grad, s, out);
 }
 
 /// `w = H G Π H B x` for block `b` (`x` = `theta` zero-padded to `n`); returns `c_b`.
 #[inline(always)]
-fn forward_block_impl(ff: &Fastfood, b: u64, theta: &[f32], s: &mut Scratch) -> f32 {
+fn forward_block_impl<const AVX2: bool>(
+    ff: &Fastfood,
+    b: u64,
+    theta: &[f32],
+    s: &mut Scratch,
+) -> f32 {
     let keys = ff.block_keys(b);
     let n = ff.n() as usize;
     let (v, w) = (&mut s.v[..n], &mut s.w[..n]);
@@ -370,21 +378,25 @@ fn forward_block_impl(ff: &Fastfood, b: u64, theta: &[f32], s: &mut Scratch) -> 
     for (i, x) in v.iter_mut().enumerate() {
         *x = f32::from_bits(x.to_bits() ^ keys.sign_bit(i as u32));
     }
-    fwht(v);
+    fwht_with::<AVX2>(v);
     let (g, p) = (&mut s.g[..n], &mut s.p[..n]);
     let q = gaussians(&keys, g);
     permutation(&keys, p);
-    for ((o, &g), &p) in w.iter_mut().zip(&*g).zip(&*p) {
-        *o = g * v[p as usize];
-    }
-    fwht(w);
+    permuted_product::<AVX2>(w, Some(g), p, v);
+    fwht_with::<AVX2>(w);
     ff.scale_of(q)
 }
 
 /// `out = c_b * (B H Π^T G H g)[..d]` for block `b`, `g` its rows of the gradient,
 /// zero-padded to `n`.
 #[inline(always)]
-fn backward_block_impl(ff: &Fastfood, b: u64, grad: &[f32], s: &mut Scratch, out: &mut [f32]) {
+fn backward_block_impl<const AVX2: bool>(
+    ff: &Fastfood,
+    b: u64,
+    grad: &[f32],
+    s: &mut Scratch,
+    out: &mut [f32],
+) {
     let keys = ff.block_keys(b);
     let n = ff.n() as usize;
     let row0 = (b * ff.n()) as usize;
@@ -392,14 +404,16 @@ fn backward_block_impl(ff: &Fastfood, b: u64, grad: &[f32], s: &mut Scratch, out
     let (u, z) = (&mut s.v[..n], &mut s.w[..n]);
     u[..rows.len()].copy_from_slice(rows);
     u[rows.len()..].fill(0.0);
-    fwht(u);
+    fwht_with::<AVX2>(u);
     let (g, p) = (&mut s.g[..n], &mut s.p[..n]);
     let q = gaussians(&keys, g);
-    permutation(&keys, p);
-    for ((&x, &g), &p) in u.iter().zip(&*g).zip(&*p) {
-        z[p as usize] = g * x;
+    // z[Π(i)] = G[i] u[i], written as the gather z[j] = (G u)[Π^-1(j)].
+    for (x, &g) in u.iter_mut().zip(&*g) {
+        *x *= g;
     }
-    fwht(z);
+    inverse_permutation(&keys, p);
+    permuted_product::<AVX2>(z, None, p, u);
+    fwht_with::<AVX2>(z);
     let c = ff.scale_of(q);
     for (j, o) in out.iter_mut().enumerate() {
         *o = c * f32::from_bits(z[j].to_bits() ^ keys.sign_bit(j as u32));
@@ -410,15 +424,20 @@ fn backward_block_impl(ff: &Fastfood, b: u64, grad: &[f32], s: &mut Scratch, out
 /// squared Gaussian integers (`2^32 sum G^2`).
 #[inline(always)]
 fn gaussians(keys: &BlockKeys, g: &mut [f32]) -> u128 {
+    // Two passes, so that the generation runs on whole vectors of 32-bit lanes; the
+    // integers come back exactly from G (|65536 G| < 2^19).
+    for (i, o) in g.iter_mut().enumerate() {
+        *o = keys.gauss_int(i as u32) as f32 * GAUSS_UNIT;
+    }
     let mut q = 0u128;
-    for (c, chunk) in g.chunks_mut(SQUARES_CHUNK).enumerate() {
-        let base = (c * SQUARES_CHUNK) as u32;
-        let mut part = 0u64;
-        for (t, o) in chunk.iter_mut().enumerate() {
-            let gi = keys.gauss_int(base.wrapping_add(t as u32));
-            part += (i64::from(gi) * i64::from(gi)) as u64;
-            *o = gi as f32 * GAUSS_UNIT;
-        }
+    for chunk in g.chunks(SQUARES_CHUNK) {
+        let part: u64 = chunk
+            .iter()
+            .map(|&x| {
+                let k = i64::from((x * 65536.0) as i32);
+                (k * k) as u64
+            })
+            .sum();
         q += u128::from(part);
     }
     q
@@ -432,21 +451,33 @@ fn permutation(keys: &BlockKeys, p: &mut [u32]) {
     }
 }
 
+/// Fills `p` with `Π^-1`: `p[j] = E^-1(j)`.
+#[inline(always)]
+fn inverse_permutation(keys: &BlockKeys, p: &mut [u32]) {
+    for (j, o) in p.iter_mut().enumerate() {
+        *o = keys.perm.decrypt(j as u32);
+    }
+}
+
 /// The unnormalised fast Walsh–Hadamard transform, in place: stages `h = 1, 2, 4, ...`
 /// in that order, each replacing `(v[i], v[i + h])` by `(v[i] + v[i + h], v[i] - v[i + h])`
 /// for every `i` with `i & h == 0`. Stages below [`FWHT_TILE`] run tile by tile, which
 /// changes no operation (a tile's elements depend only on each other there).
-#[inline(always)]
 pub fn fwht(v: &mut [f32]) {
+    fwht_with::<false>(v);
+}
+
+/// [`fwht`]; with `AVX2` (only inside an AVX2 function) the first three stages run on
+/// whole vectors.
+#[inline(always)]
+fn fwht_with<const AVX2: bool>(v: &mut [f32]) {
     let n = v.len();
     debug_assert!(n.is_power_of_two());
     let tile = n.min(FWHT_TILE);
     for t in v.chunks_exact_mut(tile) {
         let mut h = 1;
         if tile >= 8 {
-            for c in t.chunks_exact_mut(8) {
-                butterfly8(c);
-            }
+            first_stages::<AVX2>(t);
             h = 8;
         }
         while h < tile {
@@ -458,6 +489,99 @@ pub fn fwht(v: &mut [f32]) {
     while h < n {
         stage(v, h);
         h <<= 1;
+    }
+}
+
+/// Stages 1, 2 and 4 of every group of eight values.
+#[inline(always)]
+fn first_stages<const AVX2: bool>(t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` is true only in functions compiled for AVX2, which run only on
+        // CPUs that have it (checked before they are called).
+        unsafe { first_stages_avx2(t) };
+        return;
+    }
+    for c in t.chunks_exact_mut(8) {
+        butterfly8(c);
+    }
+}
+
+/// Stages 1, 2 and 4 on vectors of eight: each stage adds and subtracts a lane
+/// permutation, then keeps the sum in the lower and the difference in the upper lane
+/// of every pair (the same two operations, on the same operands, as [`butterfly8`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn first_stages_avx2(t: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for c in t.chunks_exact_mut(8) {
+        // SAFETY: `c` holds eight floats; the load and store are unaligned.
+        let mut x = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        // h = 1: partner lane i ^ 1; upper lanes 1, 3, 5, 7 take partner - x.
+        let p = _mm256_permute_ps(x, 0b10_11_00_01);
+        x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0b1010_1010);
+        // h = 2: partner lane i ^ 2; upper lanes 2, 3, 6, 7.
+        let p = _mm256_permute_ps(x, 0b01_00_11_10);
+        x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0b1100_1100);
+        // h = 4: partner lane i ^ 4; upper lanes 4 to 7.
+        let p = _mm256_permute2f128_ps(x, x, 1);
+        x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0b1111_0000);
+        // SAFETY: as for the load.
+        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), x) };
+    }
+}
+
+/// `w[i] = g[i] * v[p[i]]`, or `w[i] = v[p[i]]` without `g`. `v.len()` is a power of
+/// two and every `p[i] < v.len()` (`Π` maps `[0, n)` onto itself).
+#[inline(always)]
+fn permuted_product<const AVX2: bool>(w: &mut [f32], g: Option<&[f32]>, p: &[u32], v: &[f32]) {
+    debug_assert!(v.len().is_power_of_two() && p.len() == w.len());
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && v.len() <= 1 << 31 {
+        // SAFETY: as in `first_stages`.
+        unsafe { permuted_product_avx2(w, g, p, v) };
+        return;
+    }
+    match g {
+        Some(g) => {
+            for ((o, &g), &p) in w.iter_mut().zip(g).zip(p) {
+                *o = g * v[p as usize];
+            }
+        }
+        None => {
+            for (o, &p) in w.iter_mut().zip(p) {
+                *o = v[p as usize];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn permuted_product_avx2(w: &mut [f32], g: Option<&[f32]>, p: &[u32], v: &[f32]) {
+    use std::arch::x86_64::*;
+    assert!(v.len().is_power_of_two() && v.len() <= 1 << 31);
+    let n = w.len().min(p.len()).min(g.map_or(usize::MAX, <[f32]>::len));
+    // Indices are masked to [0, v.len()): no gather can read outside `v` (they are all
+    // below it anyway, so the mask changes no value).
+    let mask = _mm256_set1_epi32((v.len() - 1) as i32);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: lanes i .. i + 8 lie inside w, p and g (i + 8 <= n); the masked
+        // indices lie in [0, v.len()) and fit in i32 (v.len() <= 2^31).
+        unsafe {
+            let idx = _mm256_and_si256(_mm256_loadu_si256(p.as_ptr().add(i).cast()), mask);
+            let mut x = _mm256_i32gather_ps::<4>(v.as_ptr(), idx);
+            if let Some(g) = g {
+                x = _mm256_mul_ps(_mm256_loadu_ps(g.as_ptr().add(i)), x);
+            }
+            _mm256_storeu_ps(w.as_mut_ptr().add(i), x);
+        }
+        i += 8;
+    }
+    for k in i..n {
+        let x = v[p[k] as usize];
+        w[k] = g.map_or(x, |g| g[k] * x);
     }
 }
 
