@@ -276,3 +276,32 @@ def test_peft_map_orders_b_before_a() -> None:
     assert np.array_equal(idx[:8], whole[16:24]) and np.array_equal(idx[8:24], whole[:16])
     assert np.array_equal(idx[24:36], whole[32:44]) and np.array_equal(idx[36:], whole[24:32])
     assert np.array_equal(scales, peft_scales(whole, 16)[idx])
+
+
+def test_converted_adapters_train_and_save(bases: dict[str, Path], tmp_path: Path) -> None:
+    """A converted adapter trains on with its map and saves it again, loadable."""
+    for save_indices in (False, True):
+        source = train_peft(bases["llama"], tmp_path / f"p{save_indices}", "llama", save_indices)
+        convert_peft(source, tmp_path / f"c{save_indices}")
+        model = UniLoRAModel.from_pretrained(
+            load_base(bases["llama"]), tmp_path / f"c{save_indices}", is_trainable=True
+        )
+        opt = torch.optim.AdamW([model.theta_d], lr=1e-2)
+        ids = batch(5)
+        losses = []
+        for _ in range(6):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        model.save_pretrained(tmp_path / f"t{save_indices}")
+        again = UniLoRAModel.from_pretrained(
+            load_base(bases["llama"]), tmp_path / f"t{save_indices}"
+        )
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+        info = ur.inspect(tmp_path / f"t{save_indices}")
+        assert info.projection == ("explicit" if save_indices else "peft-numpy") and info.map_ok
