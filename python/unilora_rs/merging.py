@@ -93,6 +93,19 @@ class ExportResult:
     weights_bytes: int
     seconds: float
 
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any], seconds: float, **more: Any) -> Any:
+        """The result of the core's report ``raw`` (more fields of a subclass in ``more``)."""
+        return cls(
+            out=Path(raw["out"]),
+            modules=raw["modules"],
+            saved_tensors=raw["saved_tensors"],
+            lora_parameters=raw["lora_parameters"],
+            weights_bytes=raw["weights_bytes"],
+            seconds=seconds,
+            **more,
+        )
+
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -359,14 +372,7 @@ def export_lora(
     dt = _dtype(dtype, allow_none=False)
     t0 = time.perf_counter()
     raw = _core.export_lora(adapter_p, out_p, dtype=dt, overwrite=bool(overwrite))
-    return ExportResult(
-        out=Path(raw["out"]),
-        modules=raw["modules"],
-        saved_tensors=raw["saved_tensors"],
-        lora_parameters=raw["lora_parameters"],
-        weights_bytes=raw["weights_bytes"],
-        seconds=time.perf_counter() - t0,
-    )
+    return ExportResult._from_core(raw, time.perf_counter() - t0)
 
 
 def _dir_size(path: Path) -> int:

@@ -49,6 +49,7 @@ from .adapter import (
     save_adapter,
 )
 from .errors import FormatError, InvalidArgumentError, MismatchError
+from .merging import ExportResult
 
 __all__ = [
     "ConvertResult",
@@ -461,16 +462,10 @@ def convert_peft(
 
 
 @dataclass(frozen=True)
-class PeftExportResult:
+class PeftExportResult(ExportResult):
     """What :func:`export_peft` wrote, and what PEFT's format changes or leaves out."""
 
-    out: Path
-    modules: int
-    saved_tensors: int
-    lora_parameters: int
-    weights_bytes: int
-    notes: list[str]
-    seconds: float
+    notes: list[str] = field(default_factory=list)
 
 
 def export_peft(adapter: PathArg, out: PathArg, *, overwrite: bool = False) -> PeftExportResult:
@@ -485,12 +480,7 @@ def export_peft(adapter: PathArg, out: PathArg, *, overwrite: bool = False) -> P
     """
     t0 = time.perf_counter()
     raw = _core.export_peft(Path(adapter), Path(out), overwrite=bool(overwrite))
-    return PeftExportResult(
-        out=Path(raw["out"]),
-        modules=raw["modules"],
-        saved_tensors=raw["saved_tensors"],
-        lora_parameters=raw["lora_parameters"],
-        weights_bytes=raw["weights_bytes"],
-        notes=list(raw["notes"]),
-        seconds=time.perf_counter() - t0,
+    result: PeftExportResult = PeftExportResult._from_core(
+        raw, time.perf_counter() - t0, notes=list(raw["notes"])
     )
+    return result

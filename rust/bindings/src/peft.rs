@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use unilora_core::export_peft::PEFT_OUTPUT_KIND;
 use unilora_core::fsutil::{self, TempPath};
 use unilora_core::{CoreError, ExportOptions};
 
 use crate::errors::IntoPyResult;
+use crate::merge::export_dict;
 
 /// The kinds of output folders written from Python.
 fn output_kind(kind: &str) -> PyResult<&'static str> {
@@ -39,13 +39,7 @@ pub fn export_peft<'py>(
     let mut opts = ExportOptions::new(adapter, out);
     opts.overwrite = overwrite;
     let report = py.detach(|| unilora_core::export_peft(&opts)).py()?;
-    let d = PyDict::new(py);
-    d.set_item("out", report.out)?;
-    d.set_item("kind", PEFT_OUTPUT_KIND)?;
-    d.set_item("modules", report.modules)?;
-    d.set_item("saved_tensors", report.saved_tensors)?;
-    d.set_item("lora_parameters", report.lora_parameters)?;
-    d.set_item("weights_bytes", report.weights_bytes)?;
+    let d = export_dict(py, &report.export)?;
     d.set_item("notes", report.notes)?;
     Ok(d)
 }

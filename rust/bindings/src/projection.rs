@@ -10,18 +10,27 @@ use unilora_core::{BACKWARD_T_CHUNK, Projection, ProjectionKind, Projector, para
 use crate::convert::{Shapes, invalid, outputs, uint, vector};
 use crate::errors::IntoPyResult;
 
+/// `(seed, total, d)` given as Python integers.
+fn dims_of(
+    seed: &Bound<'_, PyAny>,
+    total: &Bound<'_, PyAny>,
+    d: &Bound<'_, PyAny>,
+) -> PyResult<(u64, u64, u64)> {
+    Ok((
+        uint(seed, "seed", 0)?,
+        uint(total, "total", 0)?,
+        uint(d, "d", 0)?,
+    ))
+}
+
 /// The projection of `(seed, total, d)` given as Python integers.
 fn projection_of(
     seed: &Bound<'_, PyAny>,
     total: &Bound<'_, PyAny>,
     d: &Bound<'_, PyAny>,
 ) -> PyResult<Projection> {
-    Projection::new(
-        uint(seed, "seed", 0)?,
-        uint(total, "total", 0)?,
-        uint(d, "d", 0)?,
-    )
-    .py()
+    let (seed, total, d) = dims_of(seed, total, d)?;
+    Projection::new(seed, total, d).py()
 }
 
 /// A generated projection (`"sparse"` or `"fastfood"`) of `total` rows onto `d` columns.
@@ -161,12 +170,8 @@ pub fn fastfood_params<'py>(
     total: &Bound<'py, PyAny>,
     d: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let ff = Fastfood::new(
-        uint(seed, "seed", 0)?,
-        uint(total, "total", 0)?,
-        uint(d, "d", 0)?,
-    )
-    .py()?;
+    let (seed, total, d) = dims_of(seed, total, d)?;
+    let ff = Fastfood::new(seed, total, d).py()?;
     let (keys, scales) = py.detach(|| ff.block_table()).py()?;
     let width = unilora_core::fastfood::WORDS_PER_BLOCK;
     let keys = Array2::from_shape_vec((keys.len() / width, width), keys)

@@ -64,6 +64,20 @@ pub struct ExportReport {
     pub weights_bytes: u64,
 }
 
+impl ExportReport {
+    /// The report of an export of `adapter` into `out`, whose weights file has
+    /// `weights_bytes` bytes.
+    pub fn of(adapter: &Adapter, out: &Path, weights_bytes: u64) -> Self {
+        ExportReport {
+            out: out.to_path_buf(),
+            modules: adapter.config.modules.len(),
+            saved_tensors: adapter.extra_tensors().count(),
+            lora_parameters: adapter.config.total_size(),
+            weights_bytes,
+        }
+    }
+}
+
 /// The kind of output an export writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
 pub const OUTPUT_KIND: &str = "export-lora";
 
@@ -120,13 +134,7 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
         let bytes = write_lora_weights(adapter, opts.dtype, dir)?;
         Ok((bytes, peft_config(adapter)))
     })?;
-    Ok(ExportReport {
-        out: opts.out.clone(),
-        modules: adapter.config.modules.len(),
-        saved_tensors: adapter.extra_tensors().count(),
-        lora_parameters: adapter.config.total_size(),
-        weights_bytes,
-    })
+    Ok(ExportReport::of(&adapter, &opts.out, weights_bytes))
 }
 
 /// Opens the adapter of `opts` and writes an output folder of `kind` from it, atomically:

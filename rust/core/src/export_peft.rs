@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 
 use crate::adapter::{Adapter, ModuleKind};
 use crate::error::{CoreError, Result};
-use crate::export::{ExportOptions, PEFT_PREFIX, export_folder, saved_tensors, write_safetensors};
+use crate::export::{
+    ExportOptions, ExportReport, PEFT_PREFIX, export_folder, saved_tensors, write_safetensors,
+};
 use crate::projection::Projection;
 use crate::projector::Projector;
 use crate::safetensors::Dtype;
@@ -38,16 +40,8 @@ pub const PEFT_VECTOR_KEY: &str = "base_model.unilora_theta_d";
 /// What an export to PEFT's Uni-LoRA format wrote.
 #[derive(Clone, Debug, Default)]
 pub struct PeftExportReport {
-    /// The output folder.
-    pub out: std::path::PathBuf,
-    /// Number of modules written.
-    pub modules: usize,
-    /// Number of `modules_to_save` tensors written.
-    pub saved_tensors: usize,
-    /// `D`, the LoRA parameters the indices describe.
-    pub lora_parameters: u64,
-    /// Size of the written `adapter_model.safetensors` in bytes.
-    pub weights_bytes: u64,
+    /// The folder, modules, saved tensors, `D` (the indices written) and file size.
+    pub export: ExportReport,
     /// What PEFT's format changes or leaves out, one sentence each.
     pub notes: Vec<String>,
 }
@@ -190,11 +184,7 @@ pub fn export_peft(opts: &ExportOptions) -> Result<PeftExportReport> {
         );
     }
     Ok(PeftExportReport {
-        out: opts.out.clone(),
-        modules: config.modules.len(),
-        saved_tensors: adapter.extra_tensors().count(),
-        lora_parameters: config.total_size(),
-        weights_bytes,
+        export: ExportReport::of(&adapter, &opts.out, weights_bytes),
         notes,
     })
 }

@@ -618,38 +618,6 @@ fn stage(v: &mut [f32], h: usize) {
 mod tests {
     use super::*;
 
-    fn naive_fwht(v: &[f32]) -> Vec<f32> {
-        let mut v = v.to_vec();
-        let mut h = 1;
-        while h < v.len() {
-            for i in 0..v.len() {
-                if i & h == 0 {
-                    let (a, b) = (v[i], v[i + h]);
-                    v[i] = a + b;
-                    v[i + h] = a - b;
-                }
-            }
-            h <<= 1;
-        }
-        v
-    }
-
-    #[test]
-    fn fwht_is_the_stage_by_stage_transform() {
-        for n in [4usize, 8, 16, 1 << 13, 1 << 14] {
-            let v: Vec<f32> = (0..n)
-                .map(|i| ((i * 7919) % 101) as f32 / 7.0 - 5.0)
-                .collect();
-            let mut w = v.clone();
-            fwht(&mut w);
-            let want = naive_fwht(&v);
-            assert!(
-                w.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "n = {n}"
-            );
-        }
-    }
-
     #[test]
     fn sizes_and_keys() {
         let f = Fastfood::new(3, 1000, 100).unwrap();
