@@ -250,10 +250,16 @@ def peft_modules(cfg: dict[str, Any], base: Path) -> tuple[list[ModuleSpec], lis
     """The layers PEFT's tuner adapts in the base model (built on the meta device from
     its ``config.json``), in PEFT's order, and the qualified names of its
     ``modules_to_save``."""
-    import peft
-    import torch
-    import transformers
-    from peft.tuners.unilora import UniLoraLayer
+    try:
+        import peft
+        import torch
+        import transformers
+        from peft.tuners.unilora import UniLoraLayer
+    except ImportError as err:
+        raise ImportError(
+            f"convert-peft builds PEFT's model on the meta device and needs torch, transformers "
+            f"and peft ({err})"
+        ) from err
 
     hf_config = transformers.AutoConfig.from_pretrained(base)
     cls = _model_class(cfg, hf_config)
