@@ -208,7 +208,7 @@ def test_other_top_level_keys_are_accepted_everywhere(
     for name, fn in _paths(extra, base, tmp_path).items():
         assert _outcome(fn) is None, name
     checked = _core.read_adapter_config(extra)
-    assert checked["task"] == {"type": "causal-lm", "config": {}, "new_tensors": []}
+    assert checked["task"] == {"type": "causal-lm", "new_tensors": []}
 
 
 def test_programmatic_configs_use_the_same_rules() -> None:
