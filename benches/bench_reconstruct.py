@@ -10,7 +10,9 @@ measures, in one run and on the same machine:
   float32 ``scale`` (the explicit map; its 1.1 GiB are not counted in its time), with
   fresh outputs and with ``out=`` buffers;
 * ``memory copy``: ``np.copy`` of a D-element float32 array (the cost of producing D
-  fresh floats), and ``np.take`` alone (the random gather every method must do).
+  fresh floats), and ``np.take`` alone (the random gather every method must do);
+* ``projection="fastfood"``: the paper's dense Fastfood map (Walsh-Hadamard blocks of
+  ``n`` values, O(D log n) work, no index memory either), against the sparse map.
 
 The methods are interleaved (round r runs every method once), so that load from other
 processes hits all of them alike; the median over ``--repeat`` rounds after one warm-up
@@ -61,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     np_buf = np.empty(big_d, np.float32)
     src = np.ones(big_d, dtype=np.float32)
 
-    def ours(n_threads: int, out: bool) -> Callable[[], object]:
+    def ours(n_threads: int, out: bool, projection: str = "sparse") -> Callable[[], object]:
         def run() -> object:
             ur.set_num_threads(n_threads)
-            return ur.reconstruct(vector, seed, shapes, out=ours_buf if out else None)
+            return ur.reconstruct(
+                vector, seed, shapes, out=ours_buf if out else None, projection=projection
+            )
 
         return run
 
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         ("unilora_rs.reconstruct, out= (1 thread)", ours(1, True), 0),
         ("memory copy (np.copy, D float32)", lambda: np.copy(src), 0),
         ("numpy take(vector, idx) alone", lambda: np.take(vector, idx), idx.nbytes),
+        (f"fastfood reconstruct, out= ({threads} threads)", ours(threads, True, "fastfood"), 0),
+        ("fastfood reconstruct, out= (1 thread)", ours(1, True, "fastfood"), 0),
     ]
     wall: dict[str, list[float]] = {name: [] for name, _, _ in methods}
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in methods}
@@ -138,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{med[names[5]] / med[names[2]]:.2f}x (out=)"
     )
     print(f"time relative to memory copy: {med[names[0]] / med[names[6]]:.2f}x")
+    print(
+        f"fastfood vs sparse (out= buffers): {med[names[8]] / med[names[2]]:.2f}x on {threads} "
+        f"threads, {med[names[9]] / med[names[5]]:.2f}x on 1 thread"
+    )
     print(
         f"bit-identical to numpy: {equal}; explicit map build: {t_map:.2f} s (not timed above); "
         f"load average {load[0]:.2f} before, {load[1]:.2f} after"

@@ -139,3 +139,88 @@ def checksum(idx: npt.NDArray[np.integer], scale: npt.NDArray[np.float32]) -> st
     h.update(idx.astype("<u4").tobytes())
     h.update(scale.astype("<f4").tobytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# The Fastfood projection (docs/SPEC.md section 4, spec v2)
+# ---------------------------------------------------------------------------------------
+
+FASTFOOD_TAG = 0x6661_7374_666F_6F64
+GAMMA = 0x9E3779B97F4A7C15
+
+
+def fastfood_sizes(total: int, d: int) -> tuple[int, int, int]:
+    """``(bits, n, blocks)``: ``n = 2^bits`` the smallest power of two >= max(d, 4)."""
+    bits = max(2, (d - 1).bit_length())
+    n = 1 << bits
+    return bits, n, -(-total // n)
+
+
+def fastfood_block_words(seed: int, b: int) -> list[int]:
+    """Words ``11 b .. 11 b + 10`` of the splitmix64 stream from ``seed ^ TAG`` (high halves)."""
+    state = ((seed ^ FASTFOOD_TAG) + 11 * b * GAMMA) & M64
+    return splitmix64_keys(state, 11)
+
+
+def fastfood_block(
+    seed: int, total: int, d: int, b: int
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64], np.float32]:
+    """``(B < 0, G, Π, c_b)`` of block ``b``, from the spec text."""
+    bits, n, blocks = fastfood_sizes(total, d)
+    w = fastfood_block_words(seed, b)
+    i = np.arange(n, dtype=np.uint64)
+    negative = (mix32(i ^ np.uint64(w[4])) >> np.uint64(31)) == 1
+    s = np.zeros(n, dtype=np.int64)
+    for key in w[5:]:
+        h = mix32(i ^ np.uint64(key))
+        s += ((h & np.uint64(0xFFFF)) + (h >> np.uint64(16))).astype(np.int64)
+    k = s - 393_210
+    gauss = (k.astype(np.float32) / np.float32(65536)).astype(np.float32)
+    perm = encrypt(i, w[:4], bits // 2, bits - bits // 2).astype(np.int64)
+    q = sum(int(x) * int(x) for x in k)
+    c = np.float32(1.0 / np.sqrt(float(blocks) * (float(q) * n / 2**32)))
+    return negative, gauss, perm, c
+
+
+def fwht(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Stages h = 1, 2, 4, ...: (v[i], v[i + h]) -> (v[i] + v[i + h], v[i] - v[i + h])."""
+    v = v.astype(np.float32).copy()
+    n, h = len(v), 1
+    while h < n:
+        pairs = v.reshape(n // (2 * h), 2, h)
+        a, b = pairs[:, 0].copy(), pairs[:, 1].copy()
+        pairs[:, 0], pairs[:, 1] = a + b, a - b
+        h *= 2
+    return v
+
+
+def fastfood_forward(
+    theta: npt.NDArray[np.float32], seed: int, total: int
+) -> npt.NDArray[np.float32]:
+    d = len(theta)
+    _, n, blocks = fastfood_sizes(total, d)
+    x = np.zeros(n, dtype=np.float32)
+    x[:d] = theta
+    out = []
+    for b in range(blocks):
+        negative, gauss, perm, c = fastfood_block(seed, total, d, b)
+        v = fwht(np.where(negative, -x, x))
+        out.append(c * fwht(gauss * v[perm]))
+    return np.concatenate(out)[:total]
+
+
+def fastfood_backward(grad: npt.NDArray[np.float32], seed: int, d: int) -> npt.NDArray[np.float32]:
+    total = len(grad)
+    _, n, blocks = fastfood_sizes(total, d)
+    acc = np.zeros(d, dtype=np.float32)
+    for b in range(blocks):
+        negative, gauss, perm, c = fastfood_block(seed, total, d, b)
+        u = np.zeros(n, dtype=np.float32)
+        rows = grad[b * n : (b + 1) * n]
+        u[: len(rows)] = rows
+        u = fwht(u)
+        z = np.zeros(n, dtype=np.float32)
+        z[perm] = gauss * u
+        z = fwht(z)
+        acc = acc + c * np.where(negative, -z, z)[:d]
+    return acc

@@ -365,9 +365,10 @@ def test_gradient_checkpointing_gives_same_gradient(reentrant: bool) -> None:
     torch.testing.assert_close(model.theta_d.grad, expected, rtol=1e-6, atol=1e-9)
 
 
-def test_torch_compile_has_no_graph_break_in_the_adapter() -> None:
+@pytest.mark.parametrize("projection", ["sparse", "fastfood"])
+def test_torch_compile_has_no_graph_break_in_the_adapter(projection: str) -> None:
     torch._dynamo.reset()
-    model = get_unilora_model(tiny_llama(), llama_cfg())
+    model = get_unilora_model(tiny_llama(), llama_cfg(projection=projection))
     x = ids()
     model(x, labels=x).loss.backward()
     expected = model.theta_d.grad.clone()

@@ -3,7 +3,8 @@
 This package needs only numpy; the torch training layer lives in
 :mod:`unilora_rs.torch` and is imported only on request. The functions live in
 :mod:`unilora_rs.numpy_api` (projection and reconstruction), :mod:`unilora_rs.adapter`
-(the adapter folder) and :mod:`unilora_rs.merging` (merge, export, inspection).
+(the adapter folder), :mod:`unilora_rs.merging` (merge, export, inspection) and
+:mod:`unilora_rs.peft_interop` (PEFT's Uni-LoRA adapters in and out).
 
 >>> import numpy as np, unilora_rs as ur
 >>> theta = np.full(8, 0.5, dtype=np.float32)
@@ -51,6 +52,7 @@ from .merging import (  # noqa: E402
     inspect,
     merge,
 )
+from .peft_interop import convert_peft, export_peft  # noqa: E402
 
 __all__ = [
     "MAX_THREADS",
@@ -70,7 +72,9 @@ __all__ = [
     "UniLoraWarning",
     "VectorError",
     "__version__",
+    "convert_peft",
     "export_lora",
+    "export_peft",
     "fingerprint",
     "get_num_threads",
     "inspect",

@@ -13,10 +13,14 @@ __all__ = [
     "__version__",
     "check_adapter_config",
     "check_adapter_module",
+    "commit_folder",
     "export_lora",
+    "export_peft",
+    "fastfood_params",
     "fingerprint",
     "get_num_threads",
     "load_adapter",
+    "map_sha256",
     "merge",
     "projection",
     "projection_params",
@@ -25,6 +29,7 @@ __all__ = [
     "reconstruct_backward",
     "safetensors_header",
     "set_num_threads",
+    "staging_folder",
     "total_size",
 ]
 
@@ -41,9 +46,18 @@ def projection(
 def projection_params(seed: int, total: int, d: int) -> dict[str, Any]: ...
 def total_size(shapes: _Shapes) -> int: ...
 def reconstruct(
-    vector: npt.ArrayLike, seed: int, shapes: _Shapes, *, out: _Out | None = None
+    vector: npt.ArrayLike,
+    seed: int,
+    shapes: _Shapes,
+    *,
+    out: _Out | None = None,
+    projection: str = "sparse",
 ) -> list[npt.NDArray[np.float32]] | dict[str, npt.NDArray[np.float32]]: ...
-def reconstruct_backward(grad: npt.ArrayLike, seed: int, d: int) -> npt.NDArray[np.float32]: ...
+def reconstruct_backward(
+    grad: npt.ArrayLike, seed: int, d: int, *, projection: str = "sparse"
+) -> npt.NDArray[np.float32]: ...
+def fastfood_params(seed: int, total: int, d: int) -> dict[str, Any]: ...
+def map_sha256(indices: npt.NDArray[np.int32], scales: npt.NDArray[np.float32]) -> str: ...
 def fingerprint(seed: int, d: int, shapes: _Shapes) -> str: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
@@ -65,6 +79,19 @@ def export_lora(
     dtype: str = "f32",
     overwrite: bool = False,
 ) -> dict[str, Any]: ...
+def export_peft(
+    adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> dict[str, Any]: ...
+def staging_folder(
+    out: str | os.PathLike[str], kind: str, *, overwrite: bool = False
+) -> os.PathLike[str]: ...
+def commit_folder(
+    staging: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    kind: str,
+    *,
+    overwrite: bool = False,
+) -> None: ...
 def safetensors_header(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int], tuple[int, int]]], int]: ...
@@ -78,4 +105,8 @@ def check_adapter_config(
 def check_adapter_module(module: dict[str, Any]) -> dict[str, Any]: ...
 def load_adapter(
     path: str | os.PathLike[str], *, verify: bool = True
-) -> tuple[dict[str, Any], npt.NDArray[np.float32]]: ...
+) -> tuple[
+    dict[str, Any],
+    npt.NDArray[np.float32],
+    tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], str] | None,
+]: ...

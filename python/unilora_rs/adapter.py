@@ -6,7 +6,14 @@ An adapter directory holds
   (``vector_length``), rank, alpha, target rules, the resolved module list with shapes
   in flattening order, the fingerprint and the base model name;
 * ``adapter_model.safetensors``: ``theta_d`` (float32 ``[d]``) plus, for
-  ``modules_to_save``, full replacement tensors named as in the base model's state dict.
+  ``modules_to_save``, full replacement tensors named as in the base model's state dict,
+  and, for ``projection = "explicit"``, the map: ``theta_d.indices`` (int32 ``[D]``) and
+  ``theta_d.scales`` (float32 ``[D]``).
+
+``projection`` says how ``theta_D`` is made from ``theta_d``: ``"sparse"`` (the default,
+spec v1), ``"fastfood"`` (spec v2), or a map bound by its SHA-256 (``map_sha256``):
+``"explicit"`` (stored in the file) or ``"peft-numpy"`` (PEFT's Uni-LoRA map,
+regenerated with numpy on load).
 
 Module ``m`` with ``in_features`` / ``out_features`` contributes two matrices to
 ``theta_D``: ``B`` (``out x r``) then ``A`` (``r x in``), each row-major; the weight
@@ -35,18 +42,28 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 VECTOR_KEY = "theta_d"
+MAP_INDICES_KEY = "theta_d.indices"
+MAP_SCALES_KEY = "theta_d.scales"
 MODULE_KINDS = ("linear", "conv1d")
+#: Every ``projection`` of an adapter; the first two are generated from the seed, the
+#: others are maps bound by their SHA-256.
+PROJECTIONS = ("sparse", "fastfood", "explicit", "peft-numpy")
 
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAP_INDICES_KEY",
+    "MAP_SCALES_KEY",
+    "PROJECTIONS",
     "VECTOR_KEY",
     "WEIGHTS_NAME",
     "AdapterConfig",
     "ModuleSpec",
+    "ProjectionMap",
     "load_adapter",
     "load_adapter_config",
+    "load_projection_map",
     "save_adapter",
 ]
 
@@ -99,8 +116,13 @@ class AdapterConfig:
     fingerprint: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
-    spec_version: int = 1
+    #: 1 for the sparse projection, 2 for the others (``None``: the projection's).
+    spec_version: int | None = None
     library_version: str | None = __version__
+    #: One of :data:`PROJECTIONS`.
+    projection: str = "sparse"
+    #: ``"sha256:<hex>"`` of the map, for ``"explicit"`` and ``"peft-numpy"``.
+    map_sha256: str | None = None
     #: What the trained model is for, so that a merge can rebuild it without the training
     #: code: ``{"type": "sequence-classification" | "causal-lm", "config": {keys set in
     #: the merged config.json (architectures, id2label, ...)}, "new_tensors": [tensors
@@ -152,8 +174,11 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (modules as a list of objects)."""
         out = asdict(self)
-        if out["task"] is None:
-            del out["task"]
+        if out["spec_version"] is None:
+            out["spec_version"] = 1 if self.projection == "sparse" else 2
+        for key, default in (("task", None), ("projection", "sparse"), ("map_sha256", None)):
+            if out[key] == default:
+                del out[key]
         return out
 
     @classmethod
@@ -161,6 +186,30 @@ class AdapterConfig:
         """Parses a dict as read from ``adapter_config.json`` (no fingerprint check);
         problems raise :class:`FormatError` naming ``source``."""
         return cls._from_checked(_core.check_adapter_config(dict(data), source=source))
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectionMap:
+    """An explicit projection map: ``theta_D[i] = theta_d[indices[i]] * scales[i]``,
+    rows in the adapter's flattening order, with its SHA-256 (``map_sha256``)."""
+
+    kind: str
+    indices: npt.NDArray[np.int32]
+    scales: npt.NDArray[np.float32]
+    sha256: str
+
+    @classmethod
+    def of(cls, kind: str, indices: npt.ArrayLike, scales: npt.ArrayLike) -> ProjectionMap:
+        """Wraps the arrays (int32 and float32, C order) with their SHA-256."""
+        idx = np.ascontiguousarray(indices, dtype=np.int32)
+        sc = np.ascontiguousarray(scales, dtype=np.float32)
+        return cls(kind, idx, sc, _core.map_sha256(idx, sc))
+
+    def file_tensors(self) -> dict[str, npt.NDArray[Any]]:
+        """The tensors an adapter file holds for this map (only ``"explicit"`` keeps it)."""
+        if self.kind != "explicit":
+            return {}
+        return {MAP_INDICES_KEY: self.indices, MAP_SCALES_KEY: self.scales}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -193,11 +242,13 @@ def save_adapter(
     config: AdapterConfig,
     theta: npt.ArrayLike,
     extra_tensors: Mapping[str, npt.NDArray[Any]] | None = None,
+    projection_map: ProjectionMap | None = None,
 ) -> Path:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
 
     ``extra_tensors`` are the ``modules_to_save`` replacements (numpy arrays named as
-    in the base model's state dict).
+    in the base model's state dict); ``projection_map`` is the map of an ``"explicit"``
+    adapter (written to the file).
     """
     from safetensors.numpy import save as st_save
 
@@ -207,14 +258,24 @@ def save_adapter(
     config.verify()
     tensors: dict[str, npt.NDArray[Any]] = {VECTOR_KEY: vec}
     for name, arr in (extra_tensors or {}).items():
-        if name == VECTOR_KEY:
-            raise InvalidArgumentError(f"extra tensor name {VECTOR_KEY!r} is reserved")
+        if name in _RESERVED:
+            raise InvalidArgumentError(f"extra tensor name {name!r} is reserved")
         tensors[name] = np.ascontiguousarray(arr)
+    if config.projection == "explicit":
+        if projection_map is None or projection_map.sha256 != config.map_sha256:
+            raise InvalidArgumentError(
+                "an adapter with projection 'explicit' is saved with its map, whose SHA-256 "
+                f"is the config's map_sha256 ({config.map_sha256})"
+            )
+        tensors.update(projection_map.file_tensors())
     meta = {"format": FORMAT_NAME, "fingerprint": config.fingerprint}
     _atomic_write_bytes(out / WEIGHTS_NAME, st_save(tensors, metadata=meta))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=False) + "\n"
     _atomic_write_bytes(out / CONFIG_NAME, text.encode())
     return out
+
+
+_RESERVED = (VECTOR_KEY, MAP_INDICES_KEY, MAP_SCALES_KEY)
 
 
 def _adapter_dir(adapter: str | os.PathLike[str]) -> Path:
@@ -236,11 +297,11 @@ def load_adapter(
 ) -> tuple[AdapterConfig, npt.NDArray[np.float32], dict[str, npt.NDArray[Any]]]:
     """Loads ``(config, theta_d, extra_tensors)`` from an adapter directory, verified
     exactly as the Rust merge verifies it (see :func:`unilora_rs._core.load_adapter`)."""
-    checked, theta = _core.load_adapter(Path(adapter))
+    checked, theta, _map = _core.load_adapter(Path(adapter))
     config = AdapterConfig._from_checked(checked)
     weights = _adapter_dir(adapter) / WEIGHTS_NAME
     _meta, tensors, _start = _core.safetensors_header(weights)
-    names = [name for name in tensors if name != VECTOR_KEY]
+    names = [name for name in tensors if name not in _RESERVED]
     extra: dict[str, npt.NDArray[Any]] = {}
     if names:
         from safetensors import SafetensorError, safe_open
@@ -253,3 +314,16 @@ def load_adapter(
                 f"{weights}: cannot read the modules_to_save tensors ({err})"
             ) from err
     return config, theta, extra
+
+
+def load_projection_map(adapter: str | os.PathLike[str]) -> ProjectionMap | None:
+    """The explicit map of an adapter (``"explicit"``: read from its file;
+    ``"peft-numpy"``: regenerated with numpy), checked against its ``map_sha256``, or
+    ``None`` for the projections generated from the seed."""
+    if load_adapter_config(adapter).projection not in ("explicit", "peft-numpy"):
+        return None
+    checked, _theta, arrays = _core.load_adapter(Path(adapter))
+    if arrays is None:  # pragma: no cover - the core returns a map for these kinds
+        return None
+    indices, scales, sha256 = arrays
+    return ProjectionMap(str(checked["projection"]), indices, scales, sha256)

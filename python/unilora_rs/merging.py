@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
-from .adapter import VECTOR_KEY, WEIGHTS_NAME, AdapterConfig, ModuleSpec, _adapter_dir
+from .adapter import (
+    MAP_INDICES_KEY,
+    MAP_SCALES_KEY,
+    VECTOR_KEY,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    ModuleSpec,
+    _adapter_dir,
+)
 from .errors import InvalidArgumentError, UniLoraWarning
 
 __all__ = [
@@ -85,6 +93,19 @@ class ExportResult:
     weights_bytes: int
     seconds: float
 
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any], seconds: float, **more: Any) -> Any:
+        """The result of the core's report ``raw`` (more fields of a subclass in ``more``)."""
+        return cls(
+            out=Path(raw["out"]),
+            modules=raw["modules"],
+            saved_tensors=raw["saved_tensors"],
+            lora_parameters=raw["lora_parameters"],
+            weights_bytes=raw["weights_bytes"],
+            seconds=seconds,
+            **more,
+        )
+
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -109,11 +130,22 @@ class AdapterInfo:
     spec_version: int
     format_version: int
     kinds: dict[str, int] = field(default_factory=dict)
+    #: ``"sparse"``, ``"fastfood"``, ``"explicit"`` or ``"peft-numpy"``.
+    projection: str = "sparse"
+    #: The SHA-256 the config records for its map, and the one the map has.
+    map_sha256: str | None = None
+    actual_map_sha256: str | None = None
 
     @property
     def fingerprint_ok(self) -> bool:
         """Whether the stored fingerprint matches seed, ``d`` and the module list."""
         return self.fingerprint == self.expected_fingerprint
+
+    @property
+    def map_ok(self) -> bool:
+        """Whether the map (explicit or regenerated) has the recorded SHA-256 (always
+        true for the projections generated from the seed)."""
+        return self.map_sha256 == self.actual_map_sha256
 
     @property
     def scaling(self) -> float:
@@ -157,6 +189,9 @@ class AdapterInfo:
             "base_model_name_or_path": self.base_model_name_or_path,
             "spec_version": self.spec_version,
             "format_version": self.format_version,
+            "projection": self.projection,
+            "map_sha256": self.map_sha256,
+            "map_ok": self.map_ok,
             "module_list": [
                 {
                     "name": m.name,
@@ -337,14 +372,7 @@ def export_lora(
     dt = _dtype(dtype, allow_none=False)
     t0 = time.perf_counter()
     raw = _core.export_lora(adapter_p, out_p, dtype=dt, overwrite=bool(overwrite))
-    return ExportResult(
-        out=Path(raw["out"]),
-        modules=raw["modules"],
-        saved_tensors=raw["saved_tensors"],
-        lora_parameters=raw["lora_parameters"],
-        weights_bytes=raw["weights_bytes"],
-        seconds=time.perf_counter() - t0,
-    )
+    return ExportResult._from_core(raw, time.perf_counter() - t0)
 
 
 def _dir_size(path: Path) -> int:
@@ -352,10 +380,11 @@ def _dir_size(path: Path) -> int:
 
 
 def inspect(adapter: PathArg) -> AdapterInfo:
-    """Summarises an adapter: ``d``, seed, rank, modules, parameter counts, the
-    fingerprint check (reported, not raised: see :attr:`AdapterInfo.fingerprint_ok`),
-    whether ``theta_d`` is finite (reported too), and the size on disk against the
-    equivalent float32 LoRA.
+    """Summarises an adapter: ``d``, seed, rank, projection, modules, parameter counts,
+    the fingerprint check (reported, not raised: see :attr:`AdapterInfo.fingerprint_ok`),
+    the map check of explicit and regenerated maps (:attr:`AdapterInfo.map_ok`), whether
+    ``theta_d`` is finite (reported too), and the size on disk against the equivalent
+    float32 LoRA.
 
     Every other check is the one the Rust merge makes: a malformed config or weights
     file raises :class:`FormatError` (or :class:`MismatchError`, :class:`VectorError`),
@@ -364,12 +393,16 @@ def inspect(adapter: PathArg) -> AdapterInfo:
     import numpy as np
 
     path = _path("adapter", adapter)
-    checked, theta = _core.load_adapter(path, verify=False)
+    checked, theta, arrays = _core.load_adapter(path, verify=False)
     config = AdapterConfig._from_checked(checked)
     directory = _adapter_dir(path)
     _meta, tensors, _start = _core.safetensors_header(directory / WEIGHTS_NAME)
     finite = bool(np.isfinite(theta).all())
-    saved = {name: (dt, list(sh)) for name, (dt, sh, _) in tensors.items() if name != VECTOR_KEY}
+    saved = {
+        name: (dt, list(sh))
+        for name, (dt, sh, _) in tensors.items()
+        if name not in (VECTOR_KEY, MAP_INDICES_KEY, MAP_SCALES_KEY)
+    }
     kinds: dict[str, int] = {}
     for m in config.modules:
         kinds[m.kind] = kinds.get(m.kind, 0) + 1
@@ -390,7 +423,10 @@ def inspect(adapter: PathArg) -> AdapterInfo:
         theta_norm=float(np.linalg.norm(theta.astype(np.float64))) if finite else float("nan"),
         size_on_disk=_dir_size(directory),
         base_model_name_or_path=config.base_model_name_or_path,
-        spec_version=config.spec_version,
+        spec_version=int(checked["spec_version"]),
         format_version=config.format_version,
         kinds=kinds,
+        projection=config.projection,
+        map_sha256=config.map_sha256,
+        actual_map_sha256=None if arrays is None else arrays[2],
     )

@@ -65,6 +65,7 @@ def reconstruct(
     shapes: Mapping[str, Shape],
     *,
     out: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    projection: str = "sparse",
 ) -> dict[str, npt.NDArray[np.float32]]: ...
 @overload
 def reconstruct(
@@ -73,6 +74,7 @@ def reconstruct(
     shapes: Sequence[Shape],
     *,
     out: Sequence[npt.NDArray[np.float32]] | None = None,
+    projection: str = "sparse",
 ) -> list[npt.NDArray[np.float32]]: ...
 def reconstruct(
     vector: npt.ArrayLike,
@@ -80,6 +82,7 @@ def reconstruct(
     shapes: ShapeSpec,
     *,
     out: Sequence[npt.NDArray[np.float32]] | Mapping[str, npt.NDArray[np.float32]] | None = None,
+    projection: str = "sparse",
 ) -> list[npt.NDArray[np.float32]] | dict[str, npt.NDArray[np.float32]]:
     """Rebuilds float32 matrices from the trainable vector ``theta_d``.
 
@@ -93,13 +96,19 @@ def reconstruct(
     result (a list, or a dict for named shapes) of writable C-contiguous float32 arrays
     of the right shapes; they are returned.
 
+    ``projection``: ``"sparse"`` (the default: the balanced map of spec v1) or
+    ``"fastfood"`` (the paper's dense Fastfood map, spec v2: Walsh-Hadamard blocks,
+    O(D log n) time, no index memory either). See docs/SPEC.md.
+
     Raises :class:`VectorError` for NaN/Inf, :class:`InvalidArgumentError` for bad
-    shapes, seeds or ``d > D``, :class:`DtypeError` for non-float input.
+    shapes, seeds, projections or ``d > D``, :class:`DtypeError` for non-float input.
     """
-    return _core.reconstruct(vector, seed, shapes, out=out)
+    return _core.reconstruct(vector, seed, shapes, out=out, projection=projection)
 
 
-def reconstruct_backward(grad: npt.ArrayLike, seed: int, d: int) -> npt.NDArray[np.float32]:
+def reconstruct_backward(
+    grad: npt.ArrayLike, seed: int, d: int, *, projection: str = "sparse"
+) -> npt.NDArray[np.float32]:
     """The backward pass of :func:`reconstruct`: ``grad_theta_d = P^T grad_theta_D``.
 
     ``grad`` is the gradient of the flattened ``theta_D`` (all matrices concatenated in
@@ -107,8 +116,10 @@ def reconstruct_backward(grad: npt.ArrayLike, seed: int, d: int) -> npt.NDArray[
     the fixed, chunked order of docs/SPEC.md (section 1.4), in float32, then multiplies
     by its scale: deterministic, atomic-free and identical for every thread count and
     on the GPU. NaN/Inf in ``grad`` propagate (they are not an input error here).
+    ``projection="fastfood"`` gives the Fastfood map's exact adjoint (its blocks are
+    added in increasing order; docs/SPEC.md section 4).
     """
-    return _core.reconstruct_backward(grad, seed, d)
+    return _core.reconstruct_backward(grad, seed, d, projection=projection)
 
 
 def fingerprint(seed: int, d: int, shapes: ShapeSpec) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..merging import inspect
+from ..merging import AdapterInfo, inspect
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "inspect",
-        help="show d, seed, modules, parameter counts, fingerprint check and sizes",
+        help="show d, seed, projection, modules, parameter counts, fingerprint check and sizes",
     )
     p.add_argument("adapter", help="the Uni-LoRA adapter folder")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -26,9 +26,20 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def _projection(info: AdapterInfo) -> str:
+    if info.map_sha256 is None:
+        return info.projection
+    if info.map_ok:
+        return f"{info.projection} (map {info.map_sha256} ok)"
+    return (
+        f"{info.projection} (map MISMATCH: recorded {info.map_sha256}, "
+        f"the map has {info.actual_map_sha256})"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     info = inspect(args.adapter)
-    ok = info.fingerprint_ok and info.theta_finite
+    ok = info.fingerprint_ok and info.theta_finite and info.map_ok
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
         return 0 if ok else 1
@@ -38,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         ("adapter", str(info.path)),
         ("base model", info.base_model_name_or_path or "-"),
         ("spec / format", f"v{info.spec_version} / v{info.format_version}"),
+        ("projection", _projection(info)),
         ("seed", str(info.seed)),
         ("d (trainable)", f"{info.d:,}"),
         ("rank r / alpha", f"{info.rank} / {info.alpha:g} (scaling {info.scaling:g})"),

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
-from ..adapter import AdapterConfig
+from ..adapter import PROJECTIONS, AdapterConfig, ProjectionMap
 from ..errors import InvalidArgumentError
 from .kernels import BACKENDS, INDEX_MODES
+from .params import GENERATED_PROJECTIONS
 
 __all__ = [
     "ALL_LINEAR",
@@ -86,6 +88,12 @@ class UniLoRAConfig:
         backend: ``"auto"`` (Triton on CUDA, the Rust core on CPU), ``"triton"``,
             ``"rust"`` or ``"torch"`` (int64 torch ops, any device).
         base_model_name_or_path: recorded in the adapter (informative).
+        projection: how ``theta_D`` is made from ``theta_d``: ``"sparse"`` (default, the
+            balanced map of spec v1) or ``"fastfood"`` (the paper's dense Fastfood map,
+            docs/SPEC.md section 4). Adapters converted from PEFT load with
+            ``"explicit"`` or ``"peft-numpy"`` and their ``projection_map``.
+        projection_map: the map of an ``"explicit"`` or ``"peft-numpy"`` adapter (set by
+            :meth:`UniLoRAModel.from_pretrained`).
 
     PEFT's argument names (``r``, ``theta_d_length``, ...) raise an error naming the
     argument to use instead (:data:`PEFT_ARGUMENT_NAMES`).
@@ -103,6 +111,8 @@ class UniLoRAConfig:
     index_mode: str = "on_the_fly"
     backend: str = "auto"
     base_model_name_or_path: str | None = None
+    projection: str = "sparse"
+    projection_map: ProjectionMap | None = field(default=None, repr=False, compare=False)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> UniLoRAConfig:
         known = [f for f in cls.__dataclass_fields__]
@@ -154,6 +164,16 @@ class UniLoRAConfig:
             raise InvalidArgumentError(
                 f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}"
             )
+        if self.projection not in PROJECTIONS:
+            raise InvalidArgumentError(
+                f"projection {self.projection!r} is not one of {', '.join(map(repr, PROJECTIONS))}"
+            )
+        if (self.projection not in GENERATED_PROJECTIONS) != (self.projection_map is not None):
+            raise InvalidArgumentError(
+                f"projection {self.projection!r}: new adapters use 'sparse' or 'fastfood'; "
+                "'explicit' and 'peft-numpy' come with their projection_map from a saved "
+                "adapter (UniLoRAModel.from_pretrained)"
+            )
         self.target_modules = _check_rule("target_modules", self.target_modules)
         self.exclude_modules = _check_rule("exclude_modules", self.exclude_modules)
         mts = _check_rule("modules_to_save", self.modules_to_save)
@@ -167,8 +187,12 @@ class UniLoRAConfig:
         return float(self.alpha) / self.rank  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the user-facing fields."""
-        return asdict(self)
+        """A JSON-ready dict of the user-facing fields (not the map's arrays)."""
+        return {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in fields(self)
+            if f.name != "projection_map"
+        }
 
     @classmethod
     def from_adapter_config(cls, cfg: AdapterConfig, **overrides: Any) -> UniLoRAConfig:
@@ -181,6 +205,7 @@ class UniLoRAConfig:
             "modules_to_save": list(cfg.modules_to_save) or None,
             "init_range": cfg.init_range,
             "base_model_name_or_path": cfg.base_model_name_or_path,
+            "projection": cfg.projection,
         }
         kwargs.update(overrides)
         config = cls(**kwargs)

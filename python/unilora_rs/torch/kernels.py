@@ -23,13 +23,15 @@ graph breaks and DDP / gradient checkpointing treat it like any other differenti
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from .params import ProjectionParams
+from .params import ExplicitParams, FastfoodParams, Params, ProjectionParams
 
 __all__ = [
     "BACKENDS",
@@ -135,8 +137,13 @@ def _column_scales(p: ProjectionParams, device: torch.device) -> torch.Tensor:
     return _row_scale(torch.arange(p.d, device=device), p)
 
 
-def build_index_map(p: ProjectionParams, device: torch.device | str) -> torch.Tensor:
+def build_index_map(p: Params, device: torch.device | str) -> torch.Tensor:
     """The explicit int32 map ``idx`` (length ``D``) on ``device``, for the cached mode."""
+    if not isinstance(p, ProjectionParams):
+        raise InvalidArgumentError(
+            f"index_mode='cached' keeps the sparse projection's map; projection {p.kind!r} "
+            "has no index map to cache (use index_mode='on_the_fly')"
+        )
     if p.d > 2**31:
         raise InvalidArgumentError(f"the cached int32 map needs d <= 2^31, got d = {p.d}")
     if torch.device(device).type == "cpu":
@@ -252,21 +259,22 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
     return np.from_dlpack(t.detach().contiguous())
 
 
-def _forward_rust(theta: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
+def _forward_rust(theta: torch.Tensor, p: ProjectionParams | FastfoodParams) -> torch.Tensor:
     from .. import _core
 
     vec = _numpy_view(theta)
-    (out,) = _core.reconstruct(vec, p.seed, [(p.total, 1)])
+    (out,) = _core.reconstruct(vec, p.seed, [(p.total, 1)], projection=p.kind)
     return torch.from_numpy(out.reshape(-1))
 
 
-def _backward_rust(grad: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
-    """CPU backward: ``P^T grad`` in the Rust core, summed over the inverse enumeration in
-    the same order as the Triton kernel (no index map, no atomics, GIL released)."""
+def _backward_rust(grad: torch.Tensor, p: ProjectionParams | FastfoodParams) -> torch.Tensor:
+    """CPU backward: ``P^T grad`` in the Rust core (for the sparse map, summed over the
+    inverse enumeration in the same order as the Triton kernel: no index map, no
+    atomics; GIL released)."""
     from .. import _core
 
     g = _numpy_view(grad.to(torch.float32))
-    return torch.from_numpy(_core.reconstruct_backward(g, p.seed, p.d))
+    return torch.from_numpy(_core.reconstruct_backward(g, p.seed, p.d, projection=p.kind))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,17 +329,22 @@ def _(grad: torch.Tensor, seed: int, total: int, d: int, backend: str) -> torch.
     return grad.new_empty(d, dtype=torch.float32)
 
 
-def _rebuild_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
-    theta, seed, total, backend = inputs
-    ctx.seed, ctx.total, ctx.d, ctx.backend = seed, total, theta.numel(), backend  # type: ignore[attr-defined]
+def register_rebuild_autograd(op: Any, backward: Callable[..., torch.Tensor]) -> None:
+    """Gives a rebuild operator ``op(theta, seed, total, backend)`` its gradient:
+    ``backward(grad, seed, total, d, backend)`` for ``theta``, nothing for the rest."""
+
+    def setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
+        theta, seed, total, backend = inputs
+        ctx.seed, ctx.total, ctx.d, ctx.backend = seed, total, theta.numel(), backend  # type: ignore[attr-defined]
+
+    def grad(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple:
+        out = backward(g, ctx.seed, ctx.total, ctx.d, ctx.backend)  # type: ignore[attr-defined]
+        return out, None, None, None
+
+    op.register_autograd(grad, setup_context=setup)
 
 
-def _rebuild_grad(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    g = torch.ops.unilora_rs.rebuild_backward(grad, ctx.seed, ctx.total, ctx.d, ctx.backend)  # type: ignore[attr-defined]
-    return g, None, None, None
-
-
-_rebuild_op.register_autograd(_rebuild_grad, setup_context=_rebuild_setup)
+register_rebuild_autograd(_rebuild_op, lambda *a: torch.ops.unilora_rs.rebuild_backward(*a))
 
 
 @torch.library.custom_op("unilora_rs::gather", mutates_args=())
@@ -373,15 +386,17 @@ _gather_op.register_autograd(_gather_grad, setup_context=_gather_setup)
 
 def rebuild(
     theta: torch.Tensor,
-    p: ProjectionParams,
+    p: Params,
     *,
     index: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``theta_D`` (float32, length ``D``) from ``theta_d``; differentiable.
 
-    With ``index`` (the int32 map from :func:`build_index_map`) the cached mode is used;
-    without it, indices are computed from the seed on the fly.
+    The one place that dispatches on the projection: the sparse map of spec v1 (with
+    ``index``, the int32 map from :func:`build_index_map`, the cached mode is used;
+    without it, indices are computed from the seed on the fly), the Fastfood map
+    (:mod:`unilora_rs.torch.fastfood`), or an explicit map (``theta_d[indices] * scales``).
     """
     resolve_backend(theta.device, backend)  # validates the name early
     if theta.dim() != 1 or theta.numel() != p.d:
@@ -394,6 +409,13 @@ def rebuild(
             "casts it: put theta_d in its own unit with param_dtype=torch.float32, see "
             "docs/TRAINING.md)"
         )
+    if isinstance(p, FastfoodParams):
+        from .fastfood import rebuild_fastfood
+
+        return rebuild_fastfood(theta, _seed_to_i64(p.seed), p.total, backend)
+    if isinstance(p, ExplicitParams):
+        indices, scales = p.tensors(theta.device)
+        return theta[indices] * scales
     if index is not None:
         return torch.ops.unilora_rs.gather(theta, index, p.rem, p.scale_hi, p.scale_lo)
     return torch.ops.unilora_rs.rebuild(theta, _seed_to_i64(p.seed), p.total, backend)

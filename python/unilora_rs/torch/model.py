@@ -26,6 +26,7 @@ from ..adapter import (
     AdapterConfig,
     ModuleSpec,
     load_adapter,
+    load_projection_map,
     save_adapter,
 )
 from ..errors import InvalidArgumentError, MismatchError, VectorError
@@ -37,8 +38,9 @@ from .config import (
     module_kind,
     target_rule,
 )
-from .kernels import INDEX_MODES, ProjectionParams, build_index_map, rebuild, resolve_backend
+from .kernels import INDEX_MODES, build_index_map, rebuild, resolve_backend
 from .layers import SharedState, UniLoRALayer
+from .params import make_projection
 
 __all__ = ["UniLoRAModel", "get_unilora_model"]
 
@@ -103,6 +105,9 @@ class UniLoRAModel(nn.Module):
                 f"number of LoRA parameters of the {len(specs)} adapted modules at rank "
                 f"{config.rank}; choose d <= D, e.g. d = {_suggest_d(total)}"
             )
+        self.projection = make_projection(
+            config.projection, config.seed, total, config.vector_length, config.projection_map
+        )
         self.adapter_config = AdapterConfig(
             seed=config.seed,
             vector_length=config.vector_length,
@@ -115,8 +120,9 @@ class UniLoRAModel(nn.Module):
             base_model_name_or_path=config.base_model_name_or_path or _name_or_path(model),
             init_range=config.init_range,
             library_version=__version__,
+            projection=self.projection.kind,
+            map_sha256=self.projection.map_sha256,
         )
-        self.projection = ProjectionParams.create(config.seed, total, config.vector_length)
         self.index_mode = config.index_mode
         self.backend = config.backend
         self._index_map: torch.Tensor | None = None
@@ -361,7 +367,7 @@ class UniLoRAModel(nn.Module):
             return None
         if not np.isfinite(theta).all():
             raise VectorError("theta_d holds NaN or Inf: refusing to save a broken adapter")
-        return save_adapter(save_directory, self.adapter_config, theta, extra)
+        return save_adapter(save_directory, self.adapter_config, theta, extra, self.projection.map)
 
     def push_to_hub(
         self,
@@ -411,7 +417,11 @@ class UniLoRAModel(nn.Module):
         directory = _resolve_adapter_dir(adapter, revision, subfolder, token, cache_dir)
         adapter_cfg, theta, extra = load_adapter(directory)
         config = UniLoRAConfig.from_adapter_config(
-            adapter_cfg, index_mode=index_mode, backend=backend, dropout=dropout
+            adapter_cfg,
+            index_mode=index_mode,
+            backend=backend,
+            dropout=dropout,
+            projection_map=load_projection_map(directory),
         )
         saved = find_modules_to_save(model, config)
         if sorted(saved) != sorted(adapter_cfg.modules_to_save):

@@ -107,19 +107,27 @@ pub fn check_adapter_module<'py>(
     to_py(py, &module.to_value())
 }
 
+/// An explicit map as `(indices int32, scales float32, sha256)`.
+type MapArrays<'py> = (Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<f32>>, String);
+/// `(config, theta_d, map)`.
+type Loaded<'py> = (
+    Bound<'py, PyDict>,
+    Bound<'py, PyArray1<f32>>,
+    Option<MapArrays<'py>>,
+);
+
 /// Opens the adapter at `path` as the Rust merge does: the config, the weights file
 /// (fingerprint in its metadata, tensors belonging to `modules_to_save`, `theta_d`
-/// float32 of length `d`). With `verify` the config's fingerprint must match and
-/// `theta_d` must be finite; without, those two are left to the caller (`inspect`).
+/// float32 of length `d`) and the projection (an explicit map is read from the file or
+/// regenerated). With `verify` the config's fingerprint and the map's SHA-256 must
+/// match and `theta_d` must be finite; without, those are left to the caller
+/// (`inspect`).
 ///
-/// Returns `(config, theta_d)` with the config as `read_adapter_config` gives it.
+/// Returns `(config, theta_d, map)` with the config as `read_adapter_config` gives it
+/// and `map` `(indices, scales, sha256)` for explicit and regenerated maps, else `None`.
 #[pyfunction]
 #[pyo3(signature = (path, *, verify=true))]
-pub fn load_adapter<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-    verify: bool,
-) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyArray1<f32>>)> {
+pub fn load_adapter<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResult<Loaded<'py>> {
     let how = if verify {
         Verify::Full
     } else {
@@ -127,5 +135,13 @@ pub fn load_adapter<'py>(
     };
     let adapter = py.detach(|| Adapter::load(&path, how)).py()?;
     let config = config_dict(py, &adapter.config)?;
-    Ok((config, adapter.theta.into_pyarray(py)))
+    let map = adapter.projector.map().map(|m| {
+        let idx: Vec<i32> = m.indices().iter().map(|&j| j as i32).collect();
+        (
+            idx.into_pyarray(py),
+            m.scales().to_vec().into_pyarray(py),
+            m.sha256().to_string(),
+        )
+    });
+    Ok((config, adapter.theta.into_pyarray(py), map))
 }

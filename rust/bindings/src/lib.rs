@@ -8,8 +8,10 @@
 mod adapter;
 mod convert;
 mod errors;
+mod foreign;
 mod json;
 mod merge;
+mod peft;
 mod projection;
 
 use pyo3::prelude::*;
@@ -19,12 +21,15 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::projection::{
-        fingerprint, get_num_threads, projection, projection_params, reconstruct,
-        reconstruct_backward, set_num_threads, total_size,
+        fastfood_params, fingerprint, get_num_threads, map_sha256, projection, projection_params,
+        reconstruct, reconstruct_backward, set_num_threads, total_size,
     };
 
     #[pymodule_export]
     use crate::merge::{export_lora, merge, safetensors_header};
+
+    #[pymodule_export]
+    use crate::peft::{commit_folder, export_peft, staging_folder};
 
     #[pymodule_export]
     use crate::adapter::{
@@ -38,6 +43,7 @@ mod _core {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("SPEC_VERSION", unilora_core::SPEC_VERSION)?;
         m.add("MAX_THREADS", unilora_core::parallel::max_threads())?;
+        crate::foreign::register();
         if let Some(msg) = unilora_core::parallel::env_warning() {
             let py = m.py();
             let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();

@@ -126,8 +126,17 @@ pub fn export_lora<'py>(
     opts.dtype = Dtype::parse_target(dtype).py()?;
     opts.overwrite = overwrite;
     let report = py.detach(|| unilora_core::export_lora(&opts)).py()?;
+    export_dict(py, &report)
+}
+
+/// An export's report as a dict: `out`, `modules`, `saved_tensors`, `lora_parameters`,
+/// `weights_bytes`.
+pub(crate) fn export_dict<'py>(
+    py: Python<'py>,
+    report: &unilora_core::ExportReport,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("out", report.out)?;
+    d.set_item("out", &report.out)?;
     d.set_item("modules", report.modules)?;
     d.set_item("saved_tensors", report.saved_tensors)?;
     d.set_item("lora_parameters", report.lora_parameters)?;

@@ -1,13 +1,27 @@
-//! Bindings of the projection generator, `reconstruct`, its backward and `fingerprint`.
+//! Bindings of the projection generators, `reconstruct`, its backward and `fingerprint`.
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use unilora_core::{BACKWARD_T_CHUNK, Projection, parallel};
+use unilora_core::fastfood::Fastfood;
+use unilora_core::{BACKWARD_T_CHUNK, Projection, ProjectionKind, Projector, parallel};
 
 use crate::convert::{Shapes, invalid, outputs, uint, vector};
 use crate::errors::IntoPyResult;
+
+/// `(seed, total, d)` given as Python integers.
+fn dims_of(
+    seed: &Bound<'_, PyAny>,
+    total: &Bound<'_, PyAny>,
+    d: &Bound<'_, PyAny>,
+) -> PyResult<(u64, u64, u64)> {
+    Ok((
+        uint(seed, "seed", 0)?,
+        uint(total, "total", 0)?,
+        uint(d, "d", 0)?,
+    ))
+}
 
 /// The projection of `(seed, total, d)` given as Python integers.
 fn projection_of(
@@ -15,12 +29,22 @@ fn projection_of(
     total: &Bound<'_, PyAny>,
     d: &Bound<'_, PyAny>,
 ) -> PyResult<Projection> {
-    Projection::new(
-        uint(seed, "seed", 0)?,
-        uint(total, "total", 0)?,
-        uint(d, "d", 0)?,
-    )
-    .py()
+    let (seed, total, d) = dims_of(seed, total, d)?;
+    Projection::new(seed, total, d).py()
+}
+
+/// A generated projection (`"sparse"` or `"fastfood"`) of `total` rows onto `d` columns.
+fn generated(projection: &str, seed: u64, total: u64, d: u64) -> PyResult<Projector> {
+    let kind = ProjectionKind::parse(projection)
+        .map_err(invalid)
+        .and_then(|k| match k {
+            ProjectionKind::Sparse | ProjectionKind::Fastfood => Ok(k),
+            other => Err(invalid(format!(
+                "projection {:?} is a stored map, not a generator: give \"sparse\" or \"fastfood\"",
+                other.name()
+            ))),
+        })?;
+    Projector::generated(kind, seed, total, d).py()
 }
 
 /// The explicit map of `total` rows onto `d` columns: `(idx, scale)`.
@@ -89,36 +113,38 @@ pub fn total_size(shapes: &Bound<'_, PyAny>) -> PyResult<u64> {
 }
 
 /// Reconstructs float32 matrices of `shapes` from `theta_d` (float32; float64 is
-/// converted), in parallel with the GIL released. Returns a list, or a dict for named
+/// converted), in parallel with the GIL released, with the `projection` generated from
+/// the seed (`"sparse"`, spec v1, or `"fastfood"`). Returns a list, or a dict for named
 /// shapes; with `out` (the same structure of C-contiguous float32 arrays) the result
 /// is written there and `out`'s arrays are returned.
 #[pyfunction]
-#[pyo3(signature = (vector, seed, shapes, *, out = None))]
+#[pyo3(signature = (vector, seed, shapes, *, out = None, projection = "sparse"))]
 pub fn reconstruct<'py>(
     py: Python<'py>,
     vector: &Bound<'py, PyAny>,
     seed: &Bound<'py, PyAny>,
     shapes: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
+    projection: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let seed = uint(seed, "seed", 0)?;
     let shapes = Shapes::extract(shapes)?;
     let vec = self::vector(vector, "vector")?;
     let slice = vec.as_slice();
     let dims = &shapes.dims;
+    let total = unilora_core::total_size(dims).py()?;
+    let projector = generated(projection, seed, total, slice.len() as u64)?;
     if let Some(out) = out {
         let (items, mut views) = outputs(out, &shapes)?;
         let mut bufs: Vec<&mut [f32]> = views
             .iter_mut()
             .map(|v| v.as_slice_mut().map_err(|e| invalid(e.to_string())))
             .collect::<PyResult<_>>()?;
-        py.detach(|| unilora_core::reconstruct_into(slice, seed, dims, &mut bufs))
+        py.detach(|| projector.reconstruct_into(slice, dims, &mut bufs))
             .py()?;
         return shapes.arrange(py, items);
     }
-    let outs = py
-        .detach(|| unilora_core::reconstruct(slice, seed, dims))
-        .py()?;
+    let outs = py.detach(|| projector.reconstruct(slice, dims)).py()?;
     let arrays = outs
         .into_iter()
         .zip(dims)
@@ -129,6 +155,37 @@ pub fn reconstruct<'py>(
         })
         .collect::<PyResult<Vec<_>>>()?;
     shapes.arrange(py, arrays)
+}
+
+/// The constants of a Fastfood projection that a kernel needs, as a dict: `n` (the block
+/// length), `bits` (`log2 n`), `blocks`, `keys` (uint32 `[blocks, 11]`: per block the
+/// four round keys of `Π`, the sign key and the six Gaussian keys) and `scales`
+/// (float32 `[blocks]`, `c_b`). The scales cost one pass over the Gaussian diagonals
+/// (O(D), in parallel, GIL released).
+#[pyfunction]
+#[pyo3(signature = (seed, total, d))]
+pub fn fastfood_params<'py>(
+    py: Python<'py>,
+    seed: &Bound<'py, PyAny>,
+    total: &Bound<'py, PyAny>,
+    d: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (seed, total, d) = dims_of(seed, total, d)?;
+    let ff = Fastfood::new(seed, total, d).py()?;
+    let (keys, scales) = py.detach(|| ff.block_table()).py()?;
+    let width = unilora_core::fastfood::WORDS_PER_BLOCK;
+    let keys = Array2::from_shape_vec((keys.len() / width, width), keys)
+        .map_err(|e| invalid(e.to_string()))?;
+    let out = PyDict::new(py);
+    out.set_item("seed", ff.seed())?;
+    out.set_item("total", ff.total())?;
+    out.set_item("d", ff.d())?;
+    out.set_item("n", ff.n())?;
+    out.set_item("bits", ff.bits())?;
+    out.set_item("blocks", ff.blocks())?;
+    out.set_item("keys", keys.into_pyarray(py))?;
+    out.set_item("scales", scales.into_pyarray(py))?;
+    Ok(out)
 }
 
 /// The adapter fingerprint over the spec version, `seed`, `d` and the shapes (named by
@@ -171,18 +228,30 @@ pub fn get_num_threads() -> usize {
 /// `theta_D` (float32, length `D`; float64 is converted); returns float32 `[d]`.
 /// Deterministic (a fixed summation order), GIL released.
 #[pyfunction]
-#[pyo3(signature = (grad, seed, d))]
+#[pyo3(signature = (grad, seed, d, *, projection = "sparse"))]
 pub fn reconstruct_backward<'py>(
     py: Python<'py>,
     grad: &Bound<'py, PyAny>,
     seed: &Bound<'py, PyAny>,
     d: &Bound<'py, PyAny>,
+    projection: &str,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let (seed, d) = (uint(seed, "seed", 0)?, uint(d, "d", 0)?);
     let grad = vector(grad, "grad")?;
     let slice = grad.as_slice();
-    let out = py
-        .detach(|| unilora_core::reconstruct_backward(slice, seed, d))
-        .py()?;
+    let projector = generated(projection, seed, slice.len() as u64, d)?;
+    let out = py.detach(|| projector.backward(slice, d)).py()?;
     Ok(out.into_pyarray(py))
+}
+
+/// The SHA-256 of an explicit map (`"sha256:<hex>"`): the indices (int32, as
+/// little-endian u32) followed by the scales (float32), as adapters record it.
+#[pyfunction]
+pub fn map_sha256(
+    indices: PyReadonlyArray1<'_, i32>,
+    scales: PyReadonlyArray1<'_, f32>,
+) -> PyResult<String> {
+    let idx: Vec<u32> = indices.as_array().iter().map(|&j| j as u32).collect();
+    let scales = scales.as_array().to_vec();
+    Ok(unilora_core::projector::map_sha256(&idx, &scales))
 }

@@ -5,7 +5,10 @@
 //! validator every reader shares), its fingerprint, then the weights file: `theta_d` is
 //! float32 of length `d`, the fingerprint in the file's metadata (when it records one)
 //! is the config's, every other tensor belongs to a `modules_to_save` module, the
-//! `task`'s new tensors are among them, and `theta_d` is finite.
+//! `task`'s new tensors are among them, and `theta_d` is finite. Last, the projection
+//! is built ([`Projector::for_config`]): an explicit map is read from the weights file
+//! (`theta_d.indices`, `theta_d.scales`) or regenerated, and its SHA-256 must be the
+//! config's `map_sha256`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,13 +18,23 @@ pub use crate::config::{
 };
 use crate::convert;
 use crate::error::{CoreError, Result};
-use crate::reconstruct::{check_vector, reconstruct};
+use crate::projector::{ExplicitMap, ProjectionKind, Projector};
+use crate::reconstruct::check_vector;
 use crate::safetensors::{Dtype, Header, TensorInfo, read_exact_at};
 
 /// Name of the adapter's weights file.
 pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
 /// Name of the trainable vector in the weights file.
 pub const VECTOR_KEY: &str = "theta_d";
+/// The column of every row of an explicit map (int32 `[D]`, flattening order).
+pub const MAP_INDICES_KEY: &str = "theta_d.indices";
+/// The scale of every row of an explicit map (float32 `[D]`).
+pub const MAP_SCALES_KEY: &str = "theta_d.scales";
+
+/// Whether a weights-file tensor is `theta_d` or part of its explicit map.
+fn is_vector_tensor(name: &str) -> bool {
+    [VECTOR_KEY, MAP_INDICES_KEY, MAP_SCALES_KEY].contains(&name)
+}
 
 /// The LoRA factors of one module, float32, row-major.
 #[derive(Clone, Debug)]
@@ -54,6 +67,8 @@ pub struct Adapter {
     pub weights_path: PathBuf,
     /// Header of the weights file (holds the `modules_to_save` tensors too).
     pub weights: Header,
+    /// The projection, ready to rebuild the LoRA matrices.
+    pub projector: Projector,
     weights_file: File,
 }
 
@@ -78,13 +93,45 @@ impl Adapter {
             check_vector(&theta, config.d)
                 .map_err(|e| CoreError::Vector(format!("{}: {e}", weights_path.display())))?;
         }
-        Ok(Adapter {
+        let projector = Projector::for_config(&config, || {
+            read_map(&weights_file, &weights, &weights_path, &config)
+        })?;
+        let adapter = Adapter {
             dir,
             config,
             theta,
             weights_path,
             weights,
+            projector,
             weights_file,
+        };
+        if verify == Verify::Full {
+            if let Some(msg) = adapter.map_mismatch() {
+                return Err(CoreError::Mismatch(format!(
+                    "{}: {msg}",
+                    adapter.dir.join(CONFIG_NAME).display()
+                )));
+            }
+        }
+        Ok(adapter)
+    }
+
+    /// What is wrong with the map's SHA-256, if anything (explicit and regenerated maps).
+    pub fn map_mismatch(&self) -> Option<String> {
+        let (map, recorded) = (self.projector.map()?, self.config.map_sha256.as_deref()?);
+        (map.sha256() != recorded).then(|| {
+            let source = match self.config.projection {
+                ProjectionKind::PeftNumpy => {
+                    "the map regenerated with this numpy differs from the one recorded at \
+                     conversion (numpy's generator stream changed?); convert the PEFT adapter \
+                     again with --explicit on a numpy that gives the recorded map"
+                }
+                _ => "the stored map was changed after it was recorded",
+            };
+            format!(
+                "map mismatch: the config records map_sha256 {recorded}, the map has {}; {source}",
+                map.sha256()
+            )
         })
     }
 
@@ -96,7 +143,10 @@ impl Adapter {
             .into_iter()
             .map(|(_, rows, cols)| (rows, cols))
             .collect();
-        let mut mats = reconstruct(&self.theta, self.config.seed, &shapes)?.into_iter();
+        let mut mats = self
+            .projector
+            .reconstruct(&self.theta, &shapes)?
+            .into_iter();
         let mut out = Vec::with_capacity(self.config.modules.len());
         while let (Some(b), Some(a)) = (mats.next(), mats.next()) {
             out.push(LoraPair { b, a });
@@ -104,10 +154,13 @@ impl Adapter {
         Ok(out)
     }
 
-    /// The tensors of the weights file other than `theta_d` (`modules_to_save`
-    /// replacements), sorted by offset.
+    /// The tensors of the weights file other than `theta_d` and its map
+    /// (`modules_to_save` replacements), sorted by offset.
     pub fn extra_tensors(&self) -> impl Iterator<Item = &TensorInfo> {
-        self.weights.tensors.iter().filter(|t| t.name != VECTOR_KEY)
+        self.weights
+            .tensors
+            .iter()
+            .filter(|t| !is_vector_tensor(&t.name))
     }
 
     /// Fills `buf` with raw bytes of the weights file's data buffer, starting at
@@ -138,7 +191,34 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
             config.fingerprint
         )));
     }
-    for t in weights.tensors.iter().filter(|t| t.name != VECTOR_KEY) {
+    let explicit = config.projection == ProjectionKind::Explicit;
+    for key in [MAP_INDICES_KEY, MAP_SCALES_KEY] {
+        match (weights.get(key).is_some(), explicit) {
+            (false, true) => {
+                return Err(CoreError::format(
+                    path,
+                    format!(
+                        "no {key:?} tensor: projection \"explicit\" keeps its map in the weights file"
+                    ),
+                ));
+            }
+            (true, false) => {
+                return Err(CoreError::format(
+                    path,
+                    format!(
+                        "tensor {key:?} is an explicit map, but the config's projection is {:?}",
+                        config.projection.name()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    for t in weights
+        .tensors
+        .iter()
+        .filter(|t| !is_vector_tensor(&t.name))
+    {
         let owned = config.modules_to_save.iter().any(|m| {
             t.name
                 .strip_prefix(m.as_str())
@@ -157,7 +237,7 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
     }
     if let Some(task) = &config.task {
         for name in &task.new_tensors {
-            if name == VECTOR_KEY || weights.get(name).is_none() {
+            if is_vector_tensor(name) || weights.get(name).is_none() {
                 return Err(CoreError::format(
                     path,
                     format!(
@@ -186,6 +266,45 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
         )));
     }
     Ok(info.clone())
+}
+
+/// The explicit map of the weights file: `theta_d.indices` int32 `[D]`, `theta_d.scales`
+/// float32 `[D]` (presence checked by `check_weights`).
+fn read_map(
+    file: &File,
+    weights: &Header,
+    path: &Path,
+    config: &AdapterConfig,
+) -> Result<ExplicitMap> {
+    let total = config.total_size();
+    let mut raw = Vec::new();
+    for (key, dtype) in [(MAP_INDICES_KEY, Dtype::I32), (MAP_SCALES_KEY, Dtype::F32)] {
+        let info = weights
+            .get(key)
+            .ok_or_else(|| CoreError::format(path, format!("no {key:?} tensor")))?;
+        if info.dtype != dtype || info.shape != [total] {
+            return Err(CoreError::format(
+                path,
+                format!(
+                    "{key} is {} {:?}, expected {dtype} [{total}] (one entry per LoRA parameter)",
+                    info.dtype, info.shape
+                ),
+            ));
+        }
+        let mut bytes = CoreError::try_zeroed::<u8>(info.nbytes(), "the explicit map")?;
+        read_exact_at(file, &mut bytes, weights.data_start() + info.begin)
+            .map_err(|e| CoreError::io(path, e))?;
+        raw.push(bytes);
+    }
+    let words = |b: &[u8]| -> Vec<u32> {
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let indices = words(&raw[0]);
+    let scales = words(&raw[1]).into_iter().map(f32::from_bits).collect();
+    ExplicitMap::new(indices, scales, config.d)
+        .map_err(|e| CoreError::format(path, format!("explicit map: {e}")))
 }
 
 fn read_theta(file: &File, weights: &Header, info: &TensorInfo, path: &Path) -> Result<Vec<f32>> {

@@ -6,8 +6,11 @@
 //! `from_pretrained`. So they all accept and reject the same files, with the same
 //! message. The checks:
 //!
-//! * `format` is `"unilora_rs"`, `format_version` is not newer than this reader's,
-//!   `spec_version` is 1;
+//! * `format` is `"unilora_rs"`, `format_version` is not newer than this reader's;
+//!   `projection` is one of [`ProjectionKind`]'s names (absent: `sparse`) and
+//!   `spec_version` is its version (1 for `sparse`, 2 for the others); `map_sha256` is a
+//!   `sha256:` digest exactly when the projection is a map (`explicit`, `peft-numpy`,
+//!   whose `d` is at most 2^31);
 //! * `seed` is a u64, `vector_length` (`d`) is in `[1, 2^32]`, `rank` is a positive
 //!   integer, `alpha` a finite number, `init_range` a positive finite number;
 //! * `modules` is a non-empty list of objects with exactly the keys `name`,
@@ -30,8 +33,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value, json};
 
 use crate::error::{CoreError, Result};
-use crate::fingerprint::{check_name, fingerprint};
+use crate::fingerprint::{canonical_text_v2, check_name, fingerprint, hash_text};
 use crate::fsutil;
+use crate::projector::{MAX_MAP_D, ProjectionKind};
 use crate::task::Task;
 
 /// Name of the adapter's configuration file.
@@ -40,8 +44,9 @@ pub const CONFIG_NAME: &str = "adapter_config.json";
 pub const FORMAT_NAME: &str = "unilora_rs";
 /// The newest `format_version` this reader understands.
 pub const FORMAT_VERSION: u64 = 1;
-/// The generator spec version adapters are written with (docs/SPEC.md, section 1).
-pub const ADAPTER_SPEC_VERSION: u64 = 1;
+/// The newest generator spec version this reader understands (docs/SPEC.md): 1 is the
+/// sparse projection, 2 adds Fastfood and explicit maps.
+pub const ADAPTER_SPEC_VERSION: u64 = 2;
 /// The largest `d` the generator supports.
 pub const MAX_D: u64 = 1 << 32;
 /// The `init_range` of a config that does not record one.
@@ -49,10 +54,12 @@ pub const DEFAULT_INIT_RANGE: f64 = 0.02;
 
 const MODULE_KEYS: [&str; 4] = ["name", "in_features", "out_features", "kind"];
 
-const CONFIG_KEYS: [&str; 16] = [
+const CONFIG_KEYS: [&str; 18] = [
     "format",
     "format_version",
     "spec_version",
+    "projection",
+    "map_sha256",
     "seed",
     "vector_length",
     "rank",
@@ -174,8 +181,12 @@ impl AdapterModule {
 pub struct AdapterConfig {
     /// `format_version` of the file (0 when absent).
     pub format_version: u64,
-    /// The generator spec version.
+    /// The generator spec version (1 for the sparse projection, 2 for the others).
     pub spec_version: u64,
+    /// Which projection maps `theta_d` to `theta_D` (`projection`; absent: sparse).
+    pub projection: ProjectionKind,
+    /// The SHA-256 of the map (`explicit`, `peft-numpy`), as `"sha256:<hex>"`.
+    pub map_sha256: Option<String>,
     /// Seed of the projection.
     pub seed: u64,
     /// `d`, the length of `theta_d` (`vector_length`).
@@ -216,6 +227,17 @@ impl AdapterConfig {
             ));
         };
         check_format(obj)?;
+        let projection = match obj.get("projection") {
+            None | Some(Value::Null) => ProjectionKind::Sparse,
+            Some(Value::String(name)) => ProjectionKind::parse(name)?,
+            Some(other) => {
+                return Err(format!(
+                    "projection must be one of {}, got {other}",
+                    ProjectionKind::names()
+                ));
+            }
+        };
+        check_spec_version(obj.get("spec_version"), projection)?;
         let config = AdapterConfig {
             format_version: match obj.get("format_version") {
                 None | Some(Value::Null) => 0,
@@ -223,7 +245,9 @@ impl AdapterConfig {
                     format!("format_version must be a non-negative integer, got {got}")
                 })?,
             },
-            spec_version: ADAPTER_SPEC_VERSION,
+            spec_version: projection.spec_version(),
+            projection,
+            map_sha256: map_sha256(obj.get("map_sha256"), projection)?,
             seed: uint(obj.get("seed"), 0, u64::MAX)
                 .map_err(|got| format!("seed must be an integer in [0, 2^64 - 1], got {got}"))?,
             d: uint(obj.get("vector_length"), 1, MAX_D).map_err(|got| {
@@ -256,6 +280,14 @@ impl AdapterConfig {
             return Err(format!(
                 "format_version {} is newer than this unilora_rs ({FORMAT_VERSION}); upgrade unilora_rs",
                 config.format_version
+            ));
+        }
+        if projection.has_map() && config.d > MAX_MAP_D {
+            return Err(format!(
+                "vector_length (d) = {} is larger than 2^31, the limit of projection {:?} \
+                 (its indices are int32)",
+                config.d,
+                projection.name()
             ));
         }
         config.check_sizes()?;
@@ -308,14 +340,24 @@ impl AdapterConfig {
             .collect()
     }
 
-    /// The fingerprint recomputed from seed, `d` and the module list.
+    /// The fingerprint recomputed from seed, `d` and the module list (and, for spec v2,
+    /// the projection and its map's SHA-256).
     pub fn expected_fingerprint(&self) -> String {
         let matrices = self.matrices();
         let named: Vec<(&str, u64, u64)> = matrices
             .iter()
             .map(|(n, r, c)| (n.as_str(), *r, *c))
             .collect();
-        fingerprint(self.seed, self.d, &named)
+        match self.projection {
+            ProjectionKind::Sparse => fingerprint(self.seed, self.d, &named),
+            kind => hash_text(&canonical_text_v2(
+                kind.name(),
+                self.map_sha256.as_deref(),
+                self.seed,
+                self.d,
+                &named,
+            )),
+        }
     }
 
     /// Fails with [`CoreError::Mismatch`] when the recorded fingerprint is not the one
@@ -332,10 +374,11 @@ impl AdapterConfig {
         let expected = self.expected_fingerprint();
         (self.fingerprint != expected).then(|| {
             format!(
-                "adapter fingerprint mismatch: the config records {:?} but seed={}, d={} and the {} \
-                 listed modules give {expected}; the seed, d or module list was changed after \
-                 training, so theta_d would rebuild the wrong matrices",
+                "adapter fingerprint mismatch: the config records {:?} but projection {:?}, seed={}, \
+                 d={} and the {} listed modules give {expected}; the projection, seed, d or module \
+                 list was changed after training, so theta_d would rebuild the wrong matrices",
                 self.fingerprint,
+                self.projection.name(),
                 self.seed,
                 self.d,
                 self.modules.len()
@@ -364,6 +407,12 @@ impl AdapterConfig {
             "library_version": self.library_version,
         });
         if let Some(obj) = value.as_object_mut() {
+            if self.projection != ProjectionKind::Sparse {
+                obj.insert("projection".into(), self.projection.name().into());
+            }
+            if let Some(map) = &self.map_sha256 {
+                obj.insert("map_sha256".into(), map.as_str().into());
+            }
             if let Some(task) = &self.task {
                 obj.insert("task".into(), task.to_value());
             }
@@ -433,11 +482,55 @@ fn check_format(obj: &Map<String, Value>) -> std::result::Result<(), String> {
             shown(fmt)
         ));
     }
-    match obj.get("spec_version") {
-        Some(v) if v.as_u64() == Some(ADAPTER_SPEC_VERSION) => Ok(()),
-        other => Err(format!(
-            "unsupported generator spec_version {} (this unilora_rs reads spec_version {ADAPTER_SPEC_VERSION})",
-            shown(other)
+    Ok(())
+}
+
+/// `spec_version` is the projection's: 1 for sparse, 2 for the others.
+fn check_spec_version(
+    value: Option<&Value>,
+    projection: ProjectionKind,
+) -> std::result::Result<(), String> {
+    let want = projection.spec_version();
+    match value.and_then(Value::as_u64) {
+        Some(v) if v == want => Ok(()),
+        Some(v @ 1..=ADAPTER_SPEC_VERSION) => Err(format!(
+            "unsupported generator spec_version {v} for projection {:?}, which is spec_version \
+             {want} (sparse adapters are spec_version 1, the other projections 2)",
+            projection.name()
+        )),
+        _ => Err(format!(
+            "unsupported generator spec_version {} (this unilora_rs reads spec_version 1 and \
+             {ADAPTER_SPEC_VERSION})",
+            shown(value)
+        )),
+    }
+}
+
+/// `map_sha256`: a `sha256:` digest for a map projection, absent otherwise.
+fn map_sha256(
+    value: Option<&Value>,
+    projection: ProjectionKind,
+) -> std::result::Result<Option<String>, String> {
+    let digest = |s: &str| {
+        s.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    };
+    match (value, projection.has_map()) {
+        (None | Some(Value::Null), false) => Ok(None),
+        (Some(Value::String(s)), true) if digest(s) => Ok(Some(s.clone())),
+        (_, true) => Err(format!(
+            "map_sha256 must be \"sha256:\" followed by 64 lower-case hex digits for projection \
+             {:?} (the map's checksum, recorded when it was made), got {}",
+            projection.name(),
+            shown(value)
+        )),
+        (Some(other), false) => Err(format!(
+            "map_sha256 ({other}) belongs to the map projections (explicit, peft-numpy), not to \
+             projection {:?}",
+            projection.name()
         )),
     }
 }
@@ -717,6 +810,75 @@ mod tests {
             let got = err(&value);
             assert!(got.contains(want), "{got:?} does not contain {want:?}");
         }
+    }
+
+    #[test]
+    fn projections_pair_with_their_spec_version_and_map() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let mut ff = good();
+        ff["projection"] = json!("fastfood");
+        ff["spec_version"] = json!(2);
+        let c = AdapterConfig::from_value(&ff).unwrap();
+        assert_eq!(
+            (c.projection, c.spec_version),
+            (ProjectionKind::Fastfood, 2)
+        );
+        assert_eq!(c.to_value()["projection"], json!("fastfood"));
+        assert!(c.to_value().get("map_sha256").is_none());
+        let sparse = AdapterConfig::from_value(&good()).unwrap();
+        assert!(sparse.to_value().get("projection").is_none());
+        // The sparse fingerprint text is spec v1's; the others name the projection.
+        assert_ne!(c.expected_fingerprint(), sparse.expected_fingerprint());
+        let mut ex = ff.clone();
+        ex["projection"] = json!("explicit");
+        ex["map_sha256"] = json!(digest);
+        let e = AdapterConfig::from_value(&ex).unwrap();
+        assert_eq!(e.map_sha256.as_deref(), Some(digest.as_str()));
+        let mut other = ex.clone();
+        other["map_sha256"] = json!(format!("sha256:{}", "cd".repeat(32)));
+        let o = AdapterConfig::from_value(&other).unwrap();
+        assert_ne!(e.expected_fingerprint(), o.expected_fingerprint());
+        let cases = [
+            (
+                ("projection", json!("dense")),
+                "projection \"dense\" is not one of",
+            ),
+            (("projection", json!(3)), "projection must be one of"),
+            (
+                ("spec_version", json!(1)),
+                "spec_version 1 for projection \"explicit\"",
+            ),
+            (
+                ("spec_version", json!(3)),
+                "unsupported generator spec_version 3",
+            ),
+            (("map_sha256", Value::Null), "map_sha256 must be"),
+            (("map_sha256", json!("sha256:AB")), "map_sha256 must be"),
+            (
+                ("vector_length", json!((1u64 << 31) + 1)),
+                "the limit of projection",
+            ),
+        ];
+        for ((key, value), want) in cases {
+            let mut v = ex.clone();
+            v[key] = value;
+            let got = err(&v);
+            assert!(got.contains(want), "{got:?} does not contain {want:?}");
+        }
+        let mut stray = ff;
+        stray["map_sha256"] = json!(digest);
+        assert!(err(&stray).contains("belongs to the map projections"));
+    }
+
+    #[test]
+    fn spec_v2_fingerprint_text() {
+        let text = canonical_text_v2("explicit", Some("sha256:00"), 3, 8, &[("m.lora_B", 4, 2)]);
+        assert_eq!(
+            text,
+            "unilora-spec-v2\nprojection=explicit\nmap=sha256:00\nseed=3\nd=8\nm.lora_B\t4\t2\n"
+        );
+        let text = canonical_text_v2("fastfood", None, 3, 8, &[]);
+        assert_eq!(text, "unilora-spec-v2\nprojection=fastfood\nseed=3\nd=8\n");
     }
 
     #[test]

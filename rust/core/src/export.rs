@@ -19,7 +19,7 @@ use crate::adapter::{Adapter, ModuleKind};
 use crate::convert;
 use crate::error::{CoreError, Result};
 use crate::fsutil::{self, TempPath};
-use crate::safetensors::{Dtype, build_header};
+use crate::safetensors::{Dtype, TensorInfo, build_header};
 
 /// Prefix PEFT puts before module names in a saved adapter.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -62,6 +62,20 @@ pub struct ExportReport {
     pub lora_parameters: u64,
     /// Size of the written `adapter_model.safetensors` in bytes.
     pub weights_bytes: u64,
+}
+
+impl ExportReport {
+    /// The report of an export of `adapter` into `out`, whose weights file has
+    /// `weights_bytes` bytes.
+    pub fn of(adapter: &Adapter, out: &Path, weights_bytes: u64) -> Self {
+        ExportReport {
+            out: out.to_path_buf(),
+            modules: adapter.config.modules.len(),
+            saved_tensors: adapter.extra_tensors().count(),
+            lora_parameters: adapter.config.total_size(),
+            weights_bytes,
+        }
+    }
 }
 
 /// The kind of output an export writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
@@ -116,74 +130,109 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
             opts.dtype
         )));
     }
+    let (adapter, weights_bytes) = export_folder(opts, OUTPUT_KIND, |adapter, dir| {
+        let bytes = write_lora_weights(adapter, opts.dtype, dir)?;
+        Ok((bytes, peft_config(adapter)))
+    })?;
+    Ok(ExportReport::of(&adapter, &opts.out, weights_bytes))
+}
+
+/// Opens the adapter of `opts` and writes an output folder of `kind` from it, atomically:
+/// `write(adapter, dir)` writes the weights into the staging folder and returns their
+/// size and the `adapter_config.json` to write next to them.
+pub(crate) fn export_folder(
+    opts: &ExportOptions,
+    kind: &'static str,
+    write: impl FnOnce(&Adapter, &Path) -> Result<(u64, Value)>,
+) -> Result<(Adapter, u64)> {
     fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
-    fsutil::check_output(&opts.out, opts.overwrite, Some(OUTPUT_KIND))?;
+    fsutil::check_output(&opts.out, opts.overwrite, Some(kind))?;
     let adapter = Adapter::open(&opts.adapter)?;
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
     }
-    let staging = TempPath::new_folder(&opts.out, OUTPUT_KIND)?;
-    let weights_bytes = write_lora_weights(&adapter, opts.dtype, staging.path())?;
-    let config_path = staging.path().join("adapter_config.json");
-    let mut text = serde_json::to_vec_pretty(&peft_config(&adapter))
+    let staging = TempPath::new_folder(&opts.out, kind)?;
+    let (weights_bytes, config) = write(&adapter, staging.path())?;
+    let mut text = serde_json::to_vec_pretty(&config)
         .map_err(|e| CoreError::InvalidArgument(format!("cannot serialise the config: {e}")))?;
     text.push(b'\n');
-    write_synced(&config_path, &text)?;
+    write_synced(&staging.path().join("adapter_config.json"), &text)?;
     staging.commit(opts.overwrite)?;
-    Ok(ExportReport {
-        out: opts.out.clone(),
-        modules: adapter.config.modules.len(),
-        saved_tensors: adapter.extra_tensors().count(),
-        lora_parameters: adapter.config.total_size(),
-        weights_bytes,
-    })
+    Ok((adapter, weights_bytes))
 }
 
 /// Writes `adapter_model.safetensors` of the LoRA equivalent into `dir`; returns its size.
 fn write_lora_weights(adapter: &Adapter, dtype: Dtype, dir: &Path) -> Result<u64> {
     let pairs = adapter.lora_pairs()?;
     let r = adapter.config.rank;
-    let mut names = Vec::with_capacity(2 * adapter.config.modules.len());
-    let mut shapes = Vec::with_capacity(names.capacity());
+    let mut tensors = Vec::with_capacity(2 * adapter.config.modules.len());
     for m in &adapter.config.modules {
-        names.push((format!("{PEFT_PREFIX}{}.lora_A.weight", m.name), dtype));
-        shapes.push(vec![r, m.in_features]);
-        names.push((format!("{PEFT_PREFIX}{}.lora_B.weight", m.name), dtype));
-        shapes.push(vec![m.out_features, r]);
+        tensors.push((
+            format!("{PEFT_PREFIX}{}.lora_A.weight", m.name),
+            dtype,
+            vec![r, m.in_features],
+        ));
+        tensors.push((
+            format!("{PEFT_PREFIX}{}.lora_B.weight", m.name),
+            dtype,
+            vec![m.out_features, r],
+        ));
     }
-    let extras: Vec<_> = adapter.extra_tensors().cloned().collect();
+    let factors = tensors.len();
+    let extras = saved_tensors(adapter, &mut tensors);
+    write_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        &tensors,
+        |k, buf| {
+            if k < factors {
+                let pair = &pairs[k / 2];
+                let mat = if k % 2 == 0 { &pair.a } else { &pair.b };
+                convert::encode(dtype, mat, buf)
+            } else {
+                adapter.read_weights(extras[k - factors].begin, buf)
+            }
+        },
+    )
+}
+
+/// Appends the adapter's `modules_to_save` tensors, named as PEFT names them
+/// (`base_model.model.<tensor>`), to `tensors`; returns them in that order.
+pub(crate) fn saved_tensors(adapter: &Adapter, tensors: &mut Vec<TensorSpec>) -> Vec<TensorInfo> {
+    let extras: Vec<TensorInfo> = adapter.extra_tensors().cloned().collect();
     for t in &extras {
-        names.push((format!("{PEFT_PREFIX}{}", t.name), t.dtype));
-        shapes.push(t.shape.clone());
+        tensors.push((format!("{PEFT_PREFIX}{}", t.name), t.dtype, t.shape.clone()));
     }
-    let spec: Vec<(&str, Dtype, &[u64])> = names
+    extras
+}
+
+/// A tensor to write: name, dtype, shape.
+pub(crate) type TensorSpec = (String, Dtype, Vec<u64>);
+
+/// Writes a safetensors file (metadata `format = pt`) holding `tensors`, in order; the
+/// bytes of tensor `k` come from `data(k, buf)`, `buf` being sized for them. Synced;
+/// returns the file size.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorSpec],
+    mut data: impl FnMut(usize, &mut [u8]) -> Result<()>,
+) -> Result<u64> {
+    let spec: Vec<(&str, Dtype, &[u64])> = tensors
         .iter()
-        .zip(&shapes)
-        .map(|((n, d), s)| (n.as_str(), *d, s.as_slice()))
+        .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
         .collect();
     let mut meta = Map::new();
     meta.insert("format".into(), Value::from("pt"));
     let (header, offsets) = build_header(&spec, Some(&meta))?;
-
-    let weights = dir.join("adapter_model.safetensors");
-    let io = |e| CoreError::io(&weights, e);
-    let file = File::create(&weights).map_err(io)?;
+    let io = |e| CoreError::io(path, e);
+    let file = File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&header).map_err(io)?;
-    let size = (dtype.bits() / 8) as usize;
     let mut buf = Vec::new();
-    for pair in &pairs {
-        for mat in [&pair.a, &pair.b] {
-            buf.resize(mat.len() * size, 0);
-            convert::encode(dtype, mat, &mut buf)?;
-            w.write_all(&buf).map_err(io)?;
-        }
-    }
-    for t in &extras {
-        buf.resize(t.nbytes() as usize, 0);
-        adapter.read_weights(t.begin, &mut buf)?;
+    for (k, &(begin, end)) in offsets.iter().enumerate() {
+        buf.resize((end - begin) as usize, 0);
+        data(k, &mut buf)?;
         w.write_all(&buf).map_err(io)?;
     }
     w.flush().map_err(io)?;
@@ -192,7 +241,7 @@ fn write_lora_weights(adapter: &Adapter, dtype: Dtype, dir: &Path) -> Result<u64
     Ok(8 + header.len() as u64 + offsets.last().map_or(0, |o| o.1))
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     let io = |e| CoreError::io(path, e);
     let mut f = File::create(path).map_err(io)?;
     f.write_all(data).map_err(io)?;

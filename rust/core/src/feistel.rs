@@ -84,6 +84,13 @@ impl Feistel {
         for key in &mut keys {
             *key = (splitmix64(&mut state) >> 32) as u32;
         }
+        Self::from_keys(keys, bits)
+    }
+
+    /// The network with the round keys `keys` on a domain of `bits` bits
+    /// (`2 <= bits <= 64`).
+    pub fn from_keys(keys: [u32; ROUNDS], bits: u32) -> Self {
+        debug_assert!((2..=64).contains(&bits));
         let wl = bits / 2;
         Self {
             keys,

@@ -13,7 +13,28 @@ use crate::projection::SPEC_VERSION;
 
 /// The canonical UTF-8 text that is hashed (see `docs/SPEC.md`).
 pub fn canonical_text(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> String {
-    let mut text = format!("unilora-spec-v{SPEC_VERSION}\nseed={seed}\nd={d}\n");
+    let head = format!("unilora-spec-v{SPEC_VERSION}\nseed={seed}\nd={d}\n");
+    with_matrices(head, matrices)
+}
+
+/// The canonical text of a spec v2 adapter: the projection's name and, for a map, its
+/// SHA-256 come before the seed (docs/SPEC.md section 2).
+pub fn canonical_text_v2(
+    projection: &str,
+    map_sha256: Option<&str>,
+    seed: u64,
+    d: u64,
+    matrices: &[(&str, u64, u64)],
+) -> String {
+    let mut head = format!("unilora-spec-v2\nprojection={projection}\n");
+    if let Some(map) = map_sha256 {
+        head.push_str(&format!("map={map}\n"));
+    }
+    head.push_str(&format!("seed={seed}\nd={d}\n"));
+    with_matrices(head, matrices)
+}
+
+fn with_matrices(mut text: String, matrices: &[(&str, u64, u64)]) -> String {
     for (name, rows, cols) in matrices {
         text.push_str(&format!("{name}\t{rows}\t{cols}\n"));
     }
@@ -23,8 +44,17 @@ pub fn canonical_text(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> Strin
 /// `"sha256:" + hex(SHA-256(canonical_text))`. Names must pass [`check_name`] for the
 /// result to identify the list.
 pub fn fingerprint(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> String {
-    let digest = Sha256::digest(canonical_text(seed, d, matrices).as_bytes());
-    let mut out = String::with_capacity(7 + 64);
+    hash_text(&canonical_text(seed, d, matrices))
+}
+
+/// `"sha256:" + hex(SHA-256(text))`.
+pub fn hash_text(text: &str) -> String {
+    hex_digest(&Sha256::digest(text.as_bytes()))
+}
+
+/// `"sha256:"` followed by the lower-case hex of a digest.
+pub fn hex_digest(digest: &[u8]) -> String {
+    let mut out = String::with_capacity(7 + 2 * digest.len());
     out.push_str("sha256:");
     for byte in digest {
         out.push_str(&format!("{byte:02x}"));

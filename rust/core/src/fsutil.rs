@@ -195,6 +195,41 @@ impl TempPath {
         Ok(temp)
     }
 
+    /// Hands the temporary folder over to another writer (it is no longer removed on
+    /// drop); [`TempPath::adopt_folder`] takes it back to commit it.
+    pub fn keep(mut self) -> PathBuf {
+        self.done = true;
+        std::mem::take(&mut self.path)
+    }
+
+    /// A temporary folder made by [`TempPath::new_folder`] for `target` and filled by
+    /// another writer, to commit as an output of `kind`. It must be a sibling of
+    /// `target` named as this type names them.
+    pub fn adopt_folder(path: &Path, target: &Path, kind: &'static str) -> Result<TempPath> {
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+        let ours = path.parent() == target.parent()
+            && name.is_some_and(|n| {
+                path.file_name().is_some_and(|p| {
+                    p.to_string_lossy()
+                        .starts_with(&format!(".{n}.unilora-tmp-"))
+                })
+            })
+            && fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+        if !ours {
+            return Err(CoreError::InvalidArgument(format!(
+                "{} is not a staging folder for {}",
+                path.display(),
+                target.display()
+            )));
+        }
+        Ok(TempPath {
+            path: path.to_path_buf(),
+            target: target.to_path_buf(),
+            done: false,
+            kind: Some(kind),
+        })
+    }
+
     /// The temporary path.
     pub fn path(&self) -> &Path {
         &self.path

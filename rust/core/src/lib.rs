@@ -3,8 +3,12 @@
 //! * [`projection`]: the frozen, portable Uni-LoRA projection generator (spec v1):
 //!   an exactly balanced, isometric sparse map from `theta_d` to `theta_D` with O(1)
 //!   random access and an enumerable inverse.
+//! * [`fastfood`]: the paper's dense Fastfood projection (spec v2): Walsh–Hadamard
+//!   blocks with sign, permutation and Gaussian diagonals from the seed, O(D log n).
 //! * [`feistel`]: the keyed Feistel network behind the projection; [`fastdiv`]: division
 //!   by a constant with a multiply-high; [`kernel`]: the CPU gather and backward kernels.
+//! * [`projector`]: which projection an adapter uses (sparse, Fastfood, or an explicit
+//!   map bound by its SHA-256) and the one place that dispatches on it.
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
 //!   without materialising an index array.
 //! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
@@ -14,7 +18,8 @@
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
 //! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
 //!   ([`control`]: its progress, cancellation and the loop that watches it).
-//! * [`export`]: exact export as a standard PEFT LoRA adapter.
+//! * [`export`]: exact export as a standard PEFT LoRA adapter; [`export_peft`]: export
+//!   in the format of PEFT's Uni-LoRA tuner (saved indices and scales).
 
 #![deny(missing_docs)]
 
@@ -24,7 +29,9 @@ pub mod control;
 pub mod convert;
 pub mod error;
 pub mod export;
+pub mod export_peft;
 pub mod fastdiv;
+pub mod fastfood;
 pub mod feistel;
 pub mod fingerprint;
 pub mod fsutil;
@@ -32,6 +39,7 @@ pub mod kernel;
 pub mod merge;
 pub mod parallel;
 pub mod projection;
+pub mod projector;
 pub mod reconstruct;
 pub mod safetensors;
 pub mod task;
@@ -40,9 +48,11 @@ pub use adapter::Adapter;
 pub use config::AdapterConfig;
 pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, export_lora};
+pub use export_peft::{PeftExportReport, export_peft};
 pub use fingerprint::fingerprint;
 pub use merge::{Control, MergeOptions, MergeReport, merge};
 pub use projection::{Projection, SPEC_VERSION};
+pub use projector::{ExplicitMap, ProjectionKind, Projector};
 pub use reconstruct::{
     BACKWARD_T_CHUNK, check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
 };

@@ -26,6 +26,33 @@ pub fn scale_for_count(n: u64) -> f32 {
     (1.0f64 / (n as f64).sqrt()) as f32
 }
 
+/// Checks the sizes of a projection of `total` rows (`D`) onto `d` columns:
+/// `1 <= d <= D` and `d <= 2^32`.
+pub fn check_dims(total: u64, d: u64) -> Result<()> {
+    if d == 0 {
+        return Err(CoreError::InvalidArgument(
+            "d (the trainable vector length) must be at least 1, got 0".into(),
+        ));
+    }
+    if total == 0 {
+        return Err(CoreError::InvalidArgument(
+            "the total size D of all reconstructed matrices must be at least 1, got 0".into(),
+        ));
+    }
+    if d > total {
+        return Err(CoreError::InvalidArgument(format!(
+            "d = {d} is larger than the total size D = {total} of the reconstructed \
+             matrices; d must satisfy 1 <= d <= D"
+        )));
+    }
+    if d > u64::from(u32::MAX) + 1 {
+        return Err(CoreError::InvalidArgument(format!(
+            "d = {d} exceeds the limit of 2^32 columns"
+        )));
+    }
+    Ok(())
+}
+
 /// A seeded projection of `total` rows onto `d` columns.
 ///
 /// Construction is O(1); every query is O(1) expected (cycle-walking takes at most
@@ -60,27 +87,7 @@ impl Projection {
     ///
     /// Errors when `d == 0`, `total == 0`, `d > total` or `d > 2^32`.
     pub fn new(seed: u64, total: u64, d: u64) -> Result<Self> {
-        if d == 0 {
-            return Err(CoreError::InvalidArgument(
-                "d (the trainable vector length) must be at least 1, got 0".into(),
-            ));
-        }
-        if total == 0 {
-            return Err(CoreError::InvalidArgument(
-                "the total size D of all reconstructed matrices must be at least 1, got 0".into(),
-            ));
-        }
-        if d > total {
-            return Err(CoreError::InvalidArgument(format!(
-                "d = {d} is larger than the total size D = {total} of the reconstructed \
-                 matrices; d must satisfy 1 <= d <= D"
-            )));
-        }
-        if d > u64::from(u32::MAX) + 1 {
-            return Err(CoreError::InvalidArgument(format!(
-                "d = {d} exceeds the spec v1 limit of 2^32 columns"
-            )));
-        }
+        check_dims(total, d)?;
         let q = total / d;
         let rem = total % d;
         Ok(Self {

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use crate::error::{CoreError, Result};
 use crate::parallel;
 use crate::projection::Projection;
+use crate::projector::Projector;
 
 /// Rows per parallel work item.
 const CHUNK: usize = 1 << 16;
@@ -69,28 +70,8 @@ pub fn reconstruct_into(
     let total = total_size(shapes)?;
     let proj = Projection::new(seed, total, vector.len() as u64)?;
     check_vector(vector, proj.d())?;
-    if outs.len() != shapes.len() {
-        return Err(CoreError::InvalidArgument(format!(
-            "{} output buffers for {} shapes",
-            outs.len(),
-            shapes.len()
-        )));
-    }
-    let mut work: Vec<(u64, &mut [f32])> = Vec::new();
-    let mut offset = 0u64;
-    for (k, (out, &(rows, cols))) in outs.iter_mut().zip(shapes).enumerate() {
-        let size = rows * cols;
-        if out.len() as u64 != size {
-            return Err(CoreError::InvalidArgument(format!(
-                "output buffer #{k} has {} elements, shape ({rows}, {cols}) needs {size}",
-                out.len()
-            )));
-        }
-        for (c, chunk) in out.chunks_mut(CHUNK).enumerate() {
-            work.push((offset + (c * CHUNK) as u64, chunk));
-        }
-        offset += size;
-    }
+    check_outputs(shapes, outs)?;
+    let mut work = cut_pieces(outs, CHUNK as u64);
     // Outputs far larger than the caches are written with streaming stores.
     let stream = total >= STREAM_ROWS;
     parallel::install(|| {
@@ -102,16 +83,46 @@ pub fn reconstruct_into(
 
 /// Reconstructs every matrix of `shapes` from `vector` (`theta_d`, length `d`).
 pub fn reconstruct(vector: &[f32], seed: u64, shapes: &[(u64, u64)]) -> Result<Vec<Vec<f32>>> {
-    total_size(shapes)?;
-    let mut outs: Vec<Vec<f32>> = shapes
-        .iter()
-        .map(|&(r, c)| CoreError::try_zeroed(r * c, "the reconstructed matrices"))
-        .collect::<Result<_>>()?;
-    {
-        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-        reconstruct_into(vector, seed, shapes, &mut views)?;
+    Projector::Sparse { seed }.reconstruct(vector, shapes)
+}
+
+/// Checks that there is one output buffer per shape, of the shape's size.
+pub(crate) fn check_outputs(shapes: &[(u64, u64)], outs: &[&mut [f32]]) -> Result<()> {
+    if outs.len() != shapes.len() {
+        return Err(CoreError::InvalidArgument(format!(
+            "{} output buffers for {} shapes",
+            outs.len(),
+            shapes.len()
+        )));
     }
-    Ok(outs)
+    for (k, (out, &(rows, cols))) in outs.iter().zip(shapes).enumerate() {
+        let size = rows * cols;
+        if out.len() as u64 != size {
+            return Err(CoreError::InvalidArgument(format!(
+                "output buffer #{k} has {} elements, shape ({rows}, {cols}) needs {size}",
+                out.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Cuts consecutive output buffers (together rows `0, 1, ...` of `theta_D`, in order)
+/// into pieces that never cross a multiple of `rows`; each comes with its first row.
+pub(crate) fn cut_pieces<'a>(outs: &'a mut [&mut [f32]], rows: u64) -> Vec<(u64, &'a mut [f32])> {
+    let mut pieces = Vec::new();
+    let mut row = 0u64;
+    for out in outs.iter_mut() {
+        let mut rest: &mut [f32] = out;
+        while !rest.is_empty() {
+            let room = (rows - row % rows).min(rest.len() as u64) as usize;
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(room);
+            pieces.push((row, head));
+            row += room as u64;
+            rest = tail;
+        }
+    }
+    pieces
 }
 
 /// Number of consecutive `t` values (images `j + t d` of a column) summed into one

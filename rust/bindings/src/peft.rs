@@ -1,0 +1,72 @@
+//! Bindings of the export to PEFT's Uni-LoRA format and of the staging folders that the
+//! Python conversion from PEFT writes into (created, checked and committed here, with
+//! the same rules as every other output folder).
+
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use unilora_core::fsutil::{self, TempPath};
+use unilora_core::{CoreError, ExportOptions};
+
+use crate::errors::IntoPyResult;
+use crate::merge::export_dict;
+
+/// The kinds of output folders written from Python.
+fn output_kind(kind: &str) -> PyResult<&'static str> {
+    match kind {
+        "convert-peft" => Ok("convert-peft"),
+        other => Err(CoreError::InvalidArgument(format!(
+            "unknown output kind {other:?} (\"convert-peft\")"
+        )))
+        .py(),
+    }
+}
+
+/// Writes the adapter in the format of PEFT's Uni-LoRA tuner (saved indices and
+/// scales) into the folder `out`.
+///
+/// Returns a dict with `out`, `modules`, `saved_tensors`, `lora_parameters`,
+/// `weights_bytes` and `notes` (what PEFT's format changes or leaves out).
+#[pyfunction]
+#[pyo3(signature = (adapter, out, *, overwrite=false))]
+pub fn export_peft<'py>(
+    py: Python<'py>,
+    adapter: PathBuf,
+    out: PathBuf,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut opts = ExportOptions::new(adapter, out);
+    opts.overwrite = overwrite;
+    let report = py.detach(|| unilora_core::export_peft(&opts)).py()?;
+    let d = export_dict(py, &report.export)?;
+    d.set_item("notes", report.notes)?;
+    Ok(d)
+}
+
+/// Checks that `out` may be written as an output folder of `kind` (it does not exist,
+/// or `overwrite` and it is empty or an earlier output of `kind`), then creates and
+/// returns an empty staging folder next to it, to fill and pass to `commit_folder`.
+#[pyfunction]
+#[pyo3(signature = (out, kind, *, overwrite=false))]
+pub fn staging_folder(out: PathBuf, kind: &str, overwrite: bool) -> PyResult<PathBuf> {
+    let kind = output_kind(kind)?;
+    fsutil::check_output(&out, overwrite, Some(kind)).py()?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CoreError::io(parent, e))
+            .py()?;
+    }
+    Ok(TempPath::new_folder(&out, kind).py()?.keep())
+}
+
+/// Renames a filled staging folder onto `out` (marking it as an output of `kind`);
+/// with `overwrite` an earlier output of the same kind is replaced.
+#[pyfunction]
+#[pyo3(signature = (staging, out, kind, *, overwrite=false))]
+pub fn commit_folder(staging: PathBuf, out: PathBuf, kind: &str, overwrite: bool) -> PyResult<()> {
+    let kind = output_kind(kind)?;
+    TempPath::adopt_folder(&staging, &out, kind)
+        .and_then(|t| t.commit(overwrite))
+        .py()
+}

@@ -1,0 +1,196 @@
+//! Export of an adapter in the format of PEFT's Uni-LoRA tuner (`peft_type =
+//! "UNILORA"`, PEFT 0.21), with saved indices and scales, so that
+//! `PeftModel.from_pretrained` gives this adapter's outputs.
+//!
+//! PEFT's file holds `base_model.unilora_theta_d` (float32 `[d]`) and, per module,
+//! `base_model.model.<name>.unilora_indices_A` (int64 `[r, in]`),
+//! `...unilora_indices_B` (int64 `[out, r]`) and the matching float32
+//! `unilora_scales_A` / `unilora_scales_B`; its layer computes
+//! `A = theta_d[indices_A] * scales_A`, `B = theta_d[indices_B] * scales_B` and adds
+//! `x A^T B^T`. The sparse projection and explicit maps are exactly that (one column and
+//! one scale per LoRA parameter), so they are written as they are. What PEFT cannot
+//! hold is reported ([`PeftExportReport::notes`]) or refused:
+//!
+//! * the Fastfood projection is dense: refused (`export-lora` writes the equivalent
+//!   LoRA adapter instead);
+//! * PEFT's Uni-LoRA has no alpha: a factor `alpha / r` other than 1 is folded into the
+//!   scales of `B` (one more float32 rounding);
+//! * PEFT keeps `theta_d` and the scales float32 on a bf16 or fp16 base only with its
+//!   default `autocast_adapter_dtype=True`; with `False` it casts them to the base dtype
+//!   (relative error up to 2^-9 in bf16), while this adapter keeps them float32;
+//! * the `task` entry (architectures, labels) has no place in PEFT's config: load the
+//!   base with the matching head class.
+
+use serde_json::{Value, json};
+
+use crate::adapter::{Adapter, ModuleKind};
+use crate::error::{CoreError, Result};
+use crate::export::{
+    ExportOptions, ExportReport, PEFT_PREFIX, export_folder, saved_tensors, write_safetensors,
+};
+use crate::projection::Projection;
+use crate::projector::Projector;
+use crate::safetensors::Dtype;
+
+/// The kind of output (in the folder's marker file).
+pub const PEFT_OUTPUT_KIND: &str = "export-peft";
+/// The name of `theta_d` in PEFT's Uni-LoRA file.
+pub const PEFT_VECTOR_KEY: &str = "base_model.unilora_theta_d";
+
+/// What an export to PEFT's Uni-LoRA format wrote.
+#[derive(Clone, Debug, Default)]
+pub struct PeftExportReport {
+    /// The folder, modules, saved tensors, `D` (the indices written) and file size.
+    pub export: ExportReport,
+    /// What PEFT's format changes or leaves out, one sentence each.
+    pub notes: Vec<String>,
+}
+
+/// The map as PEFT needs it: one column and one scale per row of `theta_D`.
+fn map_of(adapter: &Adapter) -> Result<(Vec<u64>, Vec<f32>)> {
+    let config = &adapter.config;
+    match &adapter.projector {
+        Projector::Sparse { seed } => {
+            Projection::new(*seed, config.total_size(), config.d)?.materialize()
+        }
+        Projector::Explicit(map) => Ok((
+            map.indices().iter().map(|&j| u64::from(j)).collect(),
+            map.scales().to_vec(),
+        )),
+        Projector::Fastfood(_) => Err(CoreError::InvalidArgument(format!(
+            "{}: projection \"fastfood\" is dense, and PEFT's Uni-LoRA format holds one \
+             theta_d index and scale per LoRA parameter, so it cannot express it; \
+             `unilora export-lora` writes the equivalent LoRA adapter instead",
+            adapter.dir.display()
+        ))),
+    }
+}
+
+/// PEFT's `adapter_config.json` for the adapter.
+fn peft_unilora_config(adapter: &Adapter) -> Value {
+    let config = &adapter.config;
+    let targets: Vec<&str> = config.modules.iter().map(|m| m.name.as_str()).collect();
+    let to_save = (!config.modules_to_save.is_empty()).then(|| config.modules_to_save.clone());
+    json!({
+        "peft_type": "UNILORA",
+        "task_type": null,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "revision": null,
+        "inference_mode": true,
+        "r": config.rank,
+        "theta_d_length": config.d,
+        "proj_seed": config.seed,
+        "target_modules": targets,
+        "unilora_dropout": 0.0,
+        "fan_in_fan_out": config.modules.iter().all(|m| m.kind == ModuleKind::Conv1d),
+        "bias": "none",
+        "modules_to_save": to_save,
+        "init_theta_d_bound": config.init_range,
+        "init_weights": true,
+        "save_indices": true,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+    })
+}
+
+/// Writes the adapter at `opts.adapter` in PEFT's Uni-LoRA format into `opts.out`
+/// (float32; `opts.dtype` must be F32).
+pub fn export_peft(opts: &ExportOptions) -> Result<PeftExportReport> {
+    if opts.dtype != Dtype::F32 {
+        return Err(CoreError::Dtype(format!(
+            "PEFT's Uni-LoRA format is float32 (theta_d and scales), got {}",
+            opts.dtype
+        )));
+    }
+    let mut notes = Vec::new();
+    let (adapter, weights_bytes) = export_folder(opts, PEFT_OUTPUT_KIND, |adapter, dir| {
+        let config = &adapter.config;
+        let (idx, mut scales) = map_of(adapter)?;
+        let s = config.scaling();
+        let r = config.rank;
+        let mut tensors = vec![(PEFT_VECTOR_KEY.to_string(), Dtype::F32, vec![config.d])];
+        // Rows of theta_D per module: B (out x r) then A (r x in), as the map lists them.
+        let mut rows = Vec::with_capacity(4 * config.modules.len());
+        let mut offset = 0u64;
+        for m in &config.modules {
+            let b = offset..offset + m.out_features * r;
+            let a = b.end..b.end + r * m.in_features;
+            if s != 1.0 {
+                for x in &mut scales[b.start as usize..b.end as usize] {
+                    *x *= s;
+                }
+            }
+            let prefix = format!("{PEFT_PREFIX}{}.unilora_", m.name);
+            for (which, range, shape) in [
+                ("A", a.clone(), vec![r, m.in_features]),
+                ("B", b.clone(), vec![m.out_features, r]),
+            ] {
+                tensors.push((
+                    format!("{prefix}indices_{which}"),
+                    Dtype::I64,
+                    shape.clone(),
+                ));
+                rows.push((range.clone(), true));
+                tensors.push((format!("{prefix}scales_{which}"), Dtype::F32, shape));
+                rows.push((range, false));
+            }
+            offset = a.end;
+        }
+        let first_saved = tensors.len();
+        let extras = saved_tensors(adapter, &mut tensors);
+        let bytes = write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &tensors,
+            |k, buf| {
+                if k == 0 {
+                    put_f32(buf, &adapter.theta);
+                } else if k < first_saved {
+                    let (range, is_index) = &rows[k - 1];
+                    let range = range.start as usize..range.end as usize;
+                    if *is_index {
+                        for (dst, &j) in buf.chunks_exact_mut(8).zip(&idx[range]) {
+                            dst.copy_from_slice(&(j as i64).to_le_bytes());
+                        }
+                    } else {
+                        put_f32(buf, &scales[range]);
+                    }
+                } else {
+                    adapter.read_weights(extras[k - first_saved].begin, buf)?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok((bytes, peft_unilora_config(adapter)))
+    })?;
+    let config = &adapter.config;
+    if config.scaling() != 1.0 {
+        notes.push(format!(
+            "PEFT's Uni-LoRA has no alpha: alpha / r = {} is folded into the scales of B (one \
+             more float32 rounding)",
+            config.scaling()
+        ));
+    }
+    notes.push(
+        "theta_d and the scales are float32; PEFT keeps them so on a bf16 or fp16 base with \
+         its default autocast_adapter_dtype=True (with False it rounds them to the base \
+         dtype)"
+            .to_string(),
+    );
+    if config.task.is_some() {
+        notes.push(
+            "the task entry (architectures, labels) has no place in PEFT's config: load the \
+             base model with the matching head class"
+                .to_string(),
+        );
+    }
+    Ok(PeftExportReport {
+        export: ExportReport::of(&adapter, &opts.out, weights_bytes),
+        notes,
+    })
+}
+
+fn put_f32(buf: &mut [u8], values: &[f32]) {
+    for (dst, x) in buf.chunks_exact_mut(4).zip(values) {
+        dst.copy_from_slice(&x.to_le_bytes());
+    }
+}
