@@ -46,10 +46,13 @@ from .merging import (  # noqa: E402
     AdapterInfo,
     ExportResult,
     MergedTensor,
+    MergeEachResult,
     MergeResult,
     export_lora,
     inspect,
     merge,
+    merge_each,
+    merge_weighted,
 )
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
     "FormatError",
     "InternalError",
     "InvalidArgumentError",
+    "MergeEachResult",
     "MergeResult",
     "MergedTensor",
     "MismatchError",
@@ -77,6 +81,8 @@ __all__ = [
     "load_adapter",
     "load_adapter_config",
     "merge",
+    "merge_each",
+    "merge_weighted",
     "projection",
     "reconstruct",
     "reconstruct_backward",

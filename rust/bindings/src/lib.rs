@@ -24,7 +24,7 @@ mod _core {
     };
 
     #[pymodule_export]
-    use crate::merge::{export_lora, merge, safetensors_header};
+    use crate::merge::{export_lora, merge, merge_each, merge_weighted, safetensors_header};
 
     #[pymodule_export]
     use crate::adapter::{

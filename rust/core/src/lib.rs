@@ -41,7 +41,10 @@ pub use config::AdapterConfig;
 pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, export_lora};
 pub use fingerprint::fingerprint;
-pub use merge::{Control, MergeOptions, MergeReport, merge};
+pub use merge::{
+    Control, EachReport, MergeOptions, MergeReport, MultiMergeOptions, merge, merge_each,
+    merge_weighted,
+};
 pub use projection::{Projection, SPEC_VERSION};
 pub use reconstruct::{
     BACKWARD_T_CHUNK, check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
