@@ -683,7 +683,7 @@ class UniLoRAModel(nn.Module):
                 parent, child = self._parent(s)
                 setattr(parent, child, wrapper.active_module())
         if merge:
-            _dequantize_rest(self.base_model, out_dtype)
+            _dequantize_rest(self.base_model, out_dtype, was_quantized=bool(quantized))
         self._hook.remove()
         for entry in self._adapters.values():
             entry.state.clear()
@@ -948,10 +948,10 @@ def _dequantized_linear(
     return linear
 
 
-def _dequantize_rest(model: nn.Module, dtype: torch.dtype) -> None:
+def _dequantize_rest(model: nn.Module, dtype: torch.dtype, *, was_quantized: bool) -> None:
     """Dequantises the quantized linear layers no adapter touched and removes the
     transformers quantization markers, so that the merged model is a float model."""
-    found = False
+    found = was_quantized
     for name, module in list(model.named_modules()):
         if name and isinstance(module, nn.Linear) and is_quantized(module):
             parent_name, _, child = name.rpartition(".")

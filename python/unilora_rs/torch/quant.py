@@ -9,6 +9,8 @@ replaces the quantized layer.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -46,7 +48,19 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "bnb-4bit":
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a 4-bit weight for its CPU kernel on the first CPU
+            # forward pass (absmax then held in float32, transposed). Undo the packing on
+            # a copy of the state (the inverse edits the state it gets) and keep the
+            # float32 absmax the kernel uses (the inverse would quantise it again).
+            packed_absmax = state.absmax
+            state = copy.copy(state)
+            state.original_nested = False
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+            state.absmax = packed_absmax.T.reshape(-1).to(torch.float32)
+            state.nested = False
+        return bnbf.dequantize_4bit(data, state).to(torch.float32)
     if kind == "bnb-8bit":
         scb = getattr(weight, "SCB", None)
         if scb is None:
