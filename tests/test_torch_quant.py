@@ -109,3 +109,51 @@ def test_quantized_base_trains_and_merges(base_dir: Path, bits: str, tmp_path: P
     again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     with torch.no_grad():
         assert torch.equal(again(x).logits, out)
+
+
+# ------------------------------------------------------------------ the Rust merge
+
+
+@pytest.mark.parametrize(
+    "bits",
+    [
+        "8bit",
+        "4bit",
+        pytest.param("4bit-plain", id="4bit-fp4-not-nested"),
+    ],
+)
+def test_rust_merge_of_a_quantized_checkpoint(base_dir: Path, bits: str, tmp_path: Path) -> None:
+    """A checkpoint saved from a bitsandbytes model merges without torch: every weight
+    dequantised as bitsandbytes does it, the update added, float32 written, the
+    quantization config gone; equal to merge_and_unload of the same quantized model."""
+    import unilora_rs as ur
+    from unilora_rs.torch import UniLoRAModel
+
+    quant = dict(QUANT["4bit" if bits.startswith("4bit") else bits])
+    if bits == "4bit-plain":
+        quant.update(bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False)
+    qcfg = transformers.BitsAndBytesConfig(**quant)
+    saved = tmp_path / "quantized"
+    transformers.AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=qcfg, device_map="cpu"
+    ).save_pretrained(saved)
+    model = get_unilora_model(tiny_llama(hidden=64), cfg())
+    with torch.no_grad():
+        model.theta_d.uniform_(-0.3, 0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    result = ur.merge(saved, tmp_path / "adapter", tmp_path / "merged")
+    assert result.dequantized == 14 and result.merged_count == 14
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not hasattr(merged.config, "quantization_config")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(saved), device_map="cpu")
+    ours = UniLoRAModel.from_pretrained(loaded, tmp_path / "adapter").merge_and_unload(
+        dtype=torch.float32
+    )
+    worst = 0.0
+    for name, p in ours.named_parameters():
+        q = merged.get_parameter(name)
+        worst = max(worst, (p - q).abs().max().item())
+    assert worst < 1e-6, worst
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, ours(x).logits, rtol=0, atol=1e-5)

@@ -72,6 +72,8 @@ class MergeResult:
     config_keys: list[str] = field(default_factory=list)
     #: Bytes of tensor data read from the inputs (base and adapters).
     bytes_read: int = 0
+    #: Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
+    dequantized: int = 0
 
     @property
     def merged_count(self) -> int:
@@ -288,6 +290,12 @@ def merge(
     8-bit tensors are kept), and ``config.json``'s ``dtype`` (and ``torch_dtype`` when
     present) say so.
 
+    A base saved from a bitsandbytes model (8-bit ``weight`` + ``SCB``, or 4-bit NF4 /
+    FP4 with its quant state, nested absmax included) is dequantised: every quantized
+    weight is rebuilt in float32 as bitsandbytes does, merged if adapted, and written in
+    ``dtype`` (float32 when ``None``); the state tensors are left out and
+    ``config.json`` loses ``quantization_config``.
+
     Every adapted module must match exactly one base tensor (``<name>.weight``, else a
     unique dotted-suffix match): a missing or ambiguous target raises
     :class:`MismatchError`. The output is written to temporary files and renamed into
@@ -336,6 +344,7 @@ def _result(raw: dict[str, Any], seconds: float) -> MergeResult:
         added=list(raw["added"]),
         config_keys=list(raw["config_keys"]),
         bytes_read=raw["bytes_read"],
+        dequantized=raw["dequantized"],
     )
 
 

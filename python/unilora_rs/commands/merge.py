@@ -87,6 +87,8 @@ def _summary(result: MergeResult) -> str:
     if result.config_keys:
         extra += f", set {', '.join(result.config_keys)} in config.json"
     cast = f", cast {result.cast}" if result.cast else ""
+    if result.dequantized:
+        cast += f", dequantised {result.dequantized}"
     return (
         f"merged {result.merged_count} tensors{extra}{cast} into {result.out} "
         f"({len(result.shards)} safetensors file(s), {result.tensors} tensors, "

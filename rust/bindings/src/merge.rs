@@ -59,7 +59,7 @@ fn run_with_signals<T: Send>(
 /// Returns a dict with the merged tensors (`merged`: list of dicts with `module`,
 /// `tensor`, `file`), `replaced`, `added`, `config_keys`, `cast`, `copied`, `tensors`,
 /// `shards`, `other_files`, `left_out`, `warnings`, `bytes_written`,
-/// `largest_tensor_bytes` and `bytes_read`.
+/// `largest_tensor_bytes`, `bytes_read` and `dequantized`.
 #[pyfunction]
 #[pyo3(signature = (base, adapter, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
 #[allow(clippy::too_many_arguments)]
@@ -112,6 +112,7 @@ fn report_dict<'py>(py: Python<'py>, report: &MergeReport) -> PyResult<Bound<'py
     d.set_item("bytes_written", report.bytes_written)?;
     d.set_item("largest_tensor_bytes", report.largest_tensor_bytes)?;
     d.set_item("bytes_read", report.bytes_read)?;
+    d.set_item("dequantized", report.dequantized)?;
     Ok(d)
 }
 

@@ -18,7 +18,6 @@ use super::{
 use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
 use crate::parallel;
-use crate::safetensors::read_exact_at;
 
 /// What [`merge_each`] did.
 #[derive(Clone, Debug, Default)]
@@ -314,12 +313,10 @@ impl Pass<'_> {
                 let size = (info.dtype.bits() / 8) as usize;
                 let mut input = std::mem::take(&mut scratch.input);
                 let buf = grow(&mut input, n * size);
-                let off = shard.header.data_start() + info.begin + e0 * size as u64;
-                let result = read_exact_at(&shard.file, buf, off)
-                    .map_err(|e| CoreError::io(&shard.path, e))
-                    .and_then(|()| {
-                        self.base_read
-                            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                let result = shard
+                    .read_elems(t, e0, buf, &mut scratch.raw)
+                    .and_then(|read| {
+                        self.base_read.fetch_add(read, Ordering::Relaxed);
                         for (k, o) in self.outputs.iter().enumerate() {
                             let out = &o.plans[s].outs[t];
                             self.writers[k].emit(shard, out, buf, e0..e1, &targets[k], scratch)?;

@@ -49,11 +49,12 @@ use crate::adapter::Adapter;
 pub use crate::control::Control;
 use crate::error::{CoreError, Result};
 use crate::fsutil::{self, TempPath};
-use crate::safetensors::{Dtype, Header, TensorInfo};
+use crate::safetensors::{Dtype, Header, TensorInfo, read_exact_at};
 
 mod each;
 mod folder;
 mod plan;
+mod quant;
 mod rows;
 mod targets;
 mod write;
@@ -221,14 +222,46 @@ pub struct MergeReport {
     pub largest_tensor_bytes: u64,
     /// Bytes of tensor data read from the inputs (base and adapters).
     pub bytes_read: u64,
+    /// Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
+    pub dequantized: usize,
 }
 
-/// An input safetensors file.
+/// An input safetensors file. `header` is the merge's view of it: a quantized
+/// weight is a float32 tensor of its real shape, its state tensors are gone
+/// (`quant.rs`).
 struct Shard {
     rel: PathBuf,
     path: PathBuf,
     file: File,
     header: Header,
+    quant: quant::Quantized,
+}
+
+impl Shard {
+    /// Fills `buf` with elements `e0 ..` of tensor `t` (as many as fit), in the view's
+    /// dtype: raw bytes, or float32 dequantised from a quantized weight. Returns the
+    /// bytes read from the file.
+    fn read_elems(&self, t: usize, e0: u64, buf: &mut [u8], raw: &mut Vec<u8>) -> Result<u64> {
+        let info = &self.header.tensors[t];
+        let size = info.dtype.bits() / 8;
+        match self.quant.sources.get(&t) {
+            Some(source) => source.read(
+                &self.file,
+                &self.path,
+                e0,
+                buf.len() / size as usize,
+                raw,
+                buf,
+            ),
+            None => read_exact_at(
+                &self.file,
+                buf,
+                self.header.data_start() + info.begin + e0 * size,
+            )
+            .map(|()| buf.len() as u64)
+            .map_err(|e| CoreError::io(&self.path, e)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -515,11 +548,13 @@ fn open_inputs(base: &Path) -> Result<Inputs> {
             base.to_path_buf()
         };
         let (file, header) = Header::read(&path)?;
+        let (header, quant) = quant::dequantized_view(&file, &header)?;
         shards.push(Shard {
             rel,
             path,
             file,
             header,
+            quant,
         });
     }
     if let Some((index_path, value)) = &selection.index {

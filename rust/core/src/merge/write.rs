@@ -20,7 +20,7 @@ use crate::convert;
 use crate::error::{CoreError, Result};
 use crate::fsutil;
 use crate::parallel;
-use crate::safetensors::{byte_size, read_exact_at, write_all_at};
+use crate::safetensors::{Dtype, byte_size, read_exact_at, write_all_at};
 
 /// What the writers of all shards of one output share.
 pub(super) struct Writer<'a> {
@@ -125,7 +125,8 @@ pub(super) fn finish_folder(
     };
     let copied = fsutil::copy_tree(&opts.base, staging, &skip)?;
     report.other_files = copied.iter().map(|p| rel_string(p)).collect();
-    update_config(opts, targets, staging, report)?;
+    let quantized = inputs.shards.iter().any(|s| s.quant.any());
+    update_config(opts, targets, quantized, staging, report)?;
     if let (Some((index_path, value)), Some(index_rel)) = (&inputs.index, &index_rel) {
         let last = inputs
             .shards
@@ -176,7 +177,8 @@ fn write_index(
         .iter()
         .zip(shards)
         .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
-    if !sizes_changed && added.is_empty() {
+    let quantized = shards.iter().any(|s| s.quant.any());
+    if !sizes_changed && added.is_empty() && !quantized {
         fs::copy(index_path, dst).map_err(|e| CoreError::io(dst, e))?;
         return Ok(());
     }
@@ -193,6 +195,7 @@ fn write_index(
         .sum();
     let mut value = value.clone();
     if let Some(map) = value.get_mut("weight_map").and_then(Value::as_object_mut) {
+        map.retain(|name, _| !shards.iter().any(|s| s.quant.dropped.contains(name)));
         for (name, file) in added {
             map.insert((*name).to_string(), Value::from(*file));
         }
@@ -214,6 +217,8 @@ fn write_index(
 #[derive(Default)]
 pub(super) struct Scratch {
     pub(super) input: Vec<u8>,
+    /// Packed bytes of a quantized weight.
+    pub(super) raw: Vec<u8>,
     pub(super) extra: Vec<u8>,
     pub(super) output: Vec<u8>,
     pub(super) values: Vec<f32>,
@@ -271,13 +276,12 @@ impl ShardJob<'_> {
                         let info = &self.shard.header.tensors[out.src];
                         let size = (info.dtype.bits() / 8) as usize;
                         let input = grow(&mut buffer, n * size);
-                        let off = self.shard.header.data_start() + info.begin + e0 * size as u64;
-                        self.writer
-                            .read
-                            .fetch_add(input.len() as u64, Ordering::Relaxed);
-                        read_exact_at(&self.shard.file, input, off)
-                            .map(|()| &*input)
-                            .map_err(|e| CoreError::io(&self.shard.path, e))
+                        self.shard
+                            .read_elems(out.src, e0, input, &mut scratch.raw)
+                            .map(|read| {
+                                self.writer.read.fetch_add(read, Ordering::Relaxed);
+                                &*input
+                            })
                     }
                 }
                 .and_then(|input| {
@@ -374,12 +378,13 @@ pub(super) const MODEL_CONFIG_NAME: &str = "config.json";
 fn update_config(
     opts: &MergeOptions,
     targets: &Targets<'_>,
+    quantized: bool,
     staging: &Path,
     report: &mut MergeReport,
 ) -> Result<()> {
     let mut updates: Map<String, Value> = targets.config.clone();
     let path = staging.join(MODEL_CONFIG_NAME);
-    if updates.is_empty() && opts.dtype.is_none() {
+    if updates.is_empty() && opts.dtype.is_none() && !quantized {
         return Ok(());
     }
     if !path.is_file() {
@@ -401,7 +406,11 @@ fn update_config(
             "expected a JSON object",
         ));
     };
-    if let Some(dt) = opts.dtype {
+    if quantized {
+        // The weights are dequantised: the output is an ordinary float checkpoint.
+        obj.remove("quantization_config");
+    }
+    if let Some(dt) = opts.dtype.or(quantized.then_some(Dtype::F32)) {
         let name = Value::from(dt.torch_name());
         if obj.contains_key("torch_dtype") {
             updates.insert("torch_dtype".into(), name.clone());
