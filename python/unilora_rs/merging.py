@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _core
 from .adapter import VECTOR_KEY, WEIGHTS_NAME, AdapterConfig, ModuleSpec, _adapter_dir
@@ -254,6 +254,29 @@ class _Progress:
             self.bar.close()
 
 
+T = TypeVar("T")
+
+
+def _with_progress(
+    show_progress: bool, call: Callable[[Callable[[int, int], None] | None], T]
+) -> tuple[T, float]:
+    """``call(progress callback or None)`` with a progress bar when asked; the result
+    and the seconds it took."""
+    progress: _Progress | None = _Progress("merge") if show_progress else None
+    t0 = time.perf_counter()
+    try:
+        out = call(progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return out, time.perf_counter() - t0
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(message, UniLoraWarning, stacklevel=3)
+
+
 def merge(
     base: PathArg,
     adapter: PathArg,
@@ -310,19 +333,13 @@ def merge(
     """
     base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
     dt = _dtype(dtype, allow_none=True)
-    progress: _Progress | None = _Progress("merge") if show_progress else None
-    callback: Callable[[int, int], None] | None = progress
-    t0 = time.perf_counter()
-    try:
-        raw = _core.merge(
-            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=callback
-        )
-    finally:
-        if progress is not None:
-            progress.close()
-    seconds = time.perf_counter() - t0
-    for message in raw["warnings"]:
-        warnings.warn(message, UniLoraWarning, stacklevel=2)
+    raw, seconds = _with_progress(
+        show_progress,
+        lambda cb: _core.merge(
+            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
+        ),
+    )
+    _warn(raw["warnings"])
     return _result(raw, seconds)
 
 
@@ -376,19 +393,13 @@ def merge_each(
     base_p, out_p = _path("base", base), _path("out_dir", out_dir)
     paths = _adapter_list(adapters)
     dt = _dtype(dtype, allow_none=True)
-    progress: _Progress | None = _Progress("merge") if show_progress else None
-    t0 = time.perf_counter()
-    try:
-        raws, bytes_read = _core.merge_each(
-            base_p, paths, out_p, dtype=dt, overwrite=bool(overwrite), progress=progress
-        )
-    finally:
-        if progress is not None:
-            progress.close()
-    seconds = time.perf_counter() - t0
-    for raw in raws[:1]:
-        for message in raw["warnings"]:
-            warnings.warn(message, UniLoraWarning, stacklevel=2)
+    (raws, bytes_read), seconds = _with_progress(
+        show_progress,
+        lambda cb: _core.merge_each(
+            base_p, paths, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
+        ),
+    )
+    _warn(raws[0]["warnings"] if raws else [])
     return MergeEachResult([_result(raw, seconds) for raw in raws], bytes_read, seconds)
 
 
@@ -414,18 +425,14 @@ def merge_weighted(
     paths = _adapter_list(adapters)
     ws = [float(w) for w in weights]
     dt = _dtype(dtype, allow_none=True)
-    progress: _Progress | None = _Progress("merge") if show_progress else None
-    t0 = time.perf_counter()
-    try:
-        raw = _core.merge_weighted(
-            base_p, paths, ws, out_p, dtype=dt, overwrite=bool(overwrite), progress=progress
-        )
-    finally:
-        if progress is not None:
-            progress.close()
-    for message in raw["warnings"]:
-        warnings.warn(message, UniLoraWarning, stacklevel=2)
-    return _result(raw, time.perf_counter() - t0)
+    raw, seconds = _with_progress(
+        show_progress,
+        lambda cb: _core.merge_weighted(
+            base_p, paths, ws, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
+        ),
+    )
+    _warn(raw["warnings"])
+    return _result(raw, seconds)
 
 
 def export_lora(

@@ -18,7 +18,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ __all__ = ["DEFAULT_ADAPTER", "UniLoRAModel", "get_unilora_model"]
 #: The name of the first adapter unless another is given (PEFT's name). Its vector is
 #: the model's parameter ``theta_d``; another adapter's is ``theta_d_adapters.<name>``.
 DEFAULT_ADAPTER = "default"
+
+
+_W = TypeVar("_W", UniLoRALayer, ModulesToSaveWrapper)
 
 
 def _suggest_d(total: int) -> int:
@@ -330,7 +333,7 @@ class UniLoRAModel(nn.Module):
         entry = _Adapter(name, config, adapter_config, projection, state, saved)
         offset = 0
         for spec in specs:
-            layer = self._layer_at(spec.name)
+            layer = self._wrap_at(spec.name, UniLoRALayer)
             r = config.rank
             end = offset + r * (spec.in_features + spec.out_features)
             branch = Branch(
@@ -348,7 +351,7 @@ class UniLoRAModel(nn.Module):
             state.sizes += [spec.out_features * r, r * spec.in_features]
             offset = end
         for s in saved:
-            self._wrapper_at(s).add(name, trainable)
+            self._wrap_at(s, ModulesToSaveWrapper).add(name, trainable)
         self._adapters[name] = entry
         self._sync_index_map(entry)
         return entry
@@ -358,21 +361,13 @@ class UniLoRAModel(nn.Module):
         parent = dict(plain_named_modules(self.base_model))[parent_name]
         return parent, child
 
-    def _layer_at(self, name: str) -> UniLoRALayer:
+    def _wrap_at(self, name: str, kind: type[_W]) -> _W:
+        """The ``kind`` wrapper (layer or modules_to_save) at ``name``, made if missing."""
         parent, child = self._parent(name)
         current = parent._modules[child]
-        if isinstance(current, UniLoRALayer):
+        if isinstance(current, kind):
             return current
-        layer = UniLoRALayer(current, self._context)  # type: ignore[arg-type]
-        setattr(parent, child, layer)
-        return layer
-
-    def _wrapper_at(self, name: str) -> ModulesToSaveWrapper:
-        parent, child = self._parent(name)
-        current = parent._modules[child]
-        if isinstance(current, ModulesToSaveWrapper):
-            return current
-        wrapper = ModulesToSaveWrapper(current, self._context)  # type: ignore[arg-type]
+        wrapper = kind(current, self._context)
         setattr(parent, child, wrapper)
         return wrapper
 

@@ -13,9 +13,8 @@ use rayon::prelude::*;
 use super::write::{Scratch, Target, Writer, finish_folder, grow, open_output};
 use super::{
     Action, Control, Inputs, MergeOptions, MergeReport, MultiMergeOptions, Plan, Targets,
-    check_options, new_report, open_inputs, plan_shards, prepare_all, rel_string, stage, terms_of,
+    check_options, new_report, open_all, plan_shards, prepare_all, rel_string, stage, terms_of,
 };
-use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
 use crate::parallel;
 
@@ -84,9 +83,6 @@ pub fn merge_each(
     out_dir: &Path,
     control: &Control,
 ) -> Result<EachReport> {
-    if opts.adapters.is_empty() {
-        return Err(CoreError::InvalidArgument("no adapter to merge".into()));
-    }
     let outs = outputs(opts, out_dir)?;
     let mut singles = Vec::with_capacity(outs.len());
     for (k, out) in outs.iter().enumerate() {
@@ -94,12 +90,7 @@ pub fn merge_each(
         check_options(&single, &opts.adapters)?;
         singles.push(single);
     }
-    let adapters = opts
-        .adapters
-        .iter()
-        .map(|p| Adapter::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let inputs = open_inputs(&opts.base)?;
+    let (adapters, inputs) = open_all(opts)?;
     let mut outputs = Vec::with_capacity(adapters.len());
     for (k, single) in singles.into_iter().enumerate() {
         let targets = super::targets::resolve_targets(&inputs, &adapters[k..k + 1], &[1.0])?;

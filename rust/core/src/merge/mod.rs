@@ -372,9 +372,6 @@ pub fn merge_weighted(
     out: &Path,
     control: &Control,
 ) -> Result<MergeReport> {
-    if opts.adapters.is_empty() {
-        return Err(CoreError::InvalidArgument("no adapter to merge".into()));
-    }
     if weights.len() != opts.adapters.len() {
         return Err(CoreError::InvalidArgument(format!(
             "{} weights for {} adapters; give one weight per adapter",
@@ -389,14 +386,22 @@ pub fn merge_weighted(
     }
     let single = opts.single(0, out.to_path_buf());
     check_options(&single, &opts.adapters)?;
+    let (adapters, inputs) = open_all(opts)?;
+    let coefs: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+    merge_into(&single, &inputs, &adapters, &coefs, control)
+}
+
+/// Opens every adapter of `opts` (at least one) and the base.
+fn open_all(opts: &MultiMergeOptions) -> Result<(Vec<Adapter>, Inputs)> {
+    if opts.adapters.is_empty() {
+        return Err(CoreError::InvalidArgument("no adapter to merge".into()));
+    }
     let adapters = opts
         .adapters
         .iter()
         .map(|p| Adapter::open(p))
         .collect::<Result<Vec<_>>>()?;
-    let inputs = open_inputs(&opts.base)?;
-    let coefs: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
-    merge_into(&single, &inputs, &adapters, &coefs, control)
+    Ok((adapters, open_inputs(&opts.base)?))
 }
 
 /// The steps of a merge into one output, for one adapter (weight 1) or several.

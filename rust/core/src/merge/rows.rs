@@ -217,4 +217,61 @@ mod tests {
             }
         }
     }
+
+    /// Two terms (a weighted merge): each element gets `w + c1 * acc1 + c2 * acc2`, in
+    /// that order, as the plain loop computes it.
+    #[test]
+    fn terms_are_added_in_order() {
+        let mut st = 11u64;
+        let module = AdapterModule {
+            name: "m".into(),
+            in_features: 70,
+            out_features: 33,
+            kind: ModuleKind::Linear,
+        };
+        let (fi, fo) = (70usize, 33usize);
+        let factors: Vec<(Vec<f32>, Vec<f32>, usize)> = [(4usize, 0), (2, 1)]
+            .iter()
+            .map(|&(r, _)| {
+                let b: Vec<f32> = (0..fo * r).map(|_| lcg(&mut st)).collect();
+                let a: Vec<f32> = (0..r * fi).map(|_| lcg(&mut st)).collect();
+                (b, a, r)
+            })
+            .collect();
+        let preps: Vec<Prepared> = factors
+            .iter()
+            .map(|(b, a, r)| Prepared::new(&module, b, a, *r))
+            .collect();
+        let coefs = [0.7f32 * 2.0, -0.3f32 * 0.5];
+        let w: Vec<f32> = (0..fo * fi).map(|_| lcg(&mut st)).collect();
+        let mut input = vec![0u8; fo * fi * 4];
+        convert::encode(Dtype::F32, &w, &mut input).unwrap();
+        let mut got = vec![0u8; fo * fi * 4];
+        let terms: Vec<Term<'_>> = preps.iter().zip(coefs).collect();
+        merge_rows(
+            &terms,
+            Rows {
+                input: &input,
+                src: Dtype::F32,
+                output: &mut got,
+                dst: Dtype::F32,
+                row0: 0,
+            },
+        );
+        let mut want = w.clone();
+        for i in 0..fo {
+            for j in 0..fi {
+                for ((b, a, r), c) in factors.iter().zip(coefs) {
+                    let mut acc = 0f32;
+                    for k in 0..*r {
+                        acc += b[i * r + k] * a[k * fi + j];
+                    }
+                    want[i * fi + j] += c * acc;
+                }
+            }
+        }
+        let mut want_bytes = vec![0u8; fo * fi * 4];
+        convert::encode(Dtype::F32, &want, &mut want_bytes).unwrap();
+        assert_eq!(got, want_bytes);
+    }
 }
