@@ -13,6 +13,8 @@
 //!   record of what the trained model is for (merged config keys, new head tensors).
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
 //! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
+//!   (also of several adapters: one output each in one pass over the base, or their
+//!   weighted sum; bitsandbytes-quantized bases are dequantised)
 //!   ([`control`]: its progress, cancellation and the loop that watches it).
 //! * [`export`]: exact export as a standard PEFT LoRA adapter.
 
