@@ -12,10 +12,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 all: test
 
-$(STAMP): requirements/dev.txt requirements/torch.txt requirements/data.txt
+$(STAMP): requirements/dev.txt requirements/torch.txt requirements/data.txt requirements/distributed.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/dev.txt -r requirements/torch.txt
+	$(PY) -m pip install -q -r requirements/dev.txt -r requirements/torch.txt -r requirements/distributed.txt
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
 	touch $(STAMP)
 

@@ -204,11 +204,25 @@ def test_other_top_level_keys_are_accepted_everywhere(
 ) -> None:
     adapter, base = good
     extra = tmp_path / "extra"
-    _write_case(adapter, extra, _set("task", {"type": "causal-lm", "new_tensors": []}))
+    _write_case(adapter, extra, _set("notes", {"by": "a user", "runs": [1, 2]}))
     for name, fn in _paths(extra, base, tmp_path).items():
         assert _outcome(fn) is None, name
     checked = _core.read_adapter_config(extra)
-    assert checked["task"] == {"type": "causal-lm", "new_tensors": []}
+    assert checked["notes"] == {"by": "a user", "runs": [1, 2]}
+
+
+def test_task_entry_is_checked_and_normalised(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter, base = good
+    task = tmp_path / "task"
+    _write_case(adapter, task, _set("task", {"type": "causal-lm", "new_tensors": []}))
+    for name, fn in _paths(task, base, tmp_path).items():
+        assert _outcome(fn) is None, name
+    checked = _core.read_adapter_config(task)
+    assert checked["task"] == {"type": "causal-lm", "config": {}, "new_tensors": []}
+    bad = tmp_path / "bad"
+    _write_case(adapter, bad, _set("task", {"type": "causal-lm", "extra": 1}))
+    with pytest.raises(ur.FormatError, match="task: unknown key"):
+        _core.read_adapter_config(bad)
 
 
 def test_programmatic_configs_use_the_same_rules() -> None:

@@ -145,3 +145,19 @@ def test_cli_subprocess_shows_progress_and_fails_cleanly(tmp_path: Path, adapter
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_closed_stdout_pipe_is_quiet(adapter: Path) -> None:
+    """`unilora inspect --json | head -1`: no traceback, no error line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unilora_rs", "inspect", str(adapter), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away before the command writes
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "error" not in err, err
+    assert proc.returncode == 141

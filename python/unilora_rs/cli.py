@@ -66,13 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with _sigterm_raises():
-            return int(args.run(args))
+            code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
     except KeyboardInterrupt:
         print("unilora: interrupted", file=sys.stderr)
         return 130
     except Terminated:
         print("unilora: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # The reader of stdout went away (`unilora inspect --json | head`): stop quietly,
+        # as other command-line tools do, without a second error at interpreter exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as err:
         if os.environ.get("UNILORA_DEBUG"):
             raise

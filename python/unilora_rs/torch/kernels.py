@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
@@ -244,10 +245,17 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor through DLPack. ``Tensor.numpy()`` would mark the
+    storage non-resizable for good, and FSDP2 frees the storage of its all-gathered
+    parameters (``theta_d`` in a sharded root) by resizing it to zero."""
+    return np.from_dlpack(t.detach().contiguous())
+
+
 def _forward_rust(theta: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
     from .. import _core
 
-    vec = theta.detach().contiguous().numpy()
+    vec = _numpy_view(theta)
     (out,) = _core.reconstruct(vec, p.seed, [(p.total, 1)])
     return torch.from_numpy(out.reshape(-1))
 
@@ -257,7 +265,7 @@ def _backward_rust(grad: torch.Tensor, p: ProjectionParams) -> torch.Tensor:
     the same order as the Triton kernel (no index map, no atomics, GIL released)."""
     from .. import _core
 
-    g = grad.detach().contiguous().to(torch.float32).numpy()
+    g = _numpy_view(grad.to(torch.float32))
     return torch.from_numpy(_core.reconstruct_backward(g, p.seed, p.d))
 
 
@@ -381,7 +389,11 @@ def rebuild(
             f"theta_d must be 1-D of length d = {p.d}, got {tuple(theta.shape)}"
         )
     if theta.dtype != torch.float32:
-        raise InvalidArgumentError(f"theta_d must be float32, got {theta.dtype}")
+        raise InvalidArgumentError(
+            f"theta_d must be float32, got {theta.dtype} (under FSDP2 a MixedPrecisionPolicy "
+            "casts it: put theta_d in its own unit with param_dtype=torch.float32, see "
+            "docs/TRAINING.md)"
+        )
     if index is not None:
         return torch.ops.unilora_rs.gather(theta, index, p.rem, p.scale_hi, p.scale_lo)
     return torch.ops.unilora_rs.rebuild(theta, _seed_to_i64(p.seed), p.total, backend)

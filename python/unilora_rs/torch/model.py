@@ -27,6 +27,7 @@ from torch import nn
 from .. import __version__
 from ..adapter import (
     CONFIG_NAME,
+    VECTOR_KEY,
     WEIGHTS_NAME,
     AdapterConfig,
     ModuleSpec,
@@ -101,6 +102,11 @@ class UniLoRAModel(nn.Module):
     forwarded to the base model (``config``, ``gradient_checkpointing_enable``, ...), as
     in PEFT.
     """
+
+    #: transformers' Trainer refuses to fine-tune a quantized base (bitsandbytes, a GGUF
+    #: checkpoint) unless trainable adapters are attached; this flag, which the Trainer
+    #: reads from the model it is given, says they are (theta_d is the trainable tensor).
+    _hf_peft_config_loaded = True
 
     def __init__(
         self,
@@ -730,12 +736,36 @@ class UniLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ saving / loading
 
-    def _saved_tensors(self, name: str) -> dict[str, np.ndarray]:
+    def state_key(self, adapter_name: str, tensor: str) -> str:
+        """The key in this model's state dict of a tensor of ``adapter_name``'s file:
+        ``theta_d`` (``"theta_d"`` for ``"default"``, ``"theta_d_adapters.<name>"``
+        otherwise) or a modules_to_save tensor (``"<module>.<param>"`` in the file,
+        ``"base_model.<module>.modules_to_save.<name>.<param>"`` here)."""
+        entry = self._entry(adapter_name)
+        if tensor == VECTOR_KEY:
+            return (
+                "theta_d" if adapter_name == DEFAULT_ADAPTER else f"theta_d_adapters.{adapter_name}"
+            )
+        for s in entry.saved:
+            if tensor.startswith(s + "."):
+                return f"base_model.{s}.modules_to_save.{adapter_name}.{tensor[len(s) + 1 :]}"
+        raise MismatchError(f"adapter {adapter_name!r} has no tensor {tensor!r}")
+
+    def clear_cache(self) -> None:
+        """Drops every adapter's kept ``theta_D`` (rebuilt at the next pass)."""
+        for entry in self._adapters.values():
+            entry.state.clear()
+
+    def _saved_tensors(
+        self, name: str, state_dict: dict[str, torch.Tensor] | None
+    ) -> dict[str, np.ndarray]:
         extra: dict[str, np.ndarray] = {}
         for s in self._entry(name).saved:
             module = self._wrapper(s).modules_to_save[name]
             for pname, p in module.state_dict().items():
-                t = p.detach().to("cpu")
+                if state_dict is not None:
+                    p = state_dict[self.state_key(name, f"{s}.{pname}")]
+                t = _full_tensor(p).detach().to("cpu")
                 if t.dtype == torch.bfloat16:
                     t = t.to(torch.float32)
                 extra[f"{s}.{pname}"] = t.contiguous().numpy()
@@ -745,8 +775,11 @@ class UniLoRAModel(nn.Module):
         self,
         save_directory: str | os.PathLike[str],
         selected_adapters: Sequence[str] | None = None,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
         **_: Any,
-    ) -> Path:
+    ) -> Path | None:
         """Writes each adapter's ``adapter_config.json`` + ``adapter_model.safetensors``
         (SPEC.md section 3) in PEFT's layout: ``"default"`` in ``save_directory``, every
         other adapter in ``save_directory/<name>``. ``selected_adapters`` (default: all)
@@ -754,20 +787,35 @@ class UniLoRAModel(nn.Module):
 
         modules_to_save tensors are stored under their base state-dict names; bfloat16
         tensors are stored as float32 (exact) since the format is read with numpy.
+
+        Under FSDP2 or DeepSpeed ZeRO-3 (``theta_d`` sharded) call it on every rank with
+        ``is_main_process=(rank == 0)``: the tensors are gathered (a collective) and only
+        the main process writes. ``state_dict`` (this model's keys, e.g. a full state dict
+        from ``torch.distributed.checkpoint.state_dict.get_model_state_dict``, as
+        ``Trainer`` passes it; see :meth:`state_key`) supplies the tensors instead of the
+        live parameters.
         """
         names = list(self._adapters) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._entry(name)
         root = Path(save_directory)
         for name in names:
-            theta = self._vector(name).detach().to("cpu", torch.float32).numpy()
+            theta_t = (
+                state_dict[self.state_key(name, VECTOR_KEY)]
+                if state_dict is not None
+                else self._vector(name)
+            )
+            theta = _full_tensor(theta_t).detach().to("cpu", torch.float32).numpy()
+            extra = self._saved_tensors(name, state_dict)
+            if not is_main_process:
+                continue
             if not np.isfinite(theta).all():
                 raise VectorError(
                     f"adapter {name!r}: theta_d holds NaN or Inf: refusing to save a broken adapter"
                 )
             folder = root if name == DEFAULT_ADAPTER else root / name
-            save_adapter(folder, self._entry(name).adapter_config, theta, self._saved_tensors(name))
-        return root
+            save_adapter(folder, self._entry(name).adapter_config, theta, extra)
+        return root if is_main_process else None
 
     def push_to_hub(
         self,
@@ -965,6 +1013,20 @@ def _dequantize_rest(model: nn.Module, dtype: torch.dtype, *, was_quantized: boo
         model.hf_quantizer = None
     if getattr(model, "quantization_method", None) is not None:
         model.quantization_method = None
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter, gathered from every rank (a collective):
+    an FSDP2 DTensor or a DeepSpeed ZeRO-3 partitioned parameter; else ``t``."""
+    full = getattr(t, "full_tensor", None)
+    if callable(full):
+        return full()
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
+    return t
 
 
 def _name_or_path(model: nn.Module) -> str | None:
