@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -380,3 +381,25 @@ def test_cache_is_not_used_with_gradients() -> None:
         model(x, labels=x).loss.backward()
     assert state.rebuilds == 2
     assert model.theta_d.grad is not None
+
+
+def test_state_keys_and_saving_from_a_state_dict(tmp_path: Path) -> None:
+    """save_pretrained(state_dict=...) (Trainer, FSDP2) finds every adapter's tensors
+    under the keys state_key names."""
+    model = get_unilora_model(tiny_roberta(), roberta_cfg(0))
+    model.add_adapter("other", roberta_cfg(5))
+    assert model.state_key("default", "theta_d") == "theta_d"
+    assert model.state_key("other", "theta_d") == "theta_d_adapters.other"
+    key = model.state_key("other", "classifier.dense.weight")
+    assert key == "base_model.classifier.modules_to_save.other.dense.weight"
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "live")
+    model.save_pretrained(tmp_path / "from-sd", state_dict=sd)
+    assert model.save_pretrained(tmp_path / "not-main", is_main_process=False) is None
+    assert not (tmp_path / "not-main").exists()
+    for sub in ("", "other"):
+        live = ur.load_adapter(tmp_path / "live" / sub)
+        again = ur.load_adapter(tmp_path / "from-sd" / sub)
+        assert live[0] == again[0] and np.array_equal(live[1], again[1])
+        assert live[2].keys() == again[2].keys()
+        assert all(np.array_equal(live[2][k], again[2][k]) for k in live[2])

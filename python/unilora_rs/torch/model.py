@@ -195,34 +195,38 @@ class UniLoRAModel(nn.Module):
         return {name: e.config for name, e in self._adapters.items()}
 
     @property
+    def _active_entry(self) -> _Adapter:
+        return self._entry(self._require_active())
+
+    @property
     def unilora_config(self) -> UniLoRAConfig:
         """The active adapter's configuration."""
-        return self._entry(self._require_active()).config
+        return self._active_entry.config
 
     @property
     def adapter_config(self) -> AdapterConfig:
         """The active adapter's ``adapter_config.json`` contents."""
-        return self._entry(self._require_active()).adapter_config
+        return self._active_entry.adapter_config
 
     @property
     def projection(self) -> ProjectionParams:
         """The active adapter's projection constants."""
-        return self._entry(self._require_active()).projection
+        return self._active_entry.projection
 
     @property
     def saved_module_names(self) -> list[str]:
         """The active adapter's ``modules_to_save`` (qualified names)."""
-        return list(self._entry(self._require_active()).saved)
+        return list(self._active_entry.saved)
 
     @property
     def index_mode(self) -> str:
         """The active adapter's index mode."""
-        return self._entry(self._require_active()).index_mode
+        return self._active_entry.index_mode
 
     @property
     def backend(self) -> str:
         """The active adapter's kernel backend."""
-        return self._entry(self._require_active()).backend
+        return self._active_entry.backend
 
     def add_adapter(
         self,
@@ -749,7 +753,9 @@ class UniLoRAModel(nn.Module):
         for s in entry.saved:
             if tensor.startswith(s + "."):
                 return f"base_model.{s}.modules_to_save.{adapter_name}.{tensor[len(s) + 1 :]}"
-        raise MismatchError(f"adapter {adapter_name!r} has no tensor {tensor!r}")
+        raise MismatchError(
+            f"saved tensor {tensor!r} belongs to no modules_to_save of adapter {adapter_name!r}"
+        )
 
     def clear_cache(self) -> None:
         """Drops every adapter's kept ``theta_D`` (rebuilt at the next pass)."""
@@ -886,28 +892,32 @@ class UniLoRAModel(nn.Module):
             for s in entry.saved:
                 self._wrapper(s).modules_to_save[adapter_name].eval()
 
+    def checked_targets(
+        self, state: dict[str, np.ndarray], source: object
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of this model (by state-dict key, see :meth:`state_key`) that
+        ``state`` would fill; a missing key or another shape raises
+        :class:`MismatchError` naming ``source``, before anything is written."""
+        own = dict(self.named_parameters())
+        own.update(dict(self.named_buffers()))
+        for key, arr in state.items():
+            if key not in own:
+                raise MismatchError(f"{source}: saved tensor {key!r} is not in the model")
+            if tuple(arr.shape) != tuple(own[key].shape):
+                raise MismatchError(
+                    f"{source}: saved tensor {key!r} has shape {tuple(arr.shape)}, the model "
+                    f"has {tuple(own[key].shape)}"
+                )
+        return {key: own[key] for key in state}
+
     def _load_saved_tensors(
         self, entry: _Adapter, extra: dict[str, np.ndarray], source: Path
     ) -> None:
-        for tname, arr in extra.items():
-            owner = next((s for s in entry.saved if tname.startswith(s + ".")), None)
-            state = (
-                self._wrapper(owner).modules_to_save[entry.name].state_dict()
-                if owner is not None
-                else {}
-            )
-            key = tname[len(owner) + 1 :] if owner is not None else tname
-            if key not in state:
-                raise MismatchError(
-                    f"{source}: saved tensor {tname!r} is not in the base model's state dict"
-                )
-            target = state[key]
-            if tuple(arr.shape) != tuple(target.shape):
-                raise MismatchError(
-                    f"{source}: saved tensor {tname!r} has shape {tuple(arr.shape)}, the base "
-                    f"model has {tuple(target.shape)}"
-                )
-            with torch.no_grad():
+        state = {self.state_key(entry.name, name): arr for name, arr in extra.items()}
+        targets = self.checked_targets(state, source)
+        with torch.no_grad():
+            for key, arr in state.items():
+                target = targets[key]
                 target.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(target.dtype))
 
     @classmethod

@@ -83,17 +83,7 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> None
     active = wrapped.active_adapter
     state: dict[str, np.ndarray] = {wrapped.state_key(active, VECTOR_KEY): theta}
     state.update({wrapped.state_key(active, name): arr for name, arr in extra.items()})
-    own = dict(wrapped.named_parameters())
-    own.update(dict(wrapped.named_buffers()))
-    for key, arr in state.items():
-        if key not in own:
-            raise MismatchError(f"{directory}: saved tensor {key!r} is not in the model")
-        target = own[key]
-        if tuple(arr.shape) != tuple(target.shape):
-            raise MismatchError(
-                f"{directory}: saved tensor {key!r} has shape {tuple(arr.shape)}, the model "
-                f"has {tuple(target.shape)}"
-            )
+    own = wrapped.checked_targets(state, directory)
     with torch.no_grad():
         for key, arr in state.items():
             target = own[key]
