@@ -44,6 +44,7 @@ bench: build
 	$(PY) benches/bench_reconstruct.py
 	$(PY) benches/bench_merge.py
 	$(PY) benches/bench_train.py
+	$(PY) benches/bench_multi.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .ruff_cache .mypy_cache

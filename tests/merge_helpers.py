@@ -90,8 +90,10 @@ def write_adapter(
     d: int = 512,
     seed: int = 7,
     extra: dict[str, np.ndarray] | None = None,
+    projection: str = "sparse",
 ) -> tuple[AdapterConfig, np.ndarray]:
     config = AdapterConfig(
+        projection=projection,
         seed=seed,
         vector_length=d,
         rank=rank,

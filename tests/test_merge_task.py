@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import unilora_rs as ur  # noqa: E402
 from unilora_rs.datasets import LabelMap  # noqa: E402
-from unilora_rs.errors import FormatError, MismatchError  # noqa: E402
+from unilora_rs.errors import FormatError, InvalidArgumentError, MismatchError  # noqa: E402
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model  # noqa: E402
 from unilora_rs.torch.finetune import task_record  # noqa: E402
 
@@ -157,3 +157,27 @@ def test_task_naming_a_missing_tensor_is_refused(tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=r"task\.type must be one of"):
         ur.load_adapter_config(tmp_path / "adapter")
+
+
+def test_each_task_adapter_gets_its_own_head_in_one_pass(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", "60KB")
+    names = ("first", "second")
+    trained = {n: _task_adapter(base, tmp_path / n) for n in names}
+    each = ur.merge_each(base, [tmp_path / n for n in names], tmp_path / "out")
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
+    for name, result in zip(names, each.results, strict=True):
+        assert sorted(result.added) == ["classifier.bias", "classifier.weight"]
+        alone = ur.merge(base, tmp_path / name, tmp_path / "alone" / name)
+        for f in sorted(alone.out.rglob("*")):
+            if f.is_file():
+                assert (result.out / f.relative_to(alone.out)).read_bytes() == f.read_bytes()
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(result.out)
+        ).eval()
+        torch.testing.assert_close(
+            _logits(merged, ids), _logits(trained[name], ids), atol=1e-5, rtol=0
+        )
+    # Two heads cannot be averaged: a weighted merge refuses them, writing nothing.
+    with pytest.raises(InvalidArgumentError, match="one adapter only"):
+        ur.merge_weighted(base, [tmp_path / n for n in names], [0.5, 0.5], tmp_path / "w")
+    assert not (tmp_path / "w").exists()

@@ -75,12 +75,15 @@ def test_modules_to_save_are_trainable_and_saved(tmp_path: Path) -> None:
         f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
     ]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # The head is trained in the adapter's copy (PEFT's ModulesToSaveWrapper names); the
+    # base model's own head stays frozen for disable_adapter().
+    copy = "base_model.classifier.modules_to_save.default"
     assert trainable == {
         "theta_d",
-        "base_model.classifier.dense.weight",
-        "base_model.classifier.dense.bias",
-        "base_model.classifier.out_proj.weight",
-        "base_model.classifier.out_proj.bias",
+        f"{copy}.dense.weight",
+        f"{copy}.dense.bias",
+        f"{copy}.out_proj.weight",
+        f"{copy}.out_proj.bias",
     }
     labels = torch.tensor([0, 2])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -47,10 +47,13 @@ from .merging import (  # noqa: E402
     AdapterInfo,
     ExportResult,
     MergedTensor,
+    MergeEachResult,
     MergeResult,
     export_lora,
     inspect,
     merge,
+    merge_each,
+    merge_weighted,
 )
 from .peft_interop import convert_peft, export_peft  # noqa: E402
 
@@ -64,6 +67,7 @@ __all__ = [
     "FormatError",
     "InternalError",
     "InvalidArgumentError",
+    "MergeEachResult",
     "MergeResult",
     "MergedTensor",
     "MismatchError",
@@ -81,6 +85,8 @@ __all__ = [
     "load_adapter",
     "load_adapter_config",
     "merge",
+    "merge_each",
+    "merge_weighted",
     "projection",
     "reconstruct",
     "reconstruct_backward",

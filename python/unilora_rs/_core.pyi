@@ -22,6 +22,8 @@ __all__ = [
     "load_adapter",
     "map_sha256",
     "merge",
+    "merge_each",
+    "merge_weighted",
     "projection",
     "projection_params",
     "read_adapter_config",
@@ -64,6 +66,29 @@ def get_num_threads() -> int: ...
 def merge(
     base: str | os.PathLike[str],
     adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    tile_elems: int = 0,
+    fsync: bool = True,
+) -> dict[str, Any]: ...
+def merge_each(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    tile_elems: int = 0,
+    fsync: bool = True,
+) -> tuple[list[dict[str, Any]], int]: ...
+def merge_weighted(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float],
     out: str | os.PathLike[str],
     *,
     dtype: str | None = None,

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _core
 from .adapter import (
@@ -35,11 +35,14 @@ from .errors import InvalidArgumentError, UniLoraWarning
 __all__ = [
     "AdapterInfo",
     "ExportResult",
+    "MergeEachResult",
     "MergeResult",
     "MergedTensor",
     "export_lora",
     "inspect",
     "merge",
+    "merge_each",
+    "merge_weighted",
 ]
 
 PathArg = str | os.PathLike[str]
@@ -75,11 +78,25 @@ class MergeResult:
     added: list[str] = field(default_factory=list)
     #: Keys set in the output's ``config.json`` (``task.config``, ``dtype``).
     config_keys: list[str] = field(default_factory=list)
+    #: Bytes of tensor data read from the inputs (base and adapters).
+    bytes_read: int = 0
+    #: Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
+    dequantized: int = 0
 
     @property
     def merged_count(self) -> int:
         """Number of base tensors that received a LoRA update."""
         return len(self.merged)
+
+
+@dataclass(frozen=True)
+class MergeEachResult:
+    """What :func:`merge_each` did: one :class:`MergeResult` per adapter, in order."""
+
+    results: list[MergeResult]
+    #: Bytes of tensor data read: the base once, plus the adapters' saved tensors.
+    bytes_read: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -272,6 +289,29 @@ class _Progress:
             self.bar.close()
 
 
+T = TypeVar("T")
+
+
+def _with_progress(
+    show_progress: bool, call: Callable[[Callable[[int, int], None] | None], T]
+) -> tuple[T, float]:
+    """``call(progress callback or None)`` with a progress bar when asked; the result
+    and the seconds it took."""
+    progress: _Progress | None = _Progress("merge") if show_progress else None
+    t0 = time.perf_counter()
+    try:
+        out = call(progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return out, time.perf_counter() - t0
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(message, UniLoraWarning, stacklevel=3)
+
+
 def merge(
     base: PathArg,
     adapter: PathArg,
@@ -308,6 +348,12 @@ def merge(
     8-bit tensors are kept), and ``config.json``'s ``dtype`` (and ``torch_dtype`` when
     present) say so.
 
+    A base saved from a bitsandbytes model (8-bit ``weight`` + ``SCB``, or 4-bit NF4 /
+    FP4 with its quant state, nested absmax included) is dequantised: every quantized
+    weight is rebuilt in float32 as bitsandbytes does, merged if adapted, and written in
+    ``dtype`` (float32 when ``None``); the state tensors are left out and
+    ``config.json`` loses ``quantization_config``.
+
     Every adapted module must match exactly one base tensor (``<name>.weight``, else a
     unique dotted-suffix match): a missing or ambiguous target raises
     :class:`MismatchError`. The output is written to temporary files and renamed into
@@ -322,19 +368,17 @@ def merge(
     """
     base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
     dt = _dtype(dtype, allow_none=True)
-    progress: _Progress | None = _Progress("merge") if show_progress else None
-    callback: Callable[[int, int], None] | None = progress
-    t0 = time.perf_counter()
-    try:
-        raw = _core.merge(
-            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=callback
-        )
-    finally:
-        if progress is not None:
-            progress.close()
-    seconds = time.perf_counter() - t0
-    for message in raw["warnings"]:
-        warnings.warn(message, UniLoraWarning, stacklevel=2)
+    raw, seconds = _with_progress(
+        show_progress,
+        lambda cb: _core.merge(
+            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
+        ),
+    )
+    _warn(raw["warnings"])
+    return _result(raw, seconds)
+
+
+def _result(raw: dict[str, Any], seconds: float) -> MergeResult:
     return MergeResult(
         out=Path(raw["out"]),
         merged=[MergedTensor(**m) for m in raw["merged"]],
@@ -351,7 +395,79 @@ def merge(
         warnings=list(raw["warnings"]),
         added=list(raw["added"]),
         config_keys=list(raw["config_keys"]),
+        bytes_read=raw["bytes_read"],
+        dequantized=raw["dequantized"],
     )
+
+
+def _adapter_list(adapters: object) -> list[Path]:
+    if isinstance(adapters, (str, os.PathLike)) or not hasattr(adapters, "__iter__"):
+        raise InvalidArgumentError("adapters must be a list of adapter folders")
+    paths = [_path("adapter", a) for a in adapters]  # type: ignore[attr-defined]
+    if not paths:
+        raise InvalidArgumentError("adapters is empty: give at least one adapter folder")
+    return paths
+
+
+def merge_each(
+    base: PathArg,
+    adapters: list[PathArg],
+    out_dir: PathArg,
+    *,
+    dtype: str | None = None,
+    show_progress: bool = False,
+    overwrite: bool = False,
+) -> MergeEachResult:
+    """Merges each adapter alone into ``base`` in ONE pass over the base: writes
+    ``out_dir/<adapter folder name>`` (a folder for a folder base, ``<name>.safetensors``
+    for a file base) for every adapter, each byte for byte what :func:`merge` of that
+    adapter writes, while every base shard is read once (N separate merges read it N
+    times). Adapter folder names must differ. Checks, options and errors are those of
+    :func:`merge`, for every output, before anything is written.
+    """
+    base_p, out_p = _path("base", base), _path("out_dir", out_dir)
+    paths = _adapter_list(adapters)
+    dt = _dtype(dtype, allow_none=True)
+    (raws, bytes_read), seconds = _with_progress(
+        show_progress,
+        lambda cb: _core.merge_each(
+            base_p, paths, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
+        ),
+    )
+    _warn(raws[0]["warnings"] if raws else [])
+    return MergeEachResult([_result(raw, seconds) for raw in raws], bytes_read, seconds)
+
+
+def merge_weighted(
+    base: PathArg,
+    adapters: list[PathArg],
+    weights: list[float],
+    out: PathArg,
+    *,
+    dtype: str | None = None,
+    show_progress: bool = False,
+    overwrite: bool = False,
+) -> MergeResult:
+    """Merges several adapters into one checkpoint: every adapted weight becomes
+    ``W + sum_i w_i * (alpha_i / r_i) * B_i @ A_i`` (a linear merge of the updates,
+    streaming, torch-free), in float32 with a fixed operation order (docs/SPEC.md),
+    rounded once. Adapters may adapt different modules. Their ``modules_to_save``
+    tensors (heads) and task records must not collide: a tensor replaced or added by
+    two adapters, or a ``config.json`` key they set differently, raises
+    :class:`InvalidArgumentError` (a weighted merge does not average heads).
+    """
+    base_p, out_p = _path("base", base), _path("out", out)
+    paths = _adapter_list(adapters)
+    ws = [float(w) for w in weights]
+    dt = _dtype(dtype, allow_none=True)
+    raw, seconds = _with_progress(
+        show_progress,
+        lambda cb: _core.merge_weighted(
+            base_p, paths, ws, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
+        ),
+    )
+    _warn(raw["warnings"])
+    return _result(raw, seconds)
 
 
 def export_lora(

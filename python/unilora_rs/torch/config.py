@@ -14,6 +14,7 @@ from torch import nn
 from ..adapter import PROJECTIONS, AdapterConfig, ProjectionMap
 from ..errors import InvalidArgumentError
 from .kernels import BACKENDS, INDEX_MODES
+from .layers import plain_named_modules
 from .params import GENERATED_PROJECTIONS
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "find_modules_to_save",
     "find_targets",
     "name_matches",
+    "plain_named_modules",
     "target_rule",
 ]
 
@@ -267,7 +269,10 @@ def module_kind(module: nn.Module) -> str | None:
 
 
 def module_features(module: nn.Module, kind: str) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear / Conv1D layer."""
+    """``(in_features, out_features)`` of a Linear / Conv1D layer (a quantized Linear's
+    packed weight has another shape: its ``in_features`` / ``out_features`` count)."""
+    if kind == "linear" and isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features)
     weight = module.weight  # type: ignore[union-attr]
     if kind == "conv1d":
         return int(weight.shape[0]), int(weight.shape[1])
@@ -279,7 +284,7 @@ def find_modules_to_save(model: nn.Module, config: UniLoRAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
     found: list[str] = []
-    for name, _ in model.named_modules():
+    for name, _ in plain_named_modules(model):
         if not name or any(name.startswith(f + ".") for f in found):
             continue
         if name_matches(name, config.modules_to_save):
@@ -295,7 +300,13 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     out = get_out() if callable(get_out) else None
     if out is None:
         return set()
-    return {name for name, mod in model.named_modules() if mod is out}
+    # A wrapped output layer counts as the module it wraps.
+    inner = {id(out)} | {
+        id(m)
+        for m in (getattr(out, "base_layer", None), getattr(out, "original_module", None))
+        if m is not None
+    }
+    return {name for name, mod in plain_named_modules(model) if id(mod) in inner}
 
 
 def target_rule(model: nn.Module, config: UniLoRAConfig) -> list[str] | str:
@@ -322,11 +333,13 @@ def find_targets(
     """``(qualified name, module, kind)`` of every layer to adapt, in ``named_modules`` order.
 
     Modules inside ``saved`` (the modules_to_save) are never adapted; a module that matches
-    the rules but is not a Linear / Conv1D raises :class:`InvalidArgumentError`.
+    the rules but is not a Linear / Conv1D raises :class:`InvalidArgumentError`. Names
+    and modules are those of the model without adapters (:func:`plain_named_modules`),
+    so that other adapters of the model change nothing.
     """
     rule = target_rule(model, config)
     outputs = _output_layer_names(model) if rule == ALL_LINEAR else set()
-    for name, module in model.named_modules():
+    for name, module in plain_named_modules(model):
         if not name or name in outputs:
             continue
         if any(name == s or name.startswith(s + ".") for s in saved):

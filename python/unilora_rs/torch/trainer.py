@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..adapter import CONFIG_NAME, VECTOR_KEY, WEIGHTS_NAME, load_adapter
 from ..errors import MismatchError
 from .model import UniLoRAModel
 
@@ -62,8 +62,9 @@ def _as_unilora(model: Any) -> UniLoRAModel | None:
 
 
 def restore_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> None:
-    """Loads ``theta_d`` and the ``modules_to_save`` tensors of an adapter folder into a
-    (possibly wrapped or FSDP2-sharded) :class:`UniLoRAModel`, in place.
+    """Loads ``theta_d`` and the ``modules_to_save`` tensors of an adapter folder into the
+    active adapter of a (possibly wrapped or FSDP2-sharded) :class:`UniLoRAModel`, in
+    place.
 
     The folder's fingerprint is verified on load and must equal the model's: a changed
     seed, ``d`` or module list raises :class:`~unilora_rs.MismatchError` and loads
@@ -79,19 +80,10 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> None
             f"{directory}: adapter fingerprint {cfg.fingerprint} differs from the model's "
             f"{wrapped.adapter_config.fingerprint} (seed, d or the module list changed)"
         )
-    state: dict[str, np.ndarray] = {"theta_d": theta}
-    state.update({f"base_model.{name}": arr for name, arr in extra.items()})
-    own = dict(wrapped.named_parameters())
-    own.update(dict(wrapped.named_buffers()))
-    for key, arr in state.items():
-        if key not in own:
-            raise MismatchError(f"{directory}: saved tensor {key!r} is not in the model")
-        target = own[key]
-        if tuple(arr.shape) != tuple(target.shape):
-            raise MismatchError(
-                f"{directory}: saved tensor {key!r} has shape {tuple(arr.shape)}, the model "
-                f"has {tuple(target.shape)}"
-            )
+    active = wrapped.active_adapter
+    state: dict[str, np.ndarray] = {wrapped.state_key(active, VECTOR_KEY): theta}
+    state.update({wrapped.state_key(active, name): arr for name, arr in extra.items()})
+    own = wrapped.checked_targets(state, directory)
     with torch.no_grad():
         for key, arr in state.items():
             target = own[key]
@@ -107,7 +99,7 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> None
                 target.to_local().copy_(value.to_local())
             else:
                 target.copy_(value.to(target.device))
-    wrapped._state.clear()
+    wrapped.clear_cache()
 
 
 class UniLoRATrainerMixin:

@@ -26,7 +26,7 @@ mod _core {
     };
 
     #[pymodule_export]
-    use crate::merge::{export_lora, merge, safetensors_header};
+    use crate::merge::{export_lora, merge, merge_each, merge_weighted, safetensors_header};
 
     #[pymodule_export]
     use crate::peft::{commit_folder, export_peft, staging_folder};

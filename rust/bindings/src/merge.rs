@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use unilora_core::control::{Control, run_watched, wait_a_poll};
-use unilora_core::merge::MergeOptions;
+use unilora_core::merge::{MergeOptions, MergeReport, MultiMergeOptions};
 use unilora_core::safetensors::{Dtype, Header};
 use unilora_core::{CoreError, ExportOptions};
 
@@ -58,8 +58,8 @@ fn run_with_signals<T: Send>(
 ///
 /// Returns a dict with the merged tensors (`merged`: list of dicts with `module`,
 /// `tensor`, `file`), `replaced`, `added`, `config_keys`, `cast`, `copied`, `tensors`,
-/// `shards`, `other_files`, `left_out`, `warnings`, `bytes_written` and
-/// `largest_tensor_bytes`.
+/// `shards`, `other_files`, `left_out`, `warnings`, `bytes_written`,
+/// `largest_tensor_bytes`, `bytes_read` and `dequantized`.
 #[pyfunction]
 #[pyo3(signature = (base, adapter, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
 #[allow(clippy::too_many_arguments)]
@@ -83,8 +83,13 @@ pub fn merge<'py>(
     let report = run_with_signals(py, &control, progress.as_ref(), || {
         unilora_core::merge(&opts, &control)
     })?;
+    report_dict(py, &report)
+}
+
+/// A merge report as a dict (the keys [`merge`] documents).
+fn report_dict<'py>(py: Python<'py>, report: &MergeReport) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("out", report.out)?;
+    d.set_item("out", &report.out)?;
     let merged = PyList::empty(py);
     for m in &report.merged {
         let item = PyDict::new(py);
@@ -94,19 +99,94 @@ pub fn merge<'py>(
         merged.append(item)?;
     }
     d.set_item("merged", merged)?;
-    d.set_item("replaced", report.replaced)?;
-    d.set_item("added", report.added)?;
-    d.set_item("config_keys", report.config_keys)?;
+    d.set_item("replaced", &report.replaced)?;
+    d.set_item("added", &report.added)?;
+    d.set_item("config_keys", &report.config_keys)?;
     d.set_item("cast", report.cast)?;
     d.set_item("copied", report.copied)?;
     d.set_item("tensors", report.tensors)?;
-    d.set_item("shards", report.shards)?;
-    d.set_item("other_files", report.other_files)?;
-    d.set_item("left_out", report.left_out)?;
-    d.set_item("warnings", report.warnings)?;
+    d.set_item("shards", &report.shards)?;
+    d.set_item("other_files", &report.other_files)?;
+    d.set_item("left_out", &report.left_out)?;
+    d.set_item("warnings", &report.warnings)?;
     d.set_item("bytes_written", report.bytes_written)?;
     d.set_item("largest_tensor_bytes", report.largest_tensor_bytes)?;
+    d.set_item("bytes_read", report.bytes_read)?;
+    d.set_item("dequantized", report.dequantized)?;
     Ok(d)
+}
+
+fn multi_options(
+    base: PathBuf,
+    adapters: Vec<PathBuf>,
+    dtype: Option<&str>,
+    overwrite: bool,
+    tile_elems: usize,
+    fsync: bool,
+) -> PyResult<MultiMergeOptions> {
+    let mut opts = MultiMergeOptions::new(base, adapters);
+    opts.dtype = parse_dtype(dtype)?;
+    opts.overwrite = overwrite;
+    opts.tile_elems = tile_elems;
+    opts.fsync = fsync;
+    Ok(opts)
+}
+
+/// Merges each adapter alone into the base in one pass over it, writing
+/// `out_dir/<adapter folder name>` (plus `.safetensors` for a file base) for each.
+///
+/// Returns `(reports, bytes_read)`: one dict per adapter as [`merge`] returns, and the
+/// bytes of tensor data read from the base (once) and the adapters.
+#[pyfunction]
+#[pyo3(signature = (base, adapters, out_dir, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
+#[allow(clippy::too_many_arguments)]
+pub fn merge_each<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    adapters: Vec<PathBuf>,
+    out_dir: PathBuf,
+    dtype: Option<&str>,
+    overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
+    tile_elems: usize,
+    fsync: bool,
+) -> PyResult<(Bound<'py, PyList>, u64)> {
+    let opts = multi_options(base, adapters, dtype, overwrite, tile_elems, fsync)?;
+    let control = Control::new();
+    let report = run_with_signals(py, &control, progress.as_ref(), || {
+        unilora_core::merge_each(&opts, &out_dir, &control)
+    })?;
+    let list = PyList::empty(py);
+    for r in &report.reports {
+        list.append(report_dict(py, r)?)?;
+    }
+    Ok((list, report.bytes_read))
+}
+
+/// Merges several adapters into one checkpoint `out`: `W + sum_i w_i * dW_i`.
+///
+/// Returns a dict as [`merge`] does.
+#[pyfunction]
+#[pyo3(signature = (base, adapters, weights, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
+#[allow(clippy::too_many_arguments)]
+pub fn merge_weighted<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    adapters: Vec<PathBuf>,
+    weights: Vec<f64>,
+    out: PathBuf,
+    dtype: Option<&str>,
+    overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
+    tile_elems: usize,
+    fsync: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = multi_options(base, adapters, dtype, overwrite, tile_elems, fsync)?;
+    let control = Control::new();
+    let report = run_with_signals(py, &control, progress.as_ref(), || {
+        unilora_core::merge_weighted(&opts, &weights, &out, &control)
+    })?;
+    report_dict(py, &report)
 }
 
 /// Writes the exact PEFT LoRA equivalent of the adapter into the folder `out`.

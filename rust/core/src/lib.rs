@@ -17,6 +17,8 @@
 //!   record of what the trained model is for (merged config keys, new head tensors).
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
 //! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
+//!   (also of several adapters: one output each in one pass over the base, or their
+//!   weighted sum; bitsandbytes-quantized bases are dequantised)
 //!   ([`control`]: its progress, cancellation and the loop that watches it).
 //! * [`export`]: exact export as a standard PEFT LoRA adapter; [`export_peft`]: export
 //!   in the format of PEFT's Uni-LoRA tuner (saved indices and scales).
@@ -50,7 +52,10 @@ pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, export_lora};
 pub use export_peft::{PeftExportReport, export_peft};
 pub use fingerprint::fingerprint;
-pub use merge::{Control, MergeOptions, MergeReport, merge};
+pub use merge::{
+    Control, EachReport, MergeOptions, MergeReport, MultiMergeOptions, merge, merge_each,
+    merge_weighted,
+};
 pub use projection::{Projection, SPEC_VERSION};
 pub use projector::{ExplicitMap, ProjectionKind, Projector};
 pub use reconstruct::{

@@ -455,6 +455,24 @@ impl Header {
     pub fn position(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
     }
+
+    /// The same header with another tensor list (a view: `raw` is kept as read, and
+    /// the entries are not checked against the file).
+    pub(crate) fn with_tensors(&self, tensors: Vec<TensorInfo>) -> Header {
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(k, t)| (t.name.clone(), k))
+            .collect();
+        Header {
+            path: self.path.clone(),
+            raw: self.raw.clone(),
+            metadata: self.metadata.clone(),
+            tensors,
+            file_len: self.file_len,
+            by_name,
+        }
+    }
 }
 
 fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorInfo, String> {

@@ -188,7 +188,8 @@ pub(super) fn check_index(shards: &[Shard], index_path: &Path, value: &Value) ->
     let by_rel: HashMap<&Path, &Shard> = shards.iter().map(|s| (s.rel.as_path(), s)).collect();
     for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
         let rel = fsutil::check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
-        if by_rel[rel.as_path()].header.get(tensor).is_none() {
+        let file = by_rel[rel.as_path()];
+        if file.header.get(tensor).is_none() && !file.quant.dropped.contains(tensor) {
             return Err(CoreError::format(
                 index_path,
                 format!("weight_map maps {tensor:?} to {shard} but that file has no such tensor"),

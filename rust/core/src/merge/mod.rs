@@ -24,6 +24,11 @@
 //! (`targets.rs`), plan each shard (`plan.rs`), write each shard and finish the folder
 //! (`write.rs`, with the fused row kernel in `rows.rs`).
 //!
+//! Several adapters: [`merge_weighted`] writes one checkpoint with `W + sum_i w_i dW_i`
+//! (the same steps, with several terms per weight), and [`merge_each`] (`each.rs`)
+//! writes one merged checkpoint per adapter in one pass over the base: each tile of a
+//! base tensor is read once and written to every output.
+//!
 //! The work is streamed: each output file is written to a temporary sibling, header
 //! first (the input header byte for byte when no dtype changes), then tensors at their
 //! offsets. Untouched tensors are copied as raw bytes (in the kernel where possible);
@@ -36,24 +41,28 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::adapter::Adapter;
 pub use crate::control::Control;
 use crate::error::{CoreError, Result};
 use crate::fsutil::{self, TempPath};
-use crate::safetensors::{Dtype, Header, TensorInfo};
+use crate::safetensors::{Dtype, Header, TensorInfo, read_exact_at};
 
+mod each;
 mod folder;
 mod plan;
+mod quant;
 mod rows;
 mod targets;
 mod write;
 
+pub use each::{EachReport, merge_each};
 use folder::{Selection, check_index, select_weights};
 use plan::plan_shard;
-use rows::prepare_factors;
+use rows::{Prepared, prepare_factors};
 use targets::resolve_targets;
 use write::{Writer, finish_folder};
 
@@ -121,6 +130,51 @@ impl MergeOptions {
     }
 }
 
+/// A merge of several adapters into one base: [`merge_each`] (one output per adapter)
+/// or [`merge_weighted`] (one output, a weighted sum of their updates).
+#[derive(Clone, Debug)]
+pub struct MultiMergeOptions {
+    /// A `.safetensors` file, or a model folder.
+    pub base: PathBuf,
+    /// The adapter directories.
+    pub adapters: Vec<PathBuf>,
+    /// As in [`MergeOptions`].
+    pub dtype: Option<Dtype>,
+    /// As in [`MergeOptions`], for every output.
+    pub overwrite: bool,
+    /// As in [`MergeOptions`].
+    pub tile_elems: usize,
+    /// As in [`MergeOptions`].
+    pub fsync: bool,
+}
+
+impl MultiMergeOptions {
+    /// Options with the defaults of [`MergeOptions::new`].
+    pub fn new(base: impl Into<PathBuf>, adapters: Vec<PathBuf>) -> Self {
+        MultiMergeOptions {
+            base: base.into(),
+            adapters,
+            dtype: None,
+            overwrite: false,
+            tile_elems: 0,
+            fsync: true,
+        }
+    }
+
+    /// The options of merging adapter `k` alone into `out`.
+    fn single(&self, k: usize, out: PathBuf) -> MergeOptions {
+        MergeOptions {
+            base: self.base.clone(),
+            adapter: self.adapters[k].clone(),
+            out,
+            dtype: self.dtype,
+            overwrite: self.overwrite,
+            tile_elems: self.tile_elems,
+            fsync: self.fsync,
+        }
+    }
+}
+
 /// One adapted module and the base tensor it was merged into.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergedTensor {
@@ -166,14 +220,48 @@ pub struct MergeReport {
     pub bytes_written: u64,
     /// Size in bytes of the largest base tensor.
     pub largest_tensor_bytes: u64,
+    /// Bytes of tensor data read from the inputs (base and adapters).
+    pub bytes_read: u64,
+    /// Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
+    pub dequantized: usize,
 }
 
-/// An input safetensors file.
+/// An input safetensors file. `header` is the merge's view of it: a quantized
+/// weight is a float32 tensor of its real shape, its state tensors are gone
+/// (`quant.rs`).
 struct Shard {
     rel: PathBuf,
     path: PathBuf,
     file: File,
     header: Header,
+    quant: quant::Quantized,
+}
+
+impl Shard {
+    /// Fills `buf` with elements `e0 ..` of tensor `t` (as many as fit), in the view's
+    /// dtype: raw bytes, or float32 dequantised from a quantized weight. Returns the
+    /// bytes read from the file.
+    fn read_elems(&self, t: usize, e0: u64, buf: &mut [u8], raw: &mut Vec<u8>) -> Result<u64> {
+        let info = &self.header.tensors[t];
+        let size = info.dtype.bits() / 8;
+        match self.quant.sources.get(&t) {
+            Some(source) => source.read(
+                &self.file,
+                &self.path,
+                e0,
+                buf.len() / size as usize,
+                raw,
+                buf,
+            ),
+            None => read_exact_at(
+                &self.file,
+                buf,
+                self.header.data_start() + info.begin + e0 * size,
+            )
+            .map(|()| buf.len() as u64)
+            .map_err(|e| CoreError::io(&self.path, e)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -209,9 +297,8 @@ struct Plan {
     work: Vec<Work>,
 }
 
-/// The opened inputs of a merge.
+/// The opened base of a merge.
 struct Inputs {
-    adapter: Adapter,
     is_dir: bool,
     shards: Vec<Shard>,
     /// The shard index (path and parsed value), when the base folder uses one.
@@ -221,14 +308,33 @@ struct Inputs {
     warning: Option<String>,
 }
 
-/// What happens to the base tensors that the adapter touches.
+/// One term of a merged weight: the factors `prepared` (an index into the prepared
+/// modules of all adapters, in order) times `coef`.
+#[derive(Clone, Copy, Debug)]
+struct Term {
+    prepared: usize,
+    coef: f32,
+}
+
+/// A `modules_to_save` tensor of adapter `adapter` (an index into the adapters).
+#[derive(Clone, Copy)]
+struct Extra<'a> {
+    adapter: usize,
+    info: &'a TensorInfo,
+}
+
+/// What happens to the base tensors that the adapters touch.
 struct Targets<'a> {
     actions: HashMap<(usize, usize), Action>,
+    /// The terms of each merged weight ([`Action::Merge`] indexes them).
+    terms: Vec<Vec<Term>>,
     merged: Vec<MergedTensor>,
     replaced: Vec<String>,
-    extras: Vec<&'a TensorInfo>,
+    extras: Vec<Extra<'a>>,
     /// Extras (indices into `extras`) that the base lacks, appended to the last shard.
     added: Vec<usize>,
+    /// Keys to set in the output's `config.json` (the adapters' `task.config`).
+    config: Map<String, Value>,
 }
 
 /// Merges the adapter into the base checkpoint (see the module docs).
@@ -239,56 +345,87 @@ struct Targets<'a> {
 /// mismatch, a corrupt file, an unsafe shard name, an output that overlaps an input,
 /// or an existing output without `overwrite` is an error, and nothing is written.
 pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
-    check_options(opts)?;
-    let inputs = open_inputs(opts)?;
-    let targets = resolve_targets(&inputs)?;
-    let mut report = MergeReport {
-        out: opts.out.clone(),
-        merged: targets.merged.clone(),
-        replaced: targets.replaced.clone(),
-        added: targets
-            .added
-            .iter()
-            .map(|&k| targets.extras[k].name.clone())
-            .collect(),
-        left_out: inputs.left_out.iter().map(|p| rel_string(p)).collect(),
-        warnings: inputs.warning.iter().cloned().collect(),
-        ..Default::default()
-    };
-    let mut plans = Vec::with_capacity(inputs.shards.len());
-    let last = inputs.shards.len() - 1;
-    for (s, shard) in inputs.shards.iter().enumerate() {
-        let added: &[usize] = if s == last { &targets.added } else { &[] };
-        let new = added
-            .iter()
-            .map(|&k| (k, targets.extras[k]))
-            .collect::<Vec<_>>();
-        plans.push(plan_shard(
-            s,
-            shard,
-            &targets.actions,
-            &new,
-            opts,
-            &mut report,
-        )?);
+    check_options(opts, std::slice::from_ref(&opts.adapter))?;
+    let adapters = [Adapter::open(&opts.adapter)?];
+    let inputs = open_inputs(&opts.base)?;
+    merge_into(opts, &inputs, &adapters, &[1.0], control)
+}
+
+/// Merges several adapters into one checkpoint `out`: every adapted weight becomes
+/// `W + sum_i w_i * (alpha_i / r_i) * B_i @ A_i` (a linear merge of the updates, as
+/// mergekit's linear method does for whole weights, streaming). Element by element,
+/// in float32 with each operation rounded and no fused multiply-add:
+///
+/// ```text
+/// c_i = float32(w_i) * float32(alpha_i / r_i)
+/// w = float32(W);  for i in adapter order: w = w + c_i * acc_i;  W' = round(w)
+/// ```
+///
+/// (`acc_i` as in a single merge), so one adapter with weight 1 gives the bits of
+/// [`merge`]. Adapters may adapt different modules. Their `modules_to_save` tensors
+/// and task records must not overlap: a base tensor replaced, or a new tensor added,
+/// by two adapters, or a `config.json` key two adapters set to different values, is an
+/// error (a weighted merge does not average heads).
+pub fn merge_weighted(
+    opts: &MultiMergeOptions,
+    weights: &[f64],
+    out: &Path,
+    control: &Control,
+) -> Result<MergeReport> {
+    if weights.len() != opts.adapters.len() {
+        return Err(CoreError::InvalidArgument(format!(
+            "{} weights for {} adapters; give one weight per adapter",
+            weights.len(),
+            opts.adapters.len()
+        )));
     }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(CoreError::InvalidArgument(format!(
+            "weights must be finite numbers, got {w}"
+        )));
+    }
+    let single = opts.single(0, out.to_path_buf());
+    check_options(&single, &opts.adapters)?;
+    let (adapters, inputs) = open_all(opts)?;
+    let coefs: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+    merge_into(&single, &inputs, &adapters, &coefs, control)
+}
+
+/// Opens every adapter of `opts` (at least one) and the base.
+fn open_all(opts: &MultiMergeOptions) -> Result<(Vec<Adapter>, Inputs)> {
+    if opts.adapters.is_empty() {
+        return Err(CoreError::InvalidArgument("no adapter to merge".into()));
+    }
+    let adapters = opts
+        .adapters
+        .iter()
+        .map(|p| Adapter::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((adapters, open_inputs(&opts.base)?))
+}
+
+/// The steps of a merge into one output, for one adapter (weight 1) or several.
+fn merge_into(
+    opts: &MergeOptions,
+    inputs: &Inputs,
+    adapters: &[Adapter],
+    weights: &[f32],
+    control: &Control,
+) -> Result<MergeReport> {
+    let targets = resolve_targets(inputs, adapters, weights)?;
+    let mut report = new_report(opts, inputs, &targets);
+    let plans = plan_shards(opts, inputs, &targets, &mut report)?;
     control.set_total(plans.iter().map(|p| p.data_len).sum());
-    let prepared = prepare_factors(&inputs.adapter)?;
-    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-    }
-    let staging = if inputs.is_dir {
-        TempPath::new_folder(&opts.out, OUTPUT_KIND)?
-    } else {
-        TempPath::new(&opts.out, "tmp")?
-    };
+    let prepared = prepare_all(adapters)?;
+    let staging = stage(opts, inputs.is_dir)?;
+    let read = AtomicU64::new(0);
     let writer = Writer {
         opts,
-        adapter: &inputs.adapter,
+        adapters,
         extras: &targets.extras,
-        prepared: &prepared,
-        scale: inputs.adapter.config.scaling(),
+        terms: &terms_of(&targets, &prepared),
         control,
+        read: &read,
     };
     for (shard, plan) in inputs.shards.iter().zip(&plans) {
         if control.is_cancelled() {
@@ -298,21 +435,91 @@ pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
         report.shards.push(rel_string(&shard.rel));
     }
     if inputs.is_dir && !control.is_cancelled() {
-        finish_folder(opts, &inputs, &targets, &plans, staging.path(), &mut report)?;
+        finish_folder(opts, inputs, &targets, &plans, staging.path(), &mut report)?;
     }
     if control.is_cancelled() {
         return Err(CoreError::Interrupted);
     }
+    report.bytes_read = read.load(Ordering::Relaxed);
     staging.commit(opts.overwrite)?;
     Ok(report)
 }
 
+/// The report of a merge before anything is written.
+fn new_report(opts: &MergeOptions, inputs: &Inputs, targets: &Targets<'_>) -> MergeReport {
+    MergeReport {
+        out: opts.out.clone(),
+        merged: targets.merged.clone(),
+        replaced: targets.replaced.clone(),
+        added: targets
+            .added
+            .iter()
+            .map(|&k| targets.extras[k].info.name.clone())
+            .collect(),
+        left_out: inputs.left_out.iter().map(|p| rel_string(p)).collect(),
+        warnings: inputs.warning.iter().cloned().collect(),
+        ..Default::default()
+    }
+}
+
+/// The plan of every shard (the added tensors go to the last one).
+fn plan_shards(
+    opts: &MergeOptions,
+    inputs: &Inputs,
+    targets: &Targets<'_>,
+    report: &mut MergeReport,
+) -> Result<Vec<Plan>> {
+    let mut plans = Vec::with_capacity(inputs.shards.len());
+    let last = inputs.shards.len() - 1;
+    for (s, shard) in inputs.shards.iter().enumerate() {
+        let added: &[usize] = if s == last { &targets.added } else { &[] };
+        let new = added
+            .iter()
+            .map(|&k| (k, targets.extras[k].info))
+            .collect::<Vec<_>>();
+        plans.push(plan_shard(s, shard, &targets.actions, &new, opts, report)?);
+    }
+    Ok(plans)
+}
+
+/// The prepared factors of every module of every adapter, in order.
+fn prepare_all(adapters: &[Adapter]) -> Result<Vec<Prepared>> {
+    let mut all = Vec::new();
+    for adapter in adapters {
+        all.extend(prepare_factors(adapter)?);
+    }
+    Ok(all)
+}
+
+/// The terms of each merged weight with their factors.
+fn terms_of<'p>(targets: &Targets<'_>, prepared: &'p [Prepared]) -> Vec<Vec<rows::Term<'p>>> {
+    targets
+        .terms
+        .iter()
+        .map(|ts| ts.iter().map(|t| (&prepared[t.prepared], t.coef)).collect())
+        .collect()
+}
+
+/// The temporary output next to `opts.out` (its parent folder created).
+fn stage(opts: &MergeOptions, is_dir: bool) -> Result<TempPath> {
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    if is_dir {
+        TempPath::new_folder(&opts.out, OUTPUT_KIND)
+    } else {
+        TempPath::new(&opts.out, "tmp")
+    }
+}
+
 // ------------------------------------------------------------------ check the options
 
-fn check_options(opts: &MergeOptions) -> Result<()> {
+fn check_options(opts: &MergeOptions, adapters: &[PathBuf]) -> Result<()> {
     fs::metadata(&opts.base).map_err(|e| CoreError::io(&opts.base, e))?;
     fsutil::check_disjoint(&opts.out, &opts.base, "base")?;
-    fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
+    for adapter in adapters {
+        fsutil::check_disjoint(&opts.out, adapter, "adapter")?;
+    }
     let folder = opts.base.is_dir();
     fsutil::check_output(&opts.out, opts.overwrite, folder.then_some(OUTPUT_KIND))?;
     match opts.dtype {
@@ -325,14 +532,12 @@ fn check_options(opts: &MergeOptions) -> Result<()> {
 
 // ------------------------------------------------------------------ open the inputs
 
-fn open_inputs(opts: &MergeOptions) -> Result<Inputs> {
-    let adapter = Adapter::open(&opts.adapter)?;
-    let is_dir = opts.base.is_dir();
+fn open_inputs(base: &Path) -> Result<Inputs> {
+    let is_dir = base.is_dir();
     let selection = if is_dir {
-        select_weights(&opts.base)?
+        select_weights(base)?
     } else {
-        let name = opts
-            .base
+        let name = base
             .file_name()
             .map_or_else(|| PathBuf::from(SINGLE_NAME), PathBuf::from);
         Selection {
@@ -343,23 +548,24 @@ fn open_inputs(opts: &MergeOptions) -> Result<Inputs> {
     let mut shards = Vec::with_capacity(selection.files.len());
     for rel in selection.files {
         let path = if is_dir {
-            opts.base.join(&rel)
+            base.join(&rel)
         } else {
-            opts.base.clone()
+            base.to_path_buf()
         };
         let (file, header) = Header::read(&path)?;
+        let (header, quant) = quant::dequantized_view(&file, &header)?;
         shards.push(Shard {
             rel,
             path,
             file,
             header,
+            quant,
         });
     }
     if let Some((index_path, value)) = &selection.index {
         check_index(&shards, index_path, value)?;
     }
     Ok(Inputs {
-        adapter,
         is_dir,
         shards,
         index: selection.index,

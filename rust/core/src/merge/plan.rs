@@ -24,7 +24,7 @@ pub(super) fn plan_shard(
         _ => dtype,
     };
     let dtypes: Vec<Dtype> = tensors.iter().map(|t| out_dtype(t.dtype)).collect();
-    let same = dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype);
+    let same = dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) && !shard.quant.any();
     let (header, offsets) = if same && added.is_empty() {
         let offsets = tensors.iter().map(|t| (t.begin, t.end)).collect();
         (shard.header.raw.clone(), offsets)
@@ -46,9 +46,11 @@ pub(super) fn plan_shard(
     };
     for (t, info) in tensors.iter().enumerate() {
         report.largest_tensor_bytes = report.largest_tensor_bytes.max(info.nbytes());
+        let quantized = shard.quant.sources.contains_key(&t);
+        report.dequantized += usize::from(quantized);
         let action = match actions.get(&(s, t)) {
             Some(a) => *a,
-            None if dtypes[t] != info.dtype => Action::Cast,
+            None if dtypes[t] != info.dtype || quantized => Action::Cast,
             None => Action::Copy,
         };
         let out = OutTensor {

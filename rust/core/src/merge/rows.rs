@@ -20,14 +20,82 @@ pub(super) fn prepare_factors(adapter: &Adapter) -> Result<Vec<Prepared>> {
 }
 
 /// A tile of full rows of one weight: `input` holds them in dtype `src`, the first being
-/// row `row0`; `output` receives the merged rows in dtype `dst`; `s` is the scaling.
+/// row `row0`; `output` receives the merged rows in dtype `dst`.
 pub(super) struct Rows<'a> {
     pub(super) input: &'a [u8],
     pub(super) src: Dtype,
     pub(super) output: &'a mut [u8],
     pub(super) dst: Dtype,
     pub(super) row0: usize,
-    pub(super) s: f32,
+}
+
+/// One update of a weight: a module's factors and the coefficient `c` of `c * B @ A`
+/// (the scaling `alpha / r`, times the adapter's weight in a weighted merge).
+pub(super) type Term<'a> = (&'a Prepared, f32);
+
+/// Merges a tile of full rows (see [`Rows`]) with every term, in order: each element is
+/// decoded, then `w = w + c * acc` for each term (`acc` the term's `sum_k B A` in
+/// float32), then encoded. All terms belong to the same weight (same `cols`). The AVX2
+/// build is used where the CPU has it; both builds perform the same IEEE operations in
+/// the same order (no fused multiply-add), so their results are identical.
+pub(super) fn merge_rows(terms: &[Term<'_>], rows: Rows<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { merge_rows_avx2(terms, rows) };
+    }
+    merge_rows_body(terms, rows);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn merge_rows_avx2(terms: &[Term<'_>], rows: Rows<'_>) {
+    merge_rows_body(terms, rows);
+}
+
+/// The kernel: chunks of 64 columns that stay in registers / L1.
+#[inline(always)]
+fn merge_rows_body(terms: &[Term<'_>], rows: Rows<'_>) {
+    let Rows {
+        input,
+        src,
+        output,
+        dst,
+        row0,
+    } = rows;
+    const CHUNK: usize = 64;
+    let Some(cols) = terms.first().map(|t| t.0.cols) else {
+        return;
+    };
+    let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
+    let mut w = [0f32; CHUNK];
+    for (i, (in_row, out_row)) in input
+        .chunks_exact(cols * isz)
+        .zip(output.chunks_exact_mut(cols * osz))
+        .enumerate()
+    {
+        let mut j0 = 0;
+        while j0 < cols {
+            let n = CHUNK.min(cols - j0);
+            convert::decode_unchecked(src, &in_row[j0 * isz..][..n * isz], &mut w[..n]);
+            for &(prep, s) in terms {
+                let r = prep.r;
+                let coef = &prep.coef[(row0 + i) * r..][..r];
+                let mut acc = [0f32; CHUNK];
+                for (k, &c) in coef.iter().enumerate() {
+                    let mk = &prep.m[k * cols + j0..][..n];
+                    for (a, &y) in acc[..n].iter_mut().zip(mk) {
+                        *a += c * y;
+                    }
+                }
+                for (x, &a) in w[..n].iter_mut().zip(&acc[..n]) {
+                    *x += s * a;
+                }
+            }
+            convert::encode_unchecked(dst, &w[..n], &mut out_row[j0 * osz..][..n * osz]);
+            j0 += n;
+        }
+    }
 }
 
 /// A module's factors arranged for row-wise merging: output row `t` of the weight is
@@ -70,65 +138,6 @@ impl Prepared {
                     r,
                     cols: out_f,
                 }
-            }
-        }
-    }
-
-    /// Merges a tile of full rows (see [`Rows`]): decodes them, adds `s * (coef @ m)`
-    /// and encodes them, in chunks of 64 columns that stay in registers / L1. The AVX2
-    /// build is used where the CPU has it; both builds perform the same IEEE operations
-    /// in the same order (no fused multiply-add), so their results are identical.
-    pub(super) fn merge_rows(&self, rows: Rows<'_>) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { self.merge_rows_avx2(rows) };
-        }
-        self.merge_rows_body(rows);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn merge_rows_avx2(&self, rows: Rows<'_>) {
-        self.merge_rows_body(rows);
-    }
-
-    #[inline(always)]
-    fn merge_rows_body(&self, rows: Rows<'_>) {
-        let Rows {
-            input,
-            src,
-            output,
-            dst,
-            row0,
-            s,
-        } = rows;
-        const CHUNK: usize = 64;
-        let (cols, r) = (self.cols, self.r);
-        let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
-        let mut w = [0f32; CHUNK];
-        for (i, (in_row, out_row)) in input
-            .chunks_exact(cols * isz)
-            .zip(output.chunks_exact_mut(cols * osz))
-            .enumerate()
-        {
-            let coef = &self.coef[(row0 + i) * r..][..r];
-            let mut j0 = 0;
-            while j0 < cols {
-                let n = CHUNK.min(cols - j0);
-                let mut acc = [0f32; CHUNK];
-                for (k, &c) in coef.iter().enumerate() {
-                    let mk = &self.m[k * cols + j0..][..n];
-                    for (a, &y) in acc[..n].iter_mut().zip(mk) {
-                        *a += c * y;
-                    }
-                }
-                convert::decode_unchecked(src, &in_row[j0 * isz..][..n * isz], &mut w[..n]);
-                for (x, &a) in w[..n].iter_mut().zip(&acc[..n]) {
-                    *x += s * a;
-                }
-                convert::encode_unchecked(dst, &w[..n], &mut out_row[j0 * osz..][..n * osz]);
-                j0 += n;
             }
         }
     }
@@ -182,10 +191,9 @@ mod tests {
                     output,
                     dst,
                     row0: 0,
-                    s: 0.75,
                 };
-                prep.merge_rows(tile(&mut fast));
-                prep.merge_rows_body(tile(&mut portable));
+                merge_rows(&[(&prep, 0.75)], tile(&mut fast));
+                merge_rows_body(&[(&prep, 0.75)], tile(&mut portable));
                 assert_eq!(fast, portable);
                 let mut w32 = vec![0f32; rows * cols];
                 convert::decode(src, &input, &mut w32).unwrap();
@@ -208,5 +216,62 @@ mod tests {
                 assert_eq!(fast, want, "{kind:?} {src} -> {dst}");
             }
         }
+    }
+
+    /// Two terms (a weighted merge): each element gets `w + c1 * acc1 + c2 * acc2`, in
+    /// that order, as the plain loop computes it.
+    #[test]
+    fn terms_are_added_in_order() {
+        let mut st = 11u64;
+        let module = AdapterModule {
+            name: "m".into(),
+            in_features: 70,
+            out_features: 33,
+            kind: ModuleKind::Linear,
+        };
+        let (fi, fo) = (70usize, 33usize);
+        let factors: Vec<(Vec<f32>, Vec<f32>, usize)> = [(4usize, 0), (2, 1)]
+            .iter()
+            .map(|&(r, _)| {
+                let b: Vec<f32> = (0..fo * r).map(|_| lcg(&mut st)).collect();
+                let a: Vec<f32> = (0..r * fi).map(|_| lcg(&mut st)).collect();
+                (b, a, r)
+            })
+            .collect();
+        let preps: Vec<Prepared> = factors
+            .iter()
+            .map(|(b, a, r)| Prepared::new(&module, b, a, *r))
+            .collect();
+        let coefs = [0.7f32 * 2.0, -0.3f32 * 0.5];
+        let w: Vec<f32> = (0..fo * fi).map(|_| lcg(&mut st)).collect();
+        let mut input = vec![0u8; fo * fi * 4];
+        convert::encode(Dtype::F32, &w, &mut input).unwrap();
+        let mut got = vec![0u8; fo * fi * 4];
+        let terms: Vec<Term<'_>> = preps.iter().zip(coefs).collect();
+        merge_rows(
+            &terms,
+            Rows {
+                input: &input,
+                src: Dtype::F32,
+                output: &mut got,
+                dst: Dtype::F32,
+                row0: 0,
+            },
+        );
+        let mut want = w.clone();
+        for i in 0..fo {
+            for j in 0..fi {
+                for ((b, a, r), c) in factors.iter().zip(coefs) {
+                    let mut acc = 0f32;
+                    for k in 0..*r {
+                        acc += b[i * r + k] * a[k * fi + j];
+                    }
+                    want[i * fi + j] += c * acc;
+                }
+            }
+        }
+        let mut want_bytes = vec![0u8; fo * fi * 4];
+        convert::encode(Dtype::F32, &want, &mut want_bytes).unwrap();
+        assert_eq!(got, want_bytes);
     }
 }

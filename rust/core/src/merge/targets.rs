@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 
-use super::{Action, Inputs, MergedTensor, Shard, Targets, rel_string};
-use crate::adapter::{AdapterModule, ModuleKind};
+use serde_json::Map;
+
+use super::{Action, Extra, Inputs, MergedTensor, Shard, Targets, Term, rel_string};
+use crate::adapter::{Adapter, AdapterModule, ModuleKind};
 use crate::error::{CoreError, Result};
 use crate::safetensors::{Dtype, TensorInfo};
 
@@ -80,77 +82,161 @@ impl<'a> TensorIndex<'a> {
     }
 }
 
-/// Finds the base tensor of every adapted module and `modules_to_save` tensor, and
-/// checks shapes and dtypes.
-pub(super) fn resolve_targets(inputs: &Inputs) -> Result<Targets<'_>> {
+/// Finds the base tensor of every adapted module and `modules_to_save` tensor of every
+/// adapter, and checks shapes and dtypes. Adapter `i`'s updates get the coefficient
+/// `weights[i] * alpha_i / r_i`; a weight adapted by several adapters gets one term each,
+/// in adapter order. Saved tensors, new tensors and task config keys of different
+/// adapters must not collide (see [`super::merge_weighted`]).
+pub(super) fn resolve_targets<'a>(
+    inputs: &Inputs,
+    adapters: &'a [Adapter],
+    weights: &[f32],
+) -> Result<Targets<'a>> {
     let index = TensorIndex::new(&inputs.shards);
-    let adapter = &inputs.adapter;
+    let several = adapters.len() > 1;
+    let label = |i: usize| {
+        if several {
+            format!("adapter {}: ", adapters[i].dir.display())
+        } else {
+            String::new()
+        }
+    };
     let mut targets = Targets {
         actions: HashMap::new(),
-        merged: Vec::with_capacity(adapter.config.modules.len()),
+        terms: Vec::new(),
+        merged: Vec::new(),
         replaced: Vec::new(),
-        extras: adapter.extra_tensors().collect(),
+        extras: Vec::new(),
         added: Vec::new(),
+        config: Map::new(),
     };
-    for (k, module) in adapter.config.modules.iter().enumerate() {
-        let what = format!("adapted module {:?}", module.name);
-        let hit = index.find(&what, &format!("{}.weight", module.name), ".weight")?;
-        let info = index.info(hit);
-        check_module_target(module, info)?;
-        if let Some(Action::Merge(j)) = targets.actions.insert(hit, Action::Merge(k)) {
-            return Err(CoreError::Mismatch(format!(
-                "adapted modules {:?} and {:?} both resolve to base tensor {:?}",
-                adapter.config.modules[j].name, module.name, info.name
-            )));
-        }
-        targets.merged.push(MergedTensor {
-            module: module.name.clone(),
-            tensor: info.name.clone(),
-            file: rel_string(&inputs.shards[hit.0].rel),
-        });
-    }
-    let task = adapter.config.task.as_ref();
-    for (k, extra) in targets.extras.iter().enumerate() {
-        let what = format!("modules_to_save tensor {:?}", extra.name);
-        if task.is_some_and(|t| t.is_new(&extra.name)) && index.lookup(&extra.name, "").is_empty() {
-            if !extra.dtype.is_float() {
-                return Err(CoreError::Dtype(format!(
-                    "{what} is {}; only floating tensors can be added",
-                    extra.dtype
+    let mut prepared = 0;
+    for (i, adapter) in adapters.iter().enumerate() {
+        let coef = weights[i] * adapter.config.scaling();
+        let mut own: HashMap<(usize, usize), usize> = HashMap::new();
+        for (k, module) in adapter.config.modules.iter().enumerate() {
+            let what = format!("{}adapted module {:?}", label(i), module.name);
+            let hit = index.find(&what, &format!("{}.weight", module.name), ".weight")?;
+            let info = index.info(hit);
+            check_module_target(module, info)?;
+            if let Some(j) = own.insert(hit, k) {
+                return Err(CoreError::Mismatch(format!(
+                    "{}adapted modules {:?} and {:?} both resolve to base tensor {:?}",
+                    label(i),
+                    adapter.config.modules[j].name,
+                    module.name,
+                    info.name
                 )));
             }
-            targets.added.push(k);
-            continue;
+            let term = Term {
+                prepared: prepared + k,
+                coef,
+            };
+            match targets.actions.get(&hit) {
+                Some(Action::Merge(j)) => targets.terms[*j].push(term),
+                _ => {
+                    targets
+                        .actions
+                        .insert(hit, Action::Merge(targets.terms.len()));
+                    targets.terms.push(vec![term]);
+                }
+            }
+            targets.merged.push(MergedTensor {
+                module: module.name.clone(),
+                tensor: info.name.clone(),
+                file: rel_string(&inputs.shards[hit.0].rel),
+            });
         }
-        if index.lookup(&extra.name, "").is_empty() {
-            return Err(CoreError::Mismatch(format!(
-                "{what}: the base has no tensor {:?} (nor one unique dotted-suffix match); a \
-                 tensor the base lacks, such as a newly trained head, is written only when the \
-                 adapter's task lists it in new_tensors (`unilora train` records it)",
-                extra.name
-            )));
+        prepared += adapter.config.modules.len();
+    }
+    for (i, adapter) in adapters.iter().enumerate() {
+        let task = adapter.config.task.as_ref();
+        for extra in adapter.extra_tensors() {
+            let k = targets.extras.len();
+            targets.extras.push(Extra {
+                adapter: i,
+                info: extra,
+            });
+            let what = format!("{}modules_to_save tensor {:?}", label(i), extra.name);
+            let new = task.is_some_and(|t| t.is_new(&extra.name));
+            if new && index.lookup(&extra.name, "").is_empty() {
+                if !extra.dtype.is_float() {
+                    return Err(CoreError::Dtype(format!(
+                        "{what} is {}; only floating tensors can be added",
+                        extra.dtype
+                    )));
+                }
+                if let Some(&j) = targets
+                    .added
+                    .iter()
+                    .find(|&&j| targets.extras[j].info.name == extra.name)
+                {
+                    let other = &adapters[targets.extras[j].adapter].dir;
+                    return Err(CoreError::InvalidArgument(format!(
+                        "{what}: adapter {} adds a tensor of the same name; a weighted merge \
+                         takes each new or saved tensor (a head) from one adapter only",
+                        other.display()
+                    )));
+                }
+                targets.added.push(k);
+                continue;
+            }
+            if index.lookup(&extra.name, "").is_empty() {
+                return Err(CoreError::Mismatch(format!(
+                    "{what}: the base has no tensor {:?} (nor one unique dotted-suffix match); a \
+                     tensor the base lacks, such as a newly trained head, is written only when the \
+                     adapter's task lists it in new_tensors (`unilora train` records it)",
+                    extra.name
+                )));
+            }
+            let hit = index.find(&what, &extra.name, "")?;
+            let info = index.info(hit);
+            if info.shape != extra.shape {
+                return Err(CoreError::Mismatch(format!(
+                    "{what}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
+                    extra.shape, info.name, info.shape
+                )));
+            }
+            if !info.dtype.is_float() || !extra.dtype.is_float() {
+                return Err(CoreError::Dtype(format!(
+                    "{what}: {} in the adapter, {} in the base; only floating tensors can be replaced",
+                    extra.dtype, info.dtype
+                )));
+            }
+            match targets.actions.insert(hit, Action::Replace(k)) {
+                Some(Action::Replace(j)) => {
+                    let other = &adapters[targets.extras[j].adapter].dir;
+                    return Err(CoreError::InvalidArgument(format!(
+                        "{what}: adapter {} also replaces base tensor {:?}; a weighted merge \
+                         takes each new or saved tensor (a head) from one adapter only",
+                        other.display(),
+                        info.name
+                    )));
+                }
+                Some(_) => {
+                    return Err(CoreError::Mismatch(format!(
+                        "base tensor {:?} is both an adapted module and a modules_to_save tensor",
+                        info.name
+                    )));
+                }
+                None => {}
+            }
+            targets.replaced.push(info.name.clone());
         }
-        let hit = index.find(&what, &extra.name, "")?;
-        let info = index.info(hit);
-        if info.shape != extra.shape {
-            return Err(CoreError::Mismatch(format!(
-                "{what}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
-                extra.shape, info.name, info.shape
-            )));
+        for (key, value) in task.map(|t| &t.config).into_iter().flatten() {
+            match targets.config.get(key) {
+                Some(v) if v != value => {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "{}task sets config.json key {key:?} to {value}, another adapter to {v}; \
+                         a weighted merge needs the adapters' task records to agree",
+                        label(i)
+                    )));
+                }
+                _ => {
+                    targets.config.insert(key.clone(), value.clone());
+                }
+            }
         }
-        if !info.dtype.is_float() || !extra.dtype.is_float() {
-            return Err(CoreError::Dtype(format!(
-                "{what}: {} in the adapter, {} in the base; only floating tensors can be replaced",
-                extra.dtype, info.dtype
-            )));
-        }
-        if targets.actions.insert(hit, Action::Replace(k)).is_some() {
-            return Err(CoreError::Mismatch(format!(
-                "base tensor {:?} is both an adapted module and a modules_to_save tensor",
-                info.name
-            )));
-        }
-        targets.replaced.push(info.name.clone());
     }
     Ok(targets)
 }

@@ -4,30 +4,34 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use super::rel_string;
-use super::rows::{Prepared, Rows};
+use super::rows::{Rows, Term, merge_rows};
 use super::{
-    Action, Control, Inputs, MergeOptions, MergeReport, OutTensor, Plan, Shard, Targets, Work,
+    Action, Control, Extra, Inputs, MergeOptions, MergeReport, OutTensor, Plan, Shard, Targets,
+    Work,
 };
 use crate::adapter::Adapter;
 use crate::convert;
 use crate::error::{CoreError, Result};
 use crate::fsutil;
 use crate::parallel;
-use crate::safetensors::{TensorInfo, byte_size, read_exact_at, write_all_at};
+use crate::safetensors::{Dtype, byte_size, read_exact_at, write_all_at};
 
-/// What the writers of all shards share.
+/// What the writers of all shards of one output share.
 pub(super) struct Writer<'a> {
     pub(super) opts: &'a MergeOptions,
-    pub(super) adapter: &'a Adapter,
-    pub(super) extras: &'a [&'a TensorInfo],
-    pub(super) prepared: &'a [Prepared],
-    pub(super) scale: f32,
+    pub(super) adapters: &'a [Adapter],
+    pub(super) extras: &'a [Extra<'a>],
+    /// The terms of each merged weight ([`Action::Merge`] indexes them).
+    pub(super) terms: &'a [Vec<Term<'a>>],
     pub(super) control: &'a Control,
+    /// Bytes of tensor data read from the inputs.
+    pub(super) read: &'a AtomicU64,
 }
 
 impl Writer<'_> {
@@ -39,27 +43,8 @@ impl Writer<'_> {
         staging: &Path,
         is_dir: bool,
     ) -> Result<u64> {
-        let dst_path = if is_dir {
-            staging.join(&shard.rel)
-        } else {
-            staging.to_path_buf()
-        };
-        if let Some(parent) = dst_path.parent() {
-            fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-        }
-        let dst = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&dst_path)
-            .map_err(|e| CoreError::io(&dst_path, e))?;
-        let dst_data = 8 + plan.header.len() as u64;
+        let (dst, dst_path, dst_data) = open_output(shard, plan, staging, is_dir)?;
         let total_len = dst_data + plan.data_len;
-        fsutil::preallocate(&dst, total_len, &dst_path)?;
-        let mut head = Vec::with_capacity(dst_data as usize);
-        head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
-        head.extend_from_slice(&plan.header);
-        write_all_at(&dst, &head, 0).map_err(|e| CoreError::io(&dst_path, e))?;
         let job = ShardJob {
             writer: self,
             shard,
@@ -78,6 +63,37 @@ impl Writer<'_> {
         }
         Ok(total_len)
     }
+}
+
+/// Creates the output file of `shard` in the staging output, sized for `plan`, with its
+/// header written; returns it, its path and where its data begins.
+pub(super) fn open_output(
+    shard: &Shard,
+    plan: &Plan,
+    staging: &Path,
+    is_dir: bool,
+) -> Result<(File, PathBuf, u64)> {
+    let dst_path = if is_dir {
+        staging.join(&shard.rel)
+    } else {
+        staging.to_path_buf()
+    };
+    if let Some(parent) = dst_path.parent() {
+        fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    }
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&dst_path)
+        .map_err(|e| CoreError::io(&dst_path, e))?;
+    let dst_data = 8 + plan.header.len() as u64;
+    fsutil::preallocate(&dst, dst_data + plan.data_len, &dst_path)?;
+    let mut head = Vec::with_capacity(dst_data as usize);
+    head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
+    head.extend_from_slice(&plan.header);
+    write_all_at(&dst, &head, 0).map_err(|e| CoreError::io(&dst_path, e))?;
+    Ok((dst, dst_path, dst_data))
 }
 
 // ------------------------------------------------------------------ finish the folder
@@ -109,7 +125,8 @@ pub(super) fn finish_folder(
     };
     let copied = fsutil::copy_tree(&opts.base, staging, &skip)?;
     report.other_files = copied.iter().map(|p| rel_string(p)).collect();
-    update_config(opts, inputs, staging, report)?;
+    let quantized = inputs.shards.iter().any(|s| s.quant.any());
+    update_config(opts, targets, quantized, staging, report)?;
     if let (Some((index_path, value)), Some(index_rel)) = (&inputs.index, &index_rel) {
         let last = inputs
             .shards
@@ -119,7 +136,7 @@ pub(super) fn finish_folder(
         let added: Vec<(&str, &str)> = targets
             .added
             .iter()
-            .map(|&k| (targets.extras[k].name.as_str(), last.as_str()))
+            .map(|&k| (targets.extras[k].info.name.as_str(), last.as_str()))
             .collect();
         write_index(
             index_path,
@@ -151,7 +168,7 @@ fn write_index(
     index_path: &Path,
     value: &Value,
     shards: &[Shard],
-    extras: &[&TensorInfo],
+    extras: &[Extra<'_>],
     added: &[(&str, &str)],
     plans: &[Plan],
     dst: &Path,
@@ -160,7 +177,8 @@ fn write_index(
         .iter()
         .zip(shards)
         .any(|(p, s)| p.data_len != s.header.file_len - s.header.data_start());
-    if !sizes_changed && added.is_empty() {
+    let quantized = shards.iter().any(|s| s.quant.any());
+    if !sizes_changed && added.is_empty() && !quantized {
         fs::copy(index_path, dst).map_err(|e| CoreError::io(dst, e))?;
         return Ok(());
     }
@@ -169,7 +187,7 @@ fn write_index(
         .zip(shards)
         .flat_map(|(p, s)| {
             p.outs.iter().map(move |o| match o.action {
-                Action::Add(k) => (o, &extras[k].shape),
+                Action::Add(k) => (o, &extras[k].info.shape),
                 _ => (o, &s.header.tensors[o.src].shape),
             })
         })
@@ -177,6 +195,7 @@ fn write_index(
         .sum();
     let mut value = value.clone();
     if let Some(map) = value.get_mut("weight_map").and_then(Value::as_object_mut) {
+        map.retain(|name, _| !shards.iter().any(|s| s.quant.dropped.contains(name)));
         for (name, file) in added {
             map.insert((*name).to_string(), Value::from(*file));
         }
@@ -194,14 +213,18 @@ fn write_index(
     fs::write(dst, text).map_err(|e| CoreError::io(dst, e))
 }
 
+/// Reusable buffers of one worker.
 #[derive(Default)]
-struct Scratch {
-    input: Vec<u8>,
-    output: Vec<u8>,
-    values: Vec<f32>,
+pub(super) struct Scratch {
+    pub(super) input: Vec<u8>,
+    /// Packed bytes of a quantized weight.
+    pub(super) raw: Vec<u8>,
+    pub(super) extra: Vec<u8>,
+    pub(super) output: Vec<u8>,
+    pub(super) values: Vec<f32>,
 }
 
-fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+pub(super) fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     if v.len() < n {
         v.resize(n, T::default());
     }
@@ -224,78 +247,121 @@ impl ShardJob<'_> {
             return Err(CoreError::Interrupted);
         }
         match *work {
-            Work::Copy { src, dst, len } => fsutil::copy_range(
-                &self.shard.file,
-                &self.shard.path,
-                src,
-                self.dst,
-                self.dst_path,
-                dst,
-                len,
-                &|| !self.writer.control.is_cancelled(),
-                &|n| self.writer.control.add(n),
-            ),
-            Work::Tile { t, e0, e1 } => self.tile(t, e0, e1, scratch),
+            Work::Copy { src, dst, len } => {
+                self.writer.read.fetch_add(len, Ordering::Relaxed);
+                fsutil::copy_range(
+                    &self.shard.file,
+                    &self.shard.path,
+                    src,
+                    self.dst,
+                    self.dst_path,
+                    dst,
+                    len,
+                    &|| !self.writer.control.is_cancelled(),
+                    &|n| self.writer.control.add(n),
+                )
+            }
+            Work::Tile { t, e0, e1 } => {
+                let out = &self.outs[t];
+                let n = (e1 - e0) as usize;
+                let target = Target {
+                    file: self.dst,
+                    path: self.dst_path,
+                    data: self.dst_data,
+                };
+                let mut buffer = std::mem::take(&mut scratch.input);
+                let result = match out.action {
+                    Action::Replace(_) | Action::Add(_) => Ok(&[][..]),
+                    _ => {
+                        let info = &self.shard.header.tensors[out.src];
+                        let size = (info.dtype.bits() / 8) as usize;
+                        let input = grow(&mut buffer, n * size);
+                        self.shard
+                            .read_elems(out.src, e0, input, &mut scratch.raw)
+                            .map(|read| {
+                                self.writer.read.fetch_add(read, Ordering::Relaxed);
+                                &*input
+                            })
+                    }
+                }
+                .and_then(|input| {
+                    self.writer
+                        .emit(self.shard, out, input, e0..e1, &target, scratch)
+                });
+                scratch.input = buffer;
+                result
+            }
         }
     }
+}
 
-    fn tile(&self, t: usize, e0: u64, e1: u64, scratch: &mut Scratch) -> Result<()> {
-        let out = &self.outs[t];
-        let n = (e1 - e0) as usize;
-        let (src_dtype, src_file, src_path, src_off) = match out.action {
-            Action::Replace(k) | Action::Add(k) => {
-                let extra = self.writer.extras[k];
-                let off = self.writer.adapter.weights.data_start() + extra.begin;
-                (
-                    extra.dtype,
-                    self.writer.adapter.weights_file(),
-                    self.writer.adapter.weights_path.as_path(),
-                    off,
-                )
-            }
-            _ => {
-                let info = &self.shard.header.tensors[out.src];
-                (
-                    info.dtype,
-                    &self.shard.file,
-                    self.shard.path.as_path(),
-                    self.shard.header.data_start() + info.begin,
-                )
-            }
-        };
-        let in_size = (src_dtype.bits() / 8) as usize;
-        let out_size = (out.dtype.bits() / 8) as usize;
-        let input = grow(&mut scratch.input, n * in_size);
-        read_exact_at(src_file, input, src_off + e0 * in_size as u64)
-            .map_err(|e| CoreError::io(src_path, e))?;
-        let output = grow(&mut scratch.output, n * out_size);
-        match out.action {
-            Action::Merge(k) => {
-                let prep = &self.writer.prepared[k];
-                prep.merge_rows(Rows {
-                    input,
-                    src: src_dtype,
-                    output,
-                    dst: out.dtype,
-                    row0: (e0 / prep.cols as u64) as usize,
-                    s: self.writer.scale,
-                });
-            }
-            _ => convert::cast(
-                src_dtype,
-                input,
-                out.dtype,
-                output,
-                grow(&mut scratch.values, n),
-            )?,
-        }
-        write_all_at(
-            self.dst,
+/// Where an output file's tensor data begins.
+pub(super) struct Target<'a> {
+    pub(super) file: &'a File,
+    pub(super) path: &'a Path,
+    pub(super) data: u64,
+}
+
+impl Writer<'_> {
+    /// Writes elements `elems` of output tensor `out` into `dst`. `base` holds
+    /// those elements of its base tensor (`out.src` of `shard`), read by the caller;
+    /// a replaced or added tensor is read here from its adapter instead.
+    pub(super) fn emit(
+        &self,
+        shard: &Shard,
+        out: &OutTensor,
+        base: &[u8],
+        elems: std::ops::Range<u64>,
+        dst: &Target<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let (e0, n) = (elems.start, (elems.end - elems.start) as usize);
+        let Scratch {
+            extra: extra_buf,
             output,
-            self.dst_data + out.begin + e0 * out_size as u64,
-        )
-        .map_err(|e| CoreError::io(self.dst_path, e))?;
-        self.writer.control.add((n * out_size) as u64);
+            values,
+            ..
+        } = scratch;
+        let (src_dtype, input) = match out.action {
+            Action::Replace(k) | Action::Add(k) => {
+                let extra = self.extras[k];
+                let adapter = &self.adapters[extra.adapter];
+                let size = (extra.info.dtype.bits() / 8) as usize;
+                let input = grow(extra_buf, n * size);
+                let off = adapter.weights.data_start() + extra.info.begin + e0 * size as u64;
+                read_exact_at(adapter.weights_file(), input, off)
+                    .map_err(|e| CoreError::io(&adapter.weights_path, e))?;
+                self.read.fetch_add(input.len() as u64, Ordering::Relaxed);
+                (extra.info.dtype, &*input)
+            }
+            _ => (shard.header.tensors[out.src].dtype, base),
+        };
+        let out_size = (out.dtype.bits() / 8) as usize;
+        let at = dst.data + out.begin + e0 * out_size as u64;
+        if let Action::Copy = out.action {
+            write_all_at(dst.file, input, at).map_err(|e| CoreError::io(dst.path, e))?;
+            self.control.add(input.len() as u64);
+            return Ok(());
+        }
+        let output = grow(output, n * out_size);
+        match out.action {
+            Action::Merge(j) => {
+                let terms = &self.terms[j];
+                merge_rows(
+                    terms,
+                    Rows {
+                        input,
+                        src: src_dtype,
+                        output,
+                        dst: out.dtype,
+                        row0: (e0 / terms[0].0.cols as u64) as usize,
+                    },
+                );
+            }
+            _ => convert::cast(src_dtype, input, out.dtype, output, grow(values, n))?,
+        }
+        write_all_at(dst.file, output, at).map_err(|e| CoreError::io(dst.path, e))?;
+        self.control.add((n * out_size) as u64);
         Ok(())
     }
 }
@@ -305,25 +371,20 @@ impl ShardJob<'_> {
 /// Name of a Hugging Face model folder's configuration file.
 pub(super) const MODEL_CONFIG_NAME: &str = "config.json";
 
-/// Sets the adapter's `task.config` keys, and the dtype when the output dtype changed,
+/// Sets the adapters' `task.config` keys, and the dtype when the output dtype changed,
 /// in the staged copy of the base's `config.json` (written whole, then synced with the
 /// other files). A folder without `config.json` gets a warning when there was
 /// something to set.
 fn update_config(
     opts: &MergeOptions,
-    inputs: &Inputs,
+    targets: &Targets<'_>,
+    quantized: bool,
     staging: &Path,
     report: &mut MergeReport,
 ) -> Result<()> {
-    let mut updates: Map<String, Value> = inputs
-        .adapter
-        .config
-        .task
-        .as_ref()
-        .map(|t| t.config.clone())
-        .unwrap_or_default();
+    let mut updates: Map<String, Value> = targets.config.clone();
     let path = staging.join(MODEL_CONFIG_NAME);
-    if updates.is_empty() && opts.dtype.is_none() {
+    if updates.is_empty() && opts.dtype.is_none() && !quantized {
         return Ok(());
     }
     if !path.is_file() {
@@ -345,7 +406,11 @@ fn update_config(
             "expected a JSON object",
         ));
     };
-    if let Some(dt) = opts.dtype {
+    if quantized {
+        // The weights are dequantised: the output is an ordinary float checkpoint.
+        obj.remove("quantization_config");
+    }
+    if let Some(dt) = opts.dtype.or(quantized.then_some(Dtype::F32)) {
         let name = Value::from(dt.torch_name());
         if obj.contains_key("torch_dtype") {
             updates.insert("torch_dtype".into(), name.clone());
