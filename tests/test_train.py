@@ -133,7 +133,7 @@ def test_inspect_reads_the_trained_adapter(trained: Path) -> None:
     assert info["d"] == 5_760 and info["fingerprint_ok"] is True
 
 
-def test_default_split_and_string_targets(tmp_path: Path, real_rows: list) -> None:
+def test_default_split_string_targets_and_fastfood(tmp_path: Path, real_rows: list) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in real_rows[:120]), encoding="utf-8")
     proc = _cli(
@@ -148,6 +148,8 @@ def test_default_split_and_string_targets(tmp_path: Path, real_rows: list) -> No
         "query,key,value",
         "--eval-fraction",
         "0.25",
+        "--projection",
+        "fastfood",
         "--no-progress",
         "--batch-size",
         "8",
@@ -157,6 +159,8 @@ def test_default_split_and_string_targets(tmp_path: Path, real_rows: list) -> No
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_examples"] == 30 and m["train_examples"] == 90
     assert m["vector_length"] == 1000 and m["adapted_modules"] == 18
+    assert m["projection"] == "fastfood"
+    assert json.loads((out / "adapter_config.json").read_text())["projection"] == "fastfood"
     # a second run into the same folder needs --overwrite
     again = _cli("train", "--data", str(data), "--max-steps", "1", "--no-progress")
     assert again.returncode == 1 and "not empty" in again.stderr

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             out=out / "adapter",
             vector_length=args.vector_length,
             target_modules=parse_targets(args.target_modules),
+            projection=args.projection,
             **common,
             **options,
         )

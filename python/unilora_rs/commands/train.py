@@ -46,6 +46,13 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         help="layers to adapt: all-linear, names or suffixes (query,value) or a regex "
         "(default: the model type's query and value projections)",
     )
+    p.add_argument(
+        "--projection",
+        choices=["sparse", "fastfood"],
+        default="sparse",
+        help="how theta_d is spread over the LoRA matrices (default sparse; fastfood is the "
+        "paper's dense Walsh-Hadamard variant, see docs/SPEC.md)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate of theta_d (default 2e-2)")
     p.add_argument(
         "--head-lr", type=float, default=None, help="learning rate of the head (default 2e-3)"
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         rank=args.rank,
         vector_length=args.vector_length,
         target_modules=parse_targets(args.target_modules),
+        projection=args.projection,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,

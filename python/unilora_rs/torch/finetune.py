@@ -451,6 +451,7 @@ class FinetuneArgs:
     rank: int = 4
     vector_length: int | None = None
     target_modules: list[str] | str | None = None
+    projection: str = "sparse"
     lr: float = 2e-2
     head_lr: float = 2e-3
     epochs: int = 2
@@ -602,6 +603,7 @@ def finetune(
         seed=args.seed,
         target_modules=args.target_modules,
         modules_to_save=head or None,
+        projection=args.projection,
         base_model_name_or_path=str(Path(args.model).resolve()),
     )
     wrapped = get_unilora_model(model, config)
@@ -697,6 +699,7 @@ def _metrics(
         {
             "labels": labels.id2label if labels is not None else None,
             "rank": args.rank,
+            "projection": model.adapter_config.projection,
             "vector_length": model.theta_d.numel(),
             "total_size": model.total_size,
             "adapted_modules": len(model.adapter_config.modules),
