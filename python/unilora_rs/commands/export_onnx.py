@@ -16,11 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "adapter into it, exports the graph with torch.onnx (dynamic batch and sequence "
             "axes, inputs input_ids and attention_mask, output logits), checks it with "
             "onnxruntime against torch on sample inputs and only then writes OUT. "
-            "SOURCE may also be a plain model folder (exported without an adapter). "
+            "ADAPTER_OR_MODEL may also be a plain model folder (exported without an adapter). "
             "Weights over 2 GB (the limit of one ONNX file) go to OUT.onnx.data beside "
             "OUT.onnx (ONNX external data), as with --external-data; both files are "
             "staged in a temporary folder beside OUT and renamed into place, the data "
-            "first. Needs torch, transformers, onnx and onnxruntime."
+            "first; the graph names the data file relative to itself, so keep (or move) "
+            "the two together. The free disk space is checked before writing. Needs "
+            "torch, transformers, onnx and onnxruntime."
         ),
     )
     p.add_argument("source", metavar="ADAPTER_OR_MODEL", help="adapter folder (or model folder)")
