@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -14,8 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "adapter into it, exports the graph with torch.onnx (dynamic batch and sequence "
             "axes, inputs input_ids and attention_mask, output logits), checks it with "
             "onnxruntime against torch on sample inputs and only then writes OUT. "
-            "SOURCE may also be a plain model folder (exported without an adapter). "
-            "Needs torch, transformers, onnx and onnxruntime."
+            "ADAPTER_OR_MODEL may also be a plain model folder (exported without an adapter). "
+            "Weights over 2 GB (the limit of one ONNX file) go to OUT.onnx.data beside "
+            "OUT.onnx (ONNX external data), as with --external-data; both files are "
+            "staged in a temporary folder beside OUT and renamed into place, the data "
+            "first; the graph names the data file relative to itself, so keep (or move) "
+            "the two together. The free disk space is checked before writing. Needs "
+            "torch, transformers, onnx and onnxruntime."
         ),
     )
     p.add_argument("source", metavar="ADAPTER_OR_MODEL", help="adapter folder (or model folder)")
@@ -33,11 +40,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--atol", type=float, default=1e-4, help="max |onnxruntime - torch| (default 1e-4)"
     )
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        help="write the weights to OUT.onnx.data even when they would fit in OUT.onnx "
+        "(automatic over 2 GB)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..torch.onnx_export import export_adapter_onnx
+
+    start = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
 
     report = export_adapter_onnx(
         args.source,
@@ -47,10 +66,19 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         opset=args.opset,
         atol=args.atol,
+        external_data=True if args.external_data else None,
+        progress=None if args.no_progress else progress,
     )
     shapes = ", ".join(f"{b}x{s}" for b, s in report.checked_shapes)
+    written = str(report.path)
+    if report.data_path is not None:
+        why = ", over the 2 GB single-file limit" if report.auto_external else ""
+        written += (
+            f" + {report.data_path.name} ({report.weight_bytes / 1e9:.2f} GB of weights "
+            f"as external data{why})"
+        )
     print(
-        f"wrote {report.path} (opset {report.opset}); onnxruntime matches torch within "
+        f"wrote {written} (opset {report.opset}); onnxruntime matches torch within "
         f"{report.max_abs_diff:.2e} on inputs {shapes}"
     )
     return 0

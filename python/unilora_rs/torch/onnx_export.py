@@ -6,17 +6,28 @@ sequence axes, runs the graph with onnxruntime on sample inputs of other shapes 
 compares it with torch, and only then renames the file into place.
 :func:`export_adapter_onnx` does the whole job from folders: base model (saved with
 transformers) + Uni-LoRA adapter -> merged ONNX graph.
+
+Weights go into the ``.onnx`` file itself unless they are too large for one protobuf
+message (2 GiB) or external data is asked for: then they go into ``OUT.onnx.data``
+beside it (the graph refers to that file by its name, relative to the ``.onnx``).
+Memory: the graph shares the model's tensors and is written tensor by tensor, torch's
+reference outputs are computed before onnxruntime maps the written weights, and
+:func:`export_adapter_onnx` frees the model it loaded before that, so the peak stays
+near one copy of the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
 import io
 import logging
 import os
+import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +39,39 @@ from torch import nn
 from ..adapter import CONFIG_NAME
 from ..errors import InvalidArgumentError, MismatchError
 
-__all__ = ["ExportReport", "export_adapter_onnx", "export_onnx", "load_base_model"]
+__all__ = [
+    "SINGLE_FILE_LIMIT",
+    "ExportReport",
+    "export_adapter_onnx",
+    "export_onnx",
+    "load_base_model",
+]
+
+#: Weights above this many bytes cannot be embedded in one ``.onnx`` file: a protobuf
+#: message is limited to 2 GiB, and the graph itself needs some room (64 MiB kept free).
+SINGLE_FILE_LIMIT = 2**31 - 2**26
+_DISK_MARGIN = 2**26  # room for the graph and file-system overhead beside the weights
+
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What was exported and how well onnxruntime agreed with torch."""
+    """What was exported and how well onnxruntime agreed with torch.
+
+    ``data_path`` is the external-data file beside ``path`` (``None`` when the weights
+    are inside the ``.onnx`` file); ``auto_external`` says it was chosen because the
+    weights (``weight_bytes``) exceed :data:`SINGLE_FILE_LIMIT`.
+    """
 
     path: Path
     output_name: str
     max_abs_diff: float
     checked_shapes: tuple[tuple[int, int], ...]
     opset: int
+    weight_bytes: int = 0
+    data_path: Path | None = None
+    auto_external: bool = False
 
 
 class _Logits(nn.Module):
@@ -104,6 +136,82 @@ def _compare(ort_out: np.ndarray, torch_out: np.ndarray, mask: np.ndarray) -> fl
     return float(diff.max()) if diff.size else 0.0
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of the graph's initializers (the weights that go to the file)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def _choose_external(
+    external_data: bool | None, weight_bytes: int, data: Path
+) -> tuple[bool, bool]:
+    """``(use external data, chosen automatically)``; refuses a single file over the limit."""
+    too_big = weight_bytes > SINGLE_FILE_LIMIT
+    if external_data is False and too_big:
+        raise InvalidArgumentError(
+            f"the weights are {_gb(weight_bytes)}, over the 2 GB limit of a single ONNX "
+            "file: allow external data (external_data=None or True)"
+        )
+    use = bool(external_data) or too_big
+    if use and data.exists() and not data.is_file():
+        raise IsADirectoryError(21, "external-data path exists and is not a file", str(data))
+    return use, use and not external_data
+
+
+def _drop_weights(model: Any) -> None:
+    """Lets go of the graph's initializer tensors (torch's weights and lazy transposes)."""
+    for value in model.graph.initializers.values():
+        value.const_value = None
+
+
+def _free_tensors(model: nn.Module) -> None:
+    """Frees the storage of every parameter and buffer of ``model`` (which is ours)."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough disk space for the export: it needs about {_gb(needed)}, {_gb(free)} free",
+            str(folder),
+        )
+
+
+def _save(model: Any, path: Path, data_name: str | None, say: Progress) -> None:
+    """Writes the graph to ``path``; with ``data_name`` the weights go to that file beside
+    it, tensor by tensor straight from the torch tensors (no copy of the model)."""
+    import onnx_ir as ir
+
+    if data_name is None:
+        ir.save(model, path)
+        return
+    total = _weight_bytes(model)
+    done = 0
+
+    def callback(tensor: Any, info: Any) -> None:  # called before each tensor is written
+        nonlocal done
+        size = int(tensor.nbytes)
+        if size >= 2**26 or info.index == 0:
+            n = f"{info.index + 1}/{info.total}"
+            say(f"  tensor {n} ({_gb(size)}), {_gb(done)} of {_gb(total)} written")
+        done += size
+
+    # 64 KiB-aligned large tensors let onnxruntime map them from the file
+    ir.save(model, path, external_data=data_name, callback=callback, alignment=65536)
+
+
 def export_onnx(
     model: nn.Module,
     out_path: str | os.PathLike[str],
@@ -114,13 +222,56 @@ def export_onnx(
     opset: int = 18,
     atol: float = 1e-4,
     seed: int = 0,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Exports ``model`` (``input_ids``, ``attention_mask`` -> ``logits``) to ``out_path``.
 
     The graph is checked with onnxruntime against torch on two inputs of other shapes
     (one with padding); a difference above ``atol`` on non-padded positions raises
     :class:`MismatchError` and nothing is written. The file appears atomically.
+
+    ``external_data``: ``None`` (default) embeds the weights in the ``.onnx`` file unless
+    they exceed :data:`SINGLE_FILE_LIMIT`, then writes them to ``OUT.onnx.data``;
+    ``True`` always writes ``OUT.onnx.data``; ``False`` always embeds them (an error
+    above the limit). With external data both files are staged in a temporary folder
+    beside ``out_path`` and renamed into place, the data file first. ``progress``
+    receives one line per step of the work.
+
+    Memory: the graph shares ``model``'s tensors. Because the caller still holds
+    ``model``, its weights stay in memory while onnxruntime checks the graph (about
+    two copies at the peak); :func:`export_adapter_onnx` releases its model first.
     """
+    return _export_onnx(
+        model,
+        out_path,
+        owned=False,
+        vocab_size=vocab_size,
+        batch=batch,
+        seq_len=seq_len,
+        opset=opset,
+        atol=atol,
+        seed=seed,
+        external_data=external_data,
+        progress=progress,
+    )
+
+
+def _export_onnx(
+    model: nn.Module,
+    out_path: str | os.PathLike[str],
+    *,
+    owned: bool,
+    vocab_size: int | None = None,
+    batch: int = 2,
+    seq_len: int = 16,
+    opset: int = 18,
+    atol: float = 1e-4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """:func:`export_onnx`; with ``owned`` the model's tensors are freed once written."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -134,59 +285,104 @@ def export_onnx(
         raise IsADirectoryError(21, "output path is a directory", str(out))
     if not out.parent.exists():
         raise FileNotFoundError(2, "output folder does not exist", str(out.parent))
+    data = out.with_name(out.name + ".data")
     vocab = vocab_size or int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     if vocab < 1:
         raise InvalidArgumentError("cannot tell the vocabulary size: pass vocab_size")
-    model = model.eval()
-    wrapper = _Logits(model).eval()
+    say = progress or (lambda _line: None)
+    wrapper = _Logits(model.eval()).eval()
     trace_ids, trace_mask = _sample(batch, seq_len, vocab, seed, pad=1)
     dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("sequence", min=2)}
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    say("exporting the graph with torch.onnx (dynamo)")
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (trace_ids, trace_mask),
+            dynamo=True,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+            opset_version=opset,
+        )
+    weight_bytes = _weight_bytes(program.model)
+    use_external, auto = _choose_external(external_data, weight_bytes, data)
+    _check_free_space(out.parent, weight_bytes + _DISK_MARGIN)
+    checks = [
+        _sample(batch + 1, seq_len + 3, vocab, seed + 1, pad=0),
+        _sample(batch, seq_len, vocab, seed + 2, pad=seq_len // 3),
+    ]
+    say("computing torch's reference outputs")
+    with torch.no_grad():
+        expected = [wrapper(ids, mask).float().numpy() for ids, mask in checks]
+
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        with _quiet(), torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                (trace_ids, trace_mask),
-                dynamo=True,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-                opset_version=opset,
-            )
-            program.save(str(tmp))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        checks = [
-            _sample(batch + 1, seq_len + 3, vocab, seed + 1, pad=0),
-            _sample(batch, seq_len, vocab, seed + 2, pad=seq_len // 3),
-        ]
+        staged = stage / out.name
+        if use_external:
+            why = " (over the 2 GB single-file limit)" if auto else ""
+            say(f"writing {_gb(weight_bytes)} of weights to {data.name}{why}")
+        else:
+            say(f"writing {out.name} ({_gb(weight_bytes)} of weights inside)")
+        try:
+            _save(program.model, staged, data.name if use_external else None, say)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"the disk filled up while writing the ONNX files ({_gb(weight_bytes)} "
+                    "of weights); nothing was kept",
+                    str(out.parent),
+                ) from err
+            raise
+        # release torch's weights before onnxruntime maps the written ones: the graph's
+        # (lazy) tensors, and the model's own storage when it is ours (the exporter's
+        # rewrite rules keep a reference to the last graph they matched, hence to the
+        # model's parameters, so dropping the references alone frees nothing)
+        _drop_weights(program.model)
+        if owned:
+            _free_tensors(model)
+        del program, wrapper, model
+        gc.collect()
+        say("checking the graph with onnxruntime")
+        options = ort.SessionOptions()
+        if use_external:
+            # onnxruntime maps the (aligned) weights from the data file; prepacking would
+            # copy every MatMul weight into a packed layout: a second copy of the model
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
         worst = 0.0
-        for ids, mask in checks:
-            with torch.no_grad():
-                expected = wrapper(ids, mask).float().numpy()
-            (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-            worst = max(worst, _compare(np.asarray(got), expected, mask.numpy()))
+        for (ids, mask), want in zip(checks, expected, strict=True):
+            feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            (got,) = session.run(None, feeds)
+            worst = max(worst, _compare(np.asarray(got), want, mask.numpy()))
+        del session
         if not worst <= atol:
             raise MismatchError(
                 f"onnxruntime and torch differ by {worst:.3g} (> atol {atol:g}); not written"
             )
-        os.replace(tmp, out)
+        if use_external:
+            os.replace(stage / data.name, data)  # the data first: the graph names it
+        os.replace(staged, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
     return ExportReport(
         path=out,
         output_name="logits",
         max_abs_diff=worst,
         checked_shapes=tuple(tuple(ids.shape) for ids, _ in checks),  # type: ignore[misc]
         opset=opset,
+        weight_bytes=weight_bytes,
+        data_path=data if use_external else None,
+        auto_external=auto,
     )
 
 
-def load_base_model(path: str | os.PathLike[str]) -> nn.Module:
-    """Loads a transformers model saved with ``save_pretrained`` (float32, eval mode)."""
+def load_base_model(path: str | os.PathLike[str], *, show_progress: bool = True) -> nn.Module:
+    """Loads a transformers model saved with ``save_pretrained`` (float32, eval mode);
+    ``show_progress=False`` hides transformers' loading bar."""
     import transformers
+    import transformers.utils.logging as hf_logging
 
     folder = Path(path)
     if not (folder / "config.json").exists():
@@ -196,15 +392,36 @@ def load_base_model(path: str | os.PathLike[str]) -> nn.Module:
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
-    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    shown = hf_logging.is_progress_bar_enabled()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
-def _refuse_overwrite(out: Path, inputs: tuple[Path, ...]) -> None:
+def _refuse_overwrite(out: Path, data: Path, inputs: tuple[Path, ...]) -> None:
+    """Neither the output nor its possible external-data file may be an input."""
     for folder in inputs:
         folder = folder.resolve()
         taken = {folder} | ({f.resolve() for f in folder.iterdir()} if folder.is_dir() else set())
-        if out in taken:
-            raise InvalidArgumentError(f"output path {out} is an input; choose another file name")
+        for path in (out, data):
+            if path in taken:
+                raise InvalidArgumentError(
+                    f"output path {path} is an input; choose another file name"
+                )
+
+
+def _merged_model(src: Path, base_path: Path, progress: Progress | None) -> nn.Module:
+    from .model import UniLoRAModel
+
+    say = progress or (lambda _line: None)
+    say(f"loading the base model from {base_path}")
+    base = load_base_model(base_path, show_progress=progress is not None)
+    say(f"merging the adapter {src}")
+    return UniLoRAModel.from_pretrained(base, src).merge_and_unload()
 
 
 def export_adapter_onnx(
@@ -212,15 +429,19 @@ def export_adapter_onnx(
     out_path: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
     **kwargs: Any,
 ) -> ExportReport:
-    """``source`` is an adapter folder (merged into ``base`` first) or a model folder."""
-    from .model import UniLoRAModel
+    """``source`` is an adapter folder (merged into ``base`` first) or a model folder.
 
+    Other keyword arguments go to :func:`export_onnx`. The model loaded here is freed
+    once its weights are written, before onnxruntime loads them (one copy at a time).
+    """
     src = Path(source)
     if not src.is_dir():
         raise FileNotFoundError(2, "adapter or model folder not found", str(src))
     out = Path(out_path).resolve()
+    data = out.with_name(out.name + ".data")
     if (src / CONFIG_NAME).exists():
         from ..adapter import load_adapter_config
 
@@ -234,13 +455,15 @@ def export_adapter_onnx(
                 f"{src} is an adapter: give the base model folder with --base "
                 f"(the adapter records {cfg.base_model_name_or_path!r})"
             )
-        _refuse_overwrite(out, (src, base_path))
-        model = UniLoRAModel.from_pretrained(load_base_model(base_path), src).merge_and_unload()
+        _refuse_overwrite(out, data, (src, base_path))
+        model = _merged_model(src, base_path, progress)
     else:
         if base is not None:
             raise InvalidArgumentError(
                 f"{src} is not an adapter folder; --base is only for adapters"
             )
-        _refuse_overwrite(out, (src,))
-        model = load_base_model(src)
-    return export_onnx(model, out, **kwargs)
+        _refuse_overwrite(out, data, (src,))
+        if progress is not None:
+            progress(f"loading the model from {src}")
+        model = load_base_model(src, show_progress=progress is not None)
+    return _export_onnx(model, out, owned=True, progress=progress, **kwargs)
