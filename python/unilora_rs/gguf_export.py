@@ -47,9 +47,10 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "PHI3",
 }
 
-#: ``outtype`` values, as the converter's ``--outtype`` (``auto`` picks ``f16`` for the
-#: float32 factors, as the converter does for a float32 adapter).
-GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+#: ``outtype`` values, as the converter's ``--outtype`` (its ``auto`` fails on every LoRA
+#: adapter in llama.cpp's converter of llama-cpp-python 0.3.36: it calls ``dim()`` on its
+#: LoRA tensor wrapper; for float32 factors it would mean ``f16``).
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # The converter's per-architecture tensor rules (conversion/llama.py, gpt2.py, gemma.py).
 _PERMUTED = {"LLAMA"}  # LlamaModel.undo_permute: q/k rows reordered for llama.cpp's RoPE
@@ -201,8 +202,7 @@ def export_gguf(
     ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha``,
     ``general.name`` (from the adapter folder, as the converter derives it) and
     ``general.quantization_version``. ``outtype`` is ``"f32"`` (default, exact),
-    ``"f16"``, ``"bf16"``, ``"q8_0"`` or ``"auto"`` (``f16``), each as the converter
-    encodes it.
+    ``"f16"``, ``"bf16"`` or ``"q8_0"``, each as the converter encodes it.
 
     ``saved_modules`` is as for :func:`unilora_rs.export_lora` (llama.cpp has no place
     for them): ``"error"`` refuses an adapter with ``modules_to_save``, ``"drop"``
@@ -283,7 +283,6 @@ def export_gguf(
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "auto": gguf.LlamaFileType.MOSTLY_F16,
     }[outtype]
     qtype = {
         gguf.LlamaFileType.ALL_F32: gguf.GGMLQuantizationType.F32,

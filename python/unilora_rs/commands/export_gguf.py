@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--outtype",
         choices=GGUF_OUTTYPES,
         default="f32",
-        help="tensor type, as the converter's --outtype (default f32, exact; auto = f16)",
+        help="tensor type, as the converter's --outtype (default f32, exact)",
     )
     p.add_argument(
         "--saved-modules",
