@@ -12,11 +12,13 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 all: test
 
-$(STAMP): requirements/dev.txt requirements/torch.txt requirements/data.txt requirements/distributed.txt
+$(STAMP): requirements/dev.txt requirements/torch.txt requirements/data.txt requirements/distributed.txt \
+          requirements/llamacpp.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -r requirements/torch.txt -r requirements/distributed.txt
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -r requirements/llamacpp.txt
 	touch $(STAMP)
 
 build: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,7 +105,8 @@ def test_peft_loads_export_and_matches(tmp_path: Path, arch: str) -> None:
     plain = model(ids).logits
     assert (want - plain).abs().max() > 1e-3  # the adapter does change the model
 
-    result = ur.export_lora(tmp_path / "uni", tmp_path / "lora")
+    keep = "keep" if extra else "error"  # PEFT loads saved modules
+    result = ur.export_lora(tmp_path / "uni", tmp_path / "lora", saved_modules=keep)
     assert result.modules == len(modules)
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 6
@@ -147,3 +149,50 @@ def test_export_dtype_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ur.DtypeError, match="bf16, f16, f32"):
         ur.export_lora(tmp_path / "uni", tmp_path / "x", dtype="q4")
     assert not (tmp_path / "x").exists()
+
+
+def test_saved_modules_options(tmp_path: Path) -> None:
+    """modules_to_save: refused by default (vLLM and llama.cpp's converter reject them),
+    kept for PEFT, dropped, or written beside the LoRA factors under their own names."""
+    mods = [ModuleSpec("a.q", 16, 24), ModuleSpec("a.v", 16, 8)]
+    head = np.random.default_rng(5).standard_normal((6, 16)).astype(np.float32)
+    bias = np.arange(6, dtype=np.float32)
+    extra = {"head.weight": head, "head.bias": bias}
+    config, theta = write_adapter(tmp_path / "uni", mods, d=64, extra=extra)
+    b, a = lora_factors(config, theta)["a.v"]
+
+    with pytest.raises(ur.InvalidArgumentError, match=r"modules_to_save \(head\).*vLLM.*drop"):
+        ur.export_lora(tmp_path / "uni", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ur.InvalidArgumentError, match="error, keep, drop, separate"):
+        ur.export_lora(tmp_path / "uni", tmp_path / "x", saved_modules="ignore")
+
+    def read(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        folder = tmp_path / name
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        return cfg, load_file(str(folder / "adapter_model.safetensors"))
+
+    ur.export_lora(tmp_path / "uni", tmp_path / "keep", saved_modules="keep")
+    cfg, sd = read("keep")
+    assert cfg["modules_to_save"] == ["head"]
+    assert torch.equal(sd["base_model.model.head.weight"], torch.from_numpy(head))
+
+    for mode in ("drop", "separate"):
+        result = ur.export_lora(tmp_path / "uni", tmp_path / mode, saved_modules=mode)
+        cfg, sd = read(mode)
+        assert cfg["modules_to_save"] is None
+        assert sorted(sd) == sorted(
+            f"base_model.model.{m}.lora_{x}.weight" for m in ("a.q", "a.v") for x in "AB"
+        )
+        assert np.array_equal(sd["base_model.model.a.v.lora_A.weight"].numpy(), a)
+        assert np.array_equal(sd["base_model.model.a.v.lora_B.weight"].numpy(), b)
+        companion = tmp_path / mode / "saved_modules.safetensors"
+        if mode == "drop":
+            assert result.saved_tensors == 0 and result.saved_file is None
+            assert not companion.exists()
+        else:
+            assert result.saved_tensors == 2 and result.saved_file == companion
+            saved = load_file(str(companion))
+            assert sorted(saved) == ["head.bias", "head.weight"]
+            assert torch.equal(saved["head.weight"], torch.from_numpy(head))
+            assert torch.equal(saved["head.bias"], torch.from_numpy(bias))

@@ -75,8 +75,15 @@ def test_merge_and_export_cli(
     captured = capsys.readouterr()
     assert captured.out.startswith("merged 21 tensors, replaced 1 into")
     assert captured.err == ""
-    assert main(["export-lora", str(adapter), str(tmp_path / "lora")]) == 0
+    lora = ["export-lora", str(adapter), str(tmp_path / "lora")]
+    assert main(lora) == 1  # modules_to_save: refused by default
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "modules_to_save (lm_head)" in err and "vLLM" in err
+    assert not (tmp_path / "lora").exists()
+    assert main([*lora, "--saved-modules", "keep"]) == 0
     assert "exported 21 LoRA modules + 1 saved tensor(s)" in capsys.readouterr().out
+    assert main([*lora[:2], str(tmp_path / "sep"), "--saved-modules", "separate"]) == 0
+    assert "+ 1 saved tensor(s) (in saved_modules.safetensors)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ SPEC_VERSION: int = _core.SPEC_VERSION
 # The adapter format imports __version__ and fingerprint from this package: keep it
 # after the lines above.
 from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config  # noqa: E402
+from .gguf_export import GgufExportResult, export_gguf  # noqa: E402
 from .merging import (  # noqa: E402
     AdapterInfo,
     ExportResult,
@@ -65,6 +66,7 @@ __all__ = [
     "DtypeError",
     "ExportResult",
     "FormatError",
+    "GgufExportResult",
     "InternalError",
     "InvalidArgumentError",
     "MergeEachResult",
@@ -77,6 +79,7 @@ __all__ = [
     "VectorError",
     "__version__",
     "convert_peft",
+    "export_gguf",
     "export_lora",
     "export_peft",
     "fingerprint",

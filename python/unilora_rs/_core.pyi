@@ -20,6 +20,7 @@ __all__ = [
     "fingerprint",
     "get_num_threads",
     "load_adapter",
+    "lora_factors",
     "map_sha256",
     "merge",
     "merge_each",
@@ -103,6 +104,7 @@ def export_lora(
     *,
     dtype: str = "f32",
     overwrite: bool = False,
+    saved_modules: str = "error",
 ) -> dict[str, Any]: ...
 def export_peft(
     adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
@@ -135,3 +137,6 @@ def load_adapter(
     npt.NDArray[np.float32],
     tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], str] | None,
 ]: ...
+def lora_factors(
+    path: str | os.PathLike[str],
+) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]: ...

@@ -109,10 +109,13 @@ class ExportResult:
     lora_parameters: int
     weights_bytes: int
     seconds: float
+    #: The companion file of the saved modules (``saved_modules="separate"``).
+    saved_file: Path | None = None
 
     @classmethod
     def _from_core(cls, raw: dict[str, Any], seconds: float, **more: Any) -> Any:
         """The result of the core's report ``raw`` (more fields of a subclass in ``more``)."""
+        saved_file = raw.get("saved_file")
         return cls(
             out=Path(raw["out"]),
             modules=raw["modules"],
@@ -120,6 +123,7 @@ class ExportResult:
             lora_parameters=raw["lora_parameters"],
             weights_bytes=raw["weights_bytes"],
             seconds=seconds,
+            saved_file=None if saved_file is None else Path(saved_file),
             **more,
         )
 
@@ -470,8 +474,16 @@ def merge_weighted(
     return _result(raw, seconds)
 
 
+SAVED_MODULES_CHOICES = ("error", "keep", "drop", "separate")
+
+
 def export_lora(
-    adapter: PathArg, out: PathArg, *, dtype: str = "f32", overwrite: bool = False
+    adapter: PathArg,
+    out: PathArg,
+    *,
+    dtype: str = "f32",
+    overwrite: bool = False,
+    saved_modules: str = "error",
 ) -> ExportResult:
     """Writes the exact PEFT LoRA equivalent of a Uni-LoRA adapter into folder ``out``.
 
@@ -483,11 +495,22 @@ def export_lora(
     when every module is a GPT-2 style ``conv1d``). PEFT's ``PeftModel.from_pretrained``,
     vLLM and llama.cpp's LoRA converter read this layout. ``dtype="f32"`` (default) is
     exact; ``"bf16"`` or ``"f16"`` round the factors to nearest even.
+
+    ``saved_modules`` says what to do with the adapter's ``modules_to_save`` tensors
+    (a trained head, say): ``"error"`` (default) refuses such an adapter, since vLLM's
+    LoRA loader and llama.cpp's ``convert_lora_to_gguf.py`` reject saved modules;
+    ``"keep"`` writes them into the adapter as ``base_model.model.<name>`` (PEFT loads
+    them); ``"drop"`` leaves them out (the LoRA model then lacks the trained modules);
+    ``"separate"`` writes them under their own names (the base model's keys) to
+    ``saved_modules.safetensors`` in ``out``, where no LoRA loader looks
+    (:attr:`ExportResult.saved_file`). Only ``"keep"`` lists them in the config.
     """
     adapter_p, out_p = _path("adapter", adapter), _path("out", out)
     dt = _dtype(dtype, allow_none=False)
     t0 = time.perf_counter()
-    raw = _core.export_lora(adapter_p, out_p, dtype=dt, overwrite=bool(overwrite))
+    raw = _core.export_lora(
+        adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), saved_modules=saved_modules
+    )
     return ExportResult._from_core(raw, time.perf_counter() - t0)
 
 

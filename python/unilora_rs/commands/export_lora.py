@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..merging import export_lora
+from ..merging import SAVED_MODULES_CHOICES, export_lora
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,12 +31,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="replace an existing output (only if empty or an earlier export-lora output)",
     )
+    p.add_argument(
+        "--saved-modules",
+        choices=SAVED_MODULES_CHOICES,
+        default="error",
+        help=(
+            "what to do with the adapter's modules_to_save tensors: error (default; vLLM "
+            "and llama.cpp's converter reject them), keep (in the adapter, for PEFT), drop, "
+            "or separate (to OUT/saved_modules.safetensors, under the base model's names)"
+        ),
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = export_lora(args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    result = export_lora(
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        saved_modules=args.saved_modules,
+    )
     saved = f" + {result.saved_tensors} saved tensor(s)" if result.saved_tensors else ""
+    if result.saved_file is not None:
+        saved += f" (in {result.saved_file.name})"
     print(
         f"exported {result.modules} LoRA modules{saved} ({result.lora_parameters:,} parameters, "
         f"{result.weights_bytes / 2**20:.1f} MiB) to {result.out} in {result.seconds:.2f} s"

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use numpy::{IntoPyArray, PyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use unilora_core::adapter::{Adapter, AdapterModule, CONFIG_NAME, Verify};
@@ -144,4 +144,32 @@ pub fn load_adapter<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResu
         )
     });
     Ok((config, adapter.theta.into_pyarray(py), map))
+}
+
+/// `(B, A)` of one module: `out x r` and `r x in` float32.
+type Factors<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>);
+
+/// Rebuilds every module's LoRA factors from the adapter at `path` (verified as the
+/// merge verifies it), with the adapter's projection: the factors `export_lora` writes.
+///
+/// Returns `[(B, A), ...]` in the adapter's module order, `B` `out x r` and `A`
+/// `r x in` (float32, unscaled: the LoRA scaling is `alpha / r`).
+#[pyfunction]
+pub fn lora_factors<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Vec<Factors<'py>>> {
+    let (adapter, pairs) = py
+        .detach(|| {
+            let adapter = Adapter::open(&path)?;
+            let pairs = adapter.lora_pairs()?;
+            Ok::<_, CoreError>((adapter, pairs))
+        })
+        .py()?;
+    let r = adapter.config.rank as usize;
+    let mut out = Vec::with_capacity(pairs.len());
+    for (m, pair) in adapter.config.modules.iter().zip(pairs) {
+        let (rows, cols) = (m.out_features as usize, m.in_features as usize);
+        let b = pair.b.into_pyarray(py).reshape([rows, r])?;
+        let a = pair.a.into_pyarray(py).reshape([r, cols])?;
+        out.push((b, a));
+    }
+    Ok(out)
 }

@@ -33,7 +33,7 @@ mod _core {
 
     #[pymodule_export]
     use crate::adapter::{
-        check_adapter_config, check_adapter_module, load_adapter, read_adapter_config,
+        check_adapter_config, check_adapter_module, load_adapter, lora_factors, read_adapter_config,
     };
 
     use pyo3::prelude::*;

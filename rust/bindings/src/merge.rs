@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyList};
 use unilora_core::control::{Control, run_watched, wait_a_poll};
 use unilora_core::merge::{MergeOptions, MergeReport, MultiMergeOptions};
 use unilora_core::safetensors::{Dtype, Header};
-use unilora_core::{CoreError, ExportOptions};
+use unilora_core::{CoreError, ExportOptions, SavedModules};
 
 use crate::errors::IntoPyResult;
 
@@ -191,20 +191,23 @@ pub fn merge_weighted<'py>(
 
 /// Writes the exact PEFT LoRA equivalent of the adapter into the folder `out`.
 ///
-/// Returns a dict with `out`, `modules`, `saved_tensors`, `lora_parameters` and
-/// `weights_bytes`.
+/// `saved_modules` (`"error"`, `"keep"`, `"drop"` or `"separate"`) says what to do with
+/// the adapter's `modules_to_save` tensors. Returns a dict with `out`, `modules`,
+/// `saved_tensors`, `lora_parameters`, `weights_bytes` and `saved_file`.
 #[pyfunction]
-#[pyo3(signature = (adapter, out, *, dtype="f32", overwrite=false))]
+#[pyo3(signature = (adapter, out, *, dtype="f32", overwrite=false, saved_modules="error"))]
 pub fn export_lora<'py>(
     py: Python<'py>,
     adapter: PathBuf,
     out: PathBuf,
     dtype: &str,
     overwrite: bool,
+    saved_modules: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut opts = ExportOptions::new(adapter, out);
     opts.dtype = Dtype::parse_target(dtype).py()?;
     opts.overwrite = overwrite;
+    opts.saved_modules = SavedModules::parse(saved_modules).py()?;
     let report = py.detach(|| unilora_core::export_lora(&opts)).py()?;
     export_dict(py, &report)
 }
@@ -221,6 +224,7 @@ pub(crate) fn export_dict<'py>(
     d.set_item("saved_tensors", report.saved_tensors)?;
     d.set_item("lora_parameters", report.lora_parameters)?;
     d.set_item("weights_bytes", report.weights_bytes)?;
+    d.set_item("saved_file", &report.saved_file)?;
     Ok(d)
 }
 

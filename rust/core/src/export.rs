@@ -8,6 +8,10 @@
 //! layout PEFT's `PeftModel.from_pretrained`, vLLM and llama.cpp's LoRA converter read.
 //! In float32 (the default) the export is exact: the LoRA model computes the same
 //! function as the Uni-LoRA one.
+//!
+//! An adapter with `modules_to_save` is refused unless the caller says what to do with
+//! them ([`SavedModules`]): vLLM's LoRA loader and llama.cpp's converter reject saved
+//! modules, PEFT loads them.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -24,6 +28,66 @@ use crate::safetensors::{Dtype, TensorInfo, build_header};
 /// Prefix PEFT puts before module names in a saved adapter.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
+/// What an export does with the adapter's `modules_to_save` tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SavedModules {
+    /// Refuse an adapter that has any (the default): vLLM's LoRA loader and llama.cpp's
+    /// `convert_lora_to_gguf.py` reject saved modules in a LoRA adapter.
+    #[default]
+    Error,
+    /// Write them into the LoRA adapter, named as PEFT names them (PEFT loads them).
+    Keep,
+    /// Leave them out: the LoRA adapter then lacks those trained modules.
+    Drop,
+    /// Write them, under their own names, to [`SAVED_MODULES_FILE`] in the output folder;
+    /// the adapter's config then lists none.
+    Separate,
+}
+
+impl SavedModules {
+    /// The option's name on the command line and in Python.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SavedModules::Error => "error",
+            SavedModules::Keep => "keep",
+            SavedModules::Drop => "drop",
+            SavedModules::Separate => "separate",
+        }
+    }
+
+    /// Parses `"error"`, `"keep"`, `"drop"` or `"separate"`.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "error" => Ok(SavedModules::Error),
+            "keep" => Ok(SavedModules::Keep),
+            "drop" => Ok(SavedModules::Drop),
+            "separate" => Ok(SavedModules::Separate),
+            other => Err(CoreError::InvalidArgument(format!(
+                "saved_modules must be one of error, keep, drop, separate, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The error of [`SavedModules::Error`] for an adapter whose `modules_to_save` are
+    /// `modules`, exported by `command`.
+    pub fn refusal(modules: &[String], command: &str) -> CoreError {
+        CoreError::InvalidArgument(format!(
+            "the adapter has modules_to_save ({}), which vLLM's LoRA loader and llama.cpp's \
+             convert_lora_to_gguf.py reject; {command} with saved_modules=\"drop\" leaves them \
+             out, \"separate\" writes them to a companion .safetensors file{}",
+            modules.join(", "),
+            if command == "export-lora" {
+                ", \"keep\" writes them into the adapter (PEFT loads them)"
+            } else {
+                ""
+            }
+        ))
+    }
+}
+
+/// The file [`SavedModules::Separate`] writes the saved modules to, in the output folder.
+pub const SAVED_MODULES_FILE: &str = "saved_modules.safetensors";
+
 /// What to export, where, and how.
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
@@ -35,6 +99,8 @@ pub struct ExportOptions {
     pub dtype: Dtype,
     /// Replace an existing output folder.
     pub overwrite: bool,
+    /// What to do with `modules_to_save` tensors (export-lora only).
+    pub saved_modules: SavedModules,
 }
 
 impl ExportOptions {
@@ -45,6 +111,7 @@ impl ExportOptions {
             out: out.into(),
             dtype: Dtype::F32,
             overwrite: false,
+            saved_modules: SavedModules::Error,
         }
     }
 }
@@ -62,6 +129,8 @@ pub struct ExportReport {
     pub lora_parameters: u64,
     /// Size of the written `adapter_model.safetensors` in bytes.
     pub weights_bytes: u64,
+    /// The companion file of the saved modules ([`SavedModules::Separate`]).
+    pub saved_file: Option<PathBuf>,
 }
 
 impl ExportReport {
@@ -74,6 +143,7 @@ impl ExportReport {
             saved_tensors: adapter.extra_tensors().count(),
             lora_parameters: adapter.config.total_size(),
             weights_bytes,
+            saved_file: None,
         }
     }
 }
@@ -81,8 +151,9 @@ impl ExportReport {
 /// The kind of output an export writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
 pub const OUTPUT_KIND: &str = "export-lora";
 
-/// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter`.
-pub fn peft_config(adapter: &Adapter) -> Value {
+/// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter` (listing its
+/// `modules_to_save` when `with_saved`).
+pub fn peft_config(adapter: &Adapter, with_saved: bool) -> Value {
     let config = &adapter.config;
     let alpha = if config.alpha.fract() == 0.0 && config.alpha.abs() < 2f64.powi(53) {
         Value::from(config.alpha as i64)
@@ -95,7 +166,7 @@ pub fn peft_config(adapter: &Adapter) -> Value {
         .iter()
         .map(|m| Value::from(m.name.clone()))
         .collect();
-    let to_save = if config.modules_to_save.is_empty() {
+    let to_save = if config.modules_to_save.is_empty() || !with_saved {
         Value::Null
     } else {
         Value::from(config.modules_to_save.clone())
@@ -130,11 +201,44 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
             opts.dtype
         )));
     }
+    let mode = opts.saved_modules;
     let (adapter, weights_bytes) = export_folder(opts, OUTPUT_KIND, |adapter, dir| {
-        let bytes = write_lora_weights(adapter, opts.dtype, dir)?;
-        Ok((bytes, peft_config(adapter)))
+        let has_saved = adapter.extra_tensors().next().is_some();
+        if has_saved && mode == SavedModules::Error {
+            return Err(SavedModules::refusal(
+                &adapter.config.modules_to_save,
+                "export-lora",
+            ));
+        }
+        let keep = mode == SavedModules::Keep;
+        let bytes = write_lora_weights(adapter, opts.dtype, keep, dir)?;
+        if has_saved && mode == SavedModules::Separate {
+            write_saved_modules(adapter, &dir.join(SAVED_MODULES_FILE))?;
+        }
+        Ok((bytes, peft_config(adapter, keep)))
     })?;
-    Ok(ExportReport::of(&adapter, &opts.out, weights_bytes))
+    let mut report = ExportReport::of(&adapter, &opts.out, weights_bytes);
+    match mode {
+        SavedModules::Keep => {}
+        SavedModules::Separate if report.saved_tensors > 0 => {
+            report.saved_file = Some(opts.out.join(SAVED_MODULES_FILE));
+        }
+        _ => report.saved_tensors = 0,
+    }
+    Ok(report)
+}
+
+/// Writes the adapter's `modules_to_save` tensors, under their own names (the base
+/// model's state-dict keys), to the safetensors file `path`; returns its size.
+pub fn write_saved_modules(adapter: &Adapter, path: &Path) -> Result<u64> {
+    let extras: Vec<TensorInfo> = adapter.extra_tensors().cloned().collect();
+    let tensors: Vec<TensorSpec> = extras
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    write_safetensors(path, &tensors, |k, buf| {
+        adapter.read_weights(extras[k].begin, buf)
+    })
 }
 
 /// Opens the adapter of `opts` and writes an output folder of `kind` from it, atomically:
@@ -161,8 +265,9 @@ pub(crate) fn export_folder(
     Ok((adapter, weights_bytes))
 }
 
-/// Writes `adapter_model.safetensors` of the LoRA equivalent into `dir`; returns its size.
-fn write_lora_weights(adapter: &Adapter, dtype: Dtype, dir: &Path) -> Result<u64> {
+/// Writes `adapter_model.safetensors` of the LoRA equivalent into `dir` (with the saved
+/// modules when `keep`); returns its size.
+fn write_lora_weights(adapter: &Adapter, dtype: Dtype, keep: bool, dir: &Path) -> Result<u64> {
     let pairs = adapter.lora_pairs()?;
     let r = adapter.config.rank;
     let mut tensors = Vec::with_capacity(2 * adapter.config.modules.len());
@@ -179,7 +284,11 @@ fn write_lora_weights(adapter: &Adapter, dtype: Dtype, dir: &Path) -> Result<u64
         ));
     }
     let factors = tensors.len();
-    let extras = saved_tensors(adapter, &mut tensors);
+    let extras = if keep {
+        saved_tensors(adapter, &mut tensors)
+    } else {
+        Vec::new()
+    };
     write_safetensors(
         &dir.join("adapter_model.safetensors"),
         &tensors,

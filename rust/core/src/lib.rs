@@ -49,7 +49,7 @@ pub mod task;
 pub use adapter::Adapter;
 pub use config::AdapterConfig;
 pub use error::{CoreError, Result};
-pub use export::{ExportOptions, ExportReport, export_lora};
+pub use export::{ExportOptions, ExportReport, SavedModules, export_lora};
 pub use export_peft::{PeftExportReport, export_peft};
 pub use fingerprint::fingerprint;
 pub use merge::{

@@ -1,0 +1,362 @@
+"""Uni-LoRA adapters as llama.cpp LoRA GGUF files, offline and without torch.
+
+:func:`export_gguf` writes what llama.cpp's ``convert_lora_to_gguf.py`` writes for the
+PEFT LoRA equivalent of an adapter (``export_lora``), without the PEFT folder and
+without torch: the factors come from the Rust core (the path ``export_lora`` uses, for
+every projection), tensor names, the Llama-family q/k row permutation, the output
+dtypes and the metadata follow the converter, and the file is written with the ``gguf``
+package (numpy only) that the converter uses. The one deliberate difference is GPT-2
+(docs/GGUF.md): the converter transposes the factors of GPT-2's ``Conv1D`` modules as
+if they were stored like the ``Conv1D`` weight, which gives llama.cpp factors whose
+shapes do not match the model; here they keep the orientation of a linear layer's
+factors, the one llama.cpp expects.
+
+>>> import unilora_rs as ur
+>>> ur.export_gguf("my-adapter", "my-lora.gguf", base="llama-7b/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .adapter import _adapter_dir, load_adapter_config
+from .errors import FormatError, InvalidArgumentError, MismatchError
+from .merging import PathArg, _path
+
+__all__ = ["GGUF_ARCHITECTURES", "GGUF_OUTTYPES", "GgufExportResult", "export_gguf"]
+
+#: Base model architectures (``config.json``'s ``architectures[0]``) and the llama.cpp
+#: model of each, as llama.cpp's converter maps them.
+GGUF_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",
+    "Qwen2ForCausalLM": "QWEN2",
+    "GemmaForCausalLM": "GEMMA",
+    "GPT2LMHeadModel": "GPT2",
+    "Phi3ForCausalLM": "PHI3",
+}
+
+#: ``outtype`` values, as the converter's ``--outtype`` (its ``auto`` fails on every LoRA
+#: adapter in llama.cpp's converter of llama-cpp-python 0.3.36: it calls ``dim()`` on its
+#: LoRA tensor wrapper; for float32 factors it would mean ``f16``).
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+# The converter's per-architecture tensor rules (conversion/llama.py, gpt2.py, gemma.py).
+_PERMUTED = {"LLAMA"}  # LlamaModel.undo_permute: q/k rows reordered for llama.cpp's RoPE
+_GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+@dataclass(frozen=True)
+class GgufExportResult:
+    """What :func:`export_gguf` wrote."""
+
+    out: Path
+    architecture: str
+    modules: int
+    tensors: int
+    outtype: str
+    #: Tensors written per GGUF type (``{"F32": 56}``; q8_0 falls back to F16 for rows
+    #: that are not a multiple of 32, as the converter does).
+    tensor_types: dict[str, int]
+    lora_parameters: int
+    bytes_written: int
+    seconds: float
+    saved_tensors: int = 0
+    saved_file: Path | None = None
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError(
+            "export_gguf needs the gguf package (pip install 'unilora_rs[gguf]' or "
+            "pip install gguf)"
+        ) from err
+    return gguf
+
+
+def _base_hparams(base: Path) -> tuple[dict[str, Any], Path]:
+    """The base model's config (``config.json`` of folder ``base``, or the file), with
+    ``text_config`` lifted to the top as the converter does."""
+    path = base / "config.json" if base.is_dir() else base
+    try:
+        hparams = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no config.json (--base must be the base model's folder)"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{path}: not a JSON config ({err})") from err
+    if not isinstance(hparams, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    if isinstance(hparams.get("text_config"), dict):
+        hparams = {**hparams, **hparams["text_config"]}
+    return hparams, path.parent
+
+
+def _find(hparams: dict[str, Any], keys: list[str], what: str, source: Path) -> Any:
+    for key in keys:
+        if key in hparams:
+            return hparams[key]
+    raise FormatError(f"{source}: config.json has no {what} ({', '.join(keys)})")
+
+
+def _architecture(hparams: dict[str, Any], source: Path) -> str:
+    arches = hparams.get("architectures")
+    arch = arches[0] if isinstance(arches, list) and arches else None
+    if arch not in GGUF_ARCHITECTURES:
+        supported = ", ".join(GGUF_ARCHITECTURES)
+        raise InvalidArgumentError(
+            f"base architecture {arch!r} ({source / 'config.json'}) is not supported by "
+            f"export_gguf; supported: {supported}"
+        )
+    return arch
+
+
+def _permute_rows(b: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """The converter's ``LlamaModel.permute`` applied to ``W = B @ A``: only ``B``'s rows
+    move (each head's two rotary halves interleaved)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    rows, r = b.shape
+    return np.ascontiguousarray(
+        b.reshape(n_head, 2, rows // n_head // 2, r).swapaxes(1, 2).reshape(rows, r)
+    )
+
+
+def _out_path(out: Path, adapter_dir: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise IsADirectoryError(f"{out}: the output must be a .gguf file path, not a folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    resolved = out.resolve()
+    adapter_r = adapter_dir.resolve()
+    if resolved == adapter_r or adapter_r in resolved.parents:
+        raise InvalidArgumentError(
+            f"output {out} is inside the adapter folder {adapter_dir}; the inputs are never "
+            "modified: choose a path outside it"
+        )
+
+
+def _write_atomic(target: Path, write: Callable[[Path], None]) -> int:
+    """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
+    it to ``target``; the temporary is removed on any failure (Ctrl-C included).
+    Returns the size written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size = tmp.stat().st_size
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _saved_companion(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.saved_modules.safetensors")
+
+
+def export_gguf(
+    adapter: PathArg,
+    out: PathArg,
+    *,
+    base: PathArg | None = None,
+    outtype: str = "f32",
+    saved_modules: str = "error",
+    overwrite: bool = False,
+    show_progress: bool = False,
+) -> GgufExportResult:
+    """Writes a llama.cpp LoRA adapter GGUF (``llama-cli --lora``, ``llama_cpp.Llama(
+    lora_path=...)``) equivalent to the Uni-LoRA adapter ``adapter``.
+
+    ``base`` is the base model's folder (only its ``config.json`` is read: the
+    architecture, layer and head counts); by default the adapter's
+    ``base_model_name_or_path`` when that is a local folder. Supported architectures:
+    :data:`GGUF_ARCHITECTURES` (Llama / Mistral, Qwen2, Gemma, GPT-2, Phi-3).
+
+    Tensors are named as llama.cpp names the base weight plus ``.lora_a`` (``A``,
+    ``r x in``) and ``.lora_b`` (``B``, ``out x r``), e.g. ``blk.0.attn_q.weight.lora_a``;
+    for Llama / Mistral the rows of ``B`` of ``q_proj`` and ``k_proj`` are permuted as
+    the converter permutes the weights. Metadata: ``general.architecture``,
+    ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha``,
+    ``general.name`` (from the adapter folder, as the converter derives it) and
+    ``general.quantization_version``. ``outtype`` is ``"f32"`` (default, exact),
+    ``"f16"``, ``"bf16"`` or ``"q8_0"``, each as the converter encodes it.
+
+    ``saved_modules`` is as for :func:`unilora_rs.export_lora` (llama.cpp has no place
+    for them): ``"error"`` refuses an adapter with ``modules_to_save``, ``"drop"``
+    leaves them out and ``"separate"`` writes them to ``<out stem>.saved_modules.safetensors``
+    beside ``out``. A module llama.cpp's tensor map does not know, or an unsupported
+    architecture, raises :class:`InvalidArgumentError` naming what is supported. The
+    file is written to a temporary file beside ``out`` and renamed when complete; the
+    inputs are never modified.
+    """
+    gguf = _gguf()
+    t0 = time.perf_counter()
+    adapter_p, out_p = _path("adapter", adapter), _path("out", out)
+    if outtype not in GGUF_OUTTYPES:
+        raise InvalidArgumentError(
+            f"outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}"
+        )
+    if saved_modules not in ("error", "drop", "separate"):
+        raise InvalidArgumentError(
+            f"saved_modules must be one of error, drop, separate, got {saved_modules!r}"
+        )
+    adapter_dir = _adapter_dir(adapter_p)
+    config = load_adapter_config(adapter_dir)
+    if base is None:
+        named = config.base_model_name_or_path
+        if named is None or not (Path(named) / "config.json").is_file():
+            raise InvalidArgumentError(
+                "export_gguf needs the base model's folder (base= / --base DIR, for its "
+                f"config.json); the adapter names {named!r}, which is not a local folder"
+            )
+        base = named
+    hparams, base_dir = _base_hparams(_path("base", base))
+    hf_arch = _architecture(hparams, base_dir)
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[hf_arch])
+    block_count = _find(
+        hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"], "layer count", base_dir
+    )
+    tensor_map = gguf.get_tensor_name_map(arch, block_count)
+    _out_path(out_p, adapter_dir, overwrite)
+
+    # Every module must have a llama.cpp tensor before anything is computed.
+    names: list[str] = []
+    for m in config.modules:
+        hf_name = m.name.replace("language_model.", "")
+        if GGUF_ARCHITECTURES[hf_arch] == "LLAMA":
+            hf_name = hf_name.replace("text_model.", "")
+        new_name = tensor_map.get_name(key=f"{hf_name}.weight", try_suffixes=(".weight", ".bias"))
+        skipped = GGUF_ARCHITECTURES[hf_arch] == "GEMMA" and hf_name == "lm_head"
+        if new_name is None or skipped or new_name.startswith("token_embd."):
+            raise InvalidArgumentError(
+                f"module {m.name!r} has no llama.cpp LoRA tensor for {hf_arch}; export_gguf "
+                "supports the attention and MLP projections of each layer "
+                "(blk.N.attn_q / attn_k / attn_v / attn_qkv / attn_output, ffn_gate / ffn_up "
+                "/ ffn_down) and the output head where llama.cpp's tensor map has one"
+            )
+        names.append(new_name)
+
+    saved_names = list(config.modules_to_save)
+    extra: dict[str, np.ndarray] = {}
+    if saved_names:
+        if saved_modules == "error":
+            raise InvalidArgumentError(
+                f"the adapter has modules_to_save ({', '.join(saved_names)}), which vLLM's "
+                "LoRA loader and llama.cpp's convert_lora_to_gguf.py reject; export-gguf "
+                'with saved_modules="drop" leaves them out, "separate" writes them to a '
+                "companion .safetensors file"
+            )
+        if saved_modules == "separate":
+            from .adapter import load_adapter
+
+            extra = load_adapter(adapter_dir)[2]
+
+    factors = _core.lora_factors(adapter_dir)
+    if len(factors) != len(config.modules):  # pragma: no cover - the core's contract
+        raise MismatchError("the core returned factors for another module list")
+
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
+    qtype = {
+        gguf.LlamaFileType.ALL_F32: gguf.GGMLQuantizationType.F32,
+        gguf.LlamaFileType.MOSTLY_F16: gguf.GGMLQuantizationType.F16,
+        gguf.LlamaFileType.MOSTLY_BF16: gguf.GGMLQuantizationType.BF16,
+        gguf.LlamaFileType.MOSTLY_Q8_0: gguf.GGMLQuantizationType.Q8_0,
+    }[ftype]
+    n_head = hparams.get("n_heads", hparams.get("num_attention_heads"))
+    n_head_kv = hparams.get("n_kv_heads", hparams.get("num_key_value_heads"))
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
+    types: dict[str, int] = {}
+    for m, new_name, (b, a) in zip(config.modules, names, factors, strict=True):
+        if GGUF_ARCHITECTURES[hf_arch] in _PERMUTED and m.name.endswith(("q_proj", "k_proj")):
+            if n_head is None or n_head_kv is None:
+                raise FormatError(f"{base_dir}: config.json lacks the head counts")
+            b = _permute_rows(b, n_head, None if m.name.endswith("q_proj") else n_head_kv)
+        for suffix, data in ((".lora_a", a), (".lora_b", b)):
+            t = qtype
+            try:
+                encoded = gguf.quants.quantize(data, t)
+            except gguf.QuantError:
+                t = gguf.GGMLQuantizationType.F16  # the converter's fallback
+                encoded = gguf.quants.quantize(data, t)
+            writer.add_tensor(new_name + suffix, encoded, raw_dtype=t)
+            types[t.name] = types.get(t.name, 0) + 1
+
+    # Metadata, in the converter's order (ModelBase.prepare_metadata, LoraModel).
+    total_params = writer.get_total_parameter_count()[0]
+    metadata = gguf.Metadata.load(None, adapter_dir, None, total_params)
+    if metadata.name is None:
+        metadata.name = base_dir.name
+    if metadata.size_label is None and total_params > 0:  # pragma: no cover - LoRA: < 0
+        metadata.size_label = gguf.size_label(*writer.get_total_parameter_count())
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    metadata.set_gguf_meta_model(writer)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.alpha))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    saved_file = None
+    if extra:
+        from safetensors.numpy import save_file
+
+        saved_file = _saved_companion(out_p)
+        if saved_file.exists() and not overwrite:
+            raise FileExistsError(f"{saved_file} exists (pass --overwrite to replace it)")
+        _write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=show_progress)
+        writer.close()
+
+    try:
+        size = _write_atomic(out_p, write)
+    except BaseException:
+        writer.close()
+        if saved_file is not None:
+            saved_file.unlink(missing_ok=True)
+        raise
+    if show_progress:
+        sys.stderr.flush()
+    return GgufExportResult(
+        out=out_p,
+        architecture=gguf.MODEL_ARCH_NAMES[arch],
+        modules=len(config.modules),
+        tensors=2 * len(config.modules),
+        outtype=outtype,
+        tensor_types=types,
+        lora_parameters=config.total_size,
+        bytes_written=size,
+        seconds=time.perf_counter() - t0,
+        saved_tensors=len(extra) if saved_modules != "drop" else 0,
+        saved_file=saved_file,
+    )
