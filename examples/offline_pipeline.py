@@ -34,6 +34,13 @@ def main() -> int:
     ap.add_argument("--adapter", type=Path, default=Path("unilora-demo/adapter"))
     ap.add_argument("--out", type=Path, default=Path("offline-out"))
     ap.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None)
+    ap.add_argument(
+        "--saved-modules",
+        choices=["error", "keep", "drop", "separate"],
+        default="keep",
+        help="the adapter's modules_to_save in the LoRA export (default keep: PEFT loads "
+        "them; vLLM and llama.cpp need drop or separate)",
+    )
     args = ap.parse_args()
     base = args.base or packaged_model_dir()
 
@@ -54,7 +61,9 @@ def main() -> int:
     )
 
     t0 = time.perf_counter()
-    lora = ur.export_lora(args.adapter, args.out / "lora", overwrite=True)
+    lora = ur.export_lora(
+        args.adapter, args.out / "lora", overwrite=True, saved_modules=args.saved_modules
+    )
     print(
         f"exported a PEFT LoRA to {lora.out} ({_size(lora.out):,} bytes) "
         f"in {time.perf_counter() - t0:.2f} s"

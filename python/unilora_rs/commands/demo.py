@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
             f"max |logit difference| {checks['onnx_max_diff']:.2e} ({out / 'model.onnx'})"
         )
 
-    export_lora(out / "adapter", out / "lora")
+    # PEFT's LoRA format with the head kept (what PEFT would save for the same run).
+    export_lora(out / "adapter", out / "lora", saved_modules="keep")
     ours = metrics["adapter_bytes"]
     lora = _dir_bytes(out / "lora")
     report = {
