@@ -237,7 +237,7 @@ def _head_only(args: argparse.Namespace, common: dict[str, Any], out: Path) -> d
 
 #: Learning rate of the head-only baseline (chosen on the validation split by
 #: examples/compare.py; docs/results/compare.md).
-BASELINE_LR = 1e-2
+BASELINE_LR = 5e-2
 
 
 def _check_merged(result: Any, merged: Path) -> dict[str, float]:
