@@ -10,9 +10,10 @@ same budget (2 epochs, batch 32, AdamW with linear warm-up/decay, max 128 tokens
 Protocol: each method's learning rate is picked from a small grid by validation
 accuracy (seed 0; ``SWEEP`` below; LoRA r = 1, 2 and 8 run at 5e-3 only, the best rate
 of r = 4's first grid); the test split is never used for the choice. The chosen learning
-rate of the headline configurations (ours at d=5,760 and LoRA r=4) is rerun with two
-more seeds (the seed sets the head's initialisation, the adapter's initialisation and
-the batch order); the test accuracy is reported as mean ± std over the seeds run.
+rate of the headline configurations (ours at d = 5,760, 2,880 and 1,440, PEFT's Uni-LoRA
+and LoRA r = 4) is rerun with two more seeds (the seed sets the head's initialisation,
+the adapter's initialisation and the batch order); the test accuracy is reported as
+mean ± std over the seeds run.
 Every run is its own process (peak RSS per run); results are cached per run in
 ``docs/results/runs/`` so an interrupted comparison resumes where it stopped.
 The step time comes from a separate phase that interleaves the steps of ours, PEFT
@@ -59,7 +60,13 @@ SWEEP: dict[tuple[str, int], list[float]] = {
 }
 METHODS = ["head-only", "unilora", "peft-unilora", "peft-lora", "peft-vera"]
 #: The configurations rerun with the extra seeds at their chosen learning rate.
-HEADLINE = {("unilora", 5760), ("peft-lora", 4)}
+HEADLINE = {
+    ("unilora", 5760),
+    ("unilora", 2880),
+    ("unilora", 1440),
+    ("peft-unilora", 5760),
+    ("peft-lora", 4),
+}
 HEAD_LR = 2e-3
 SEEDS = (0, 1, 2)
 EPOCHS = 2
