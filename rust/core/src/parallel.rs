@@ -84,12 +84,21 @@ fn default_threads() -> usize {
 
 /// Sets the number of worker threads; `0` restores the default
 /// (`UNILORA_NUM_THREADS`, else the number of available CPUs). `1` runs everything
-/// on the calling thread. Values above [`max_threads`] are clamped to it (see
+/// on one worker thread. Values above [`max_threads`] are clamped to it (see
 /// [`check_num_threads`] to refuse them instead).
 pub fn set_num_threads(n: usize) {
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
     st.requested = n.min(max_threads());
-    st.pool = None;
+    let wanted = if st.requested > 0 {
+        st.requested
+    } else {
+        default_threads()
+    };
+    // Keep a pool of the wanted size: setting the same count again (as a loop that
+    // sets it before every call does) must not tear down and respawn the workers.
+    if matches!(&st.pool, Some((_, size, _)) if *size != wanted.max(1)) {
+        st.pool = None;
+    }
 }
 
 /// The number of threads the next parallel call will use.
@@ -102,7 +111,7 @@ pub fn num_threads() -> usize {
     }
 }
 
-/// Runs `f` inside the pool (or inline with a single thread).
+/// Runs `f` inside the pool of the current thread count (one worker for `1`).
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let pool = {
         let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,24 +120,23 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         } else {
             default_threads()
         };
-        if n <= 1 {
-            None
-        } else {
-            let pid = std::process::id();
-            match &st.pool {
-                Some((p, size, pool)) if *p == pid && *size == n => Some(pool.clone()),
-                _ => {
-                    let built = ThreadPoolBuilder::new()
-                        .num_threads(n)
-                        .thread_name(|i| format!("unilora-{i}"))
-                        .build()
-                        .ok()
-                        .map(Arc::new);
-                    if let Some(pool) = &built {
-                        st.pool = Some((pid, n, pool.clone()));
-                    }
-                    built
+        // One thread is a pool of one too: outside a pool, rayon's parallel iterators
+        // would run on its global pool (one thread per CPU).
+        let n = n.max(1);
+        let pid = std::process::id();
+        match &st.pool {
+            Some((p, size, pool)) if *p == pid && *size == n => Some(pool.clone()),
+            _ => {
+                let built = ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("unilora-{i}"))
+                    .build()
+                    .ok()
+                    .map(Arc::new);
+                if let Some(pool) = &built {
+                    st.pool = Some((pid, n, pool.clone()));
                 }
+                built
             }
         }
     };
@@ -140,7 +148,7 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_THREAD_CAP, check_num_threads, max_threads};
+    use super::{MIN_THREAD_CAP, check_num_threads, install, max_threads, set_num_threads};
 
     #[test]
     fn thread_requests_above_the_cap_are_refused() {
@@ -152,5 +160,17 @@ mod tests {
             err.contains("1000000 threads requested") && err.contains("limit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn parallel_work_runs_on_exactly_the_set_number_of_threads() {
+        // One test for both counts: the setting is process-wide.
+        for n in [1, 2, 1] {
+            set_num_threads(n);
+            assert_eq!(install(rayon::current_num_threads), n);
+            let first = install(|| rayon::current_thread_index().map(|_| ()));
+            assert!(first.is_some(), "work ran outside the pool for n = {n}");
+        }
+        set_num_threads(0);
     }
 }
