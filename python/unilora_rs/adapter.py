@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -212,17 +212,31 @@ class ProjectionMap:
         return {MAP_INDICES_KEY: self.indices, MAP_SCALES_KEY: self.scales}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_atomic(target: Path, write: Callable[[Path], None]) -> int:
+    """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
+    it to ``target``; the temporary is removed on any failure (Ctrl-C included).
+    Returns the size written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size = tmp.stat().st_size
+        os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return size
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _check_theta(theta: npt.NDArray[Any], d: int, source: str) -> npt.NDArray[np.float32]:

@@ -18,11 +18,8 @@ factors, the one llama.cpp expects.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .adapter import _adapter_dir, load_adapter_config
+from .adapter import _adapter_dir, _write_atomic, load_adapter_config
 from .errors import FormatError, InvalidArgumentError, MismatchError
 from .merging import PathArg, _path
 
@@ -148,29 +145,6 @@ def _out_path(out: Path, adapter_dir: Path, overwrite: bool) -> None:
             f"output {out} is inside the adapter folder {adapter_dir}; the inputs are never "
             "modified: choose a path outside it"
         )
-
-
-def _write_atomic(target: Path, write: Callable[[Path], None]) -> int:
-    """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
-    it to ``target``; the temporary is removed on any failure (Ctrl-C included).
-    Returns the size written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        size = tmp.stat().st_size
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size
 
 
 def _saved_companion(out: Path) -> Path:
