@@ -70,6 +70,17 @@ struct PoolState {
     pool: Option<(u32, usize, Arc<ThreadPool>)>,
 }
 
+impl PoolState {
+    /// The thread count in effect: the requested one, else the default.
+    fn threads(&self) -> usize {
+        if self.requested > 0 {
+            self.requested
+        } else {
+            default_threads()
+        }
+    }
+}
+
 static STATE: Mutex<PoolState> = Mutex::new(PoolState {
     requested: 0,
     pool: None,
@@ -89,11 +100,7 @@ fn default_threads() -> usize {
 pub fn set_num_threads(n: usize) {
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
     st.requested = n.min(max_threads());
-    let wanted = if st.requested > 0 {
-        st.requested
-    } else {
-        default_threads()
-    };
+    let wanted = st.threads();
     // Keep a pool of the wanted size: setting the same count again (as a loop that
     // sets it before every call does) must not tear down and respawn the workers.
     if matches!(&st.pool, Some((_, size, _)) if *size != wanted.max(1)) {
@@ -103,26 +110,16 @@ pub fn set_num_threads(n: usize) {
 
 /// The number of threads the next parallel call will use.
 pub fn num_threads() -> usize {
-    let st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    if st.requested > 0 {
-        st.requested
-    } else {
-        default_threads()
-    }
+    STATE.lock().unwrap_or_else(|e| e.into_inner()).threads()
 }
 
 /// Runs `f` inside the pool of the current thread count (one worker for `1`).
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let pool = {
         let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-        let n = if st.requested > 0 {
-            st.requested
-        } else {
-            default_threads()
-        };
         // One thread is a pool of one too: outside a pool, rayon's parallel iterators
         // would run on its global pool (one thread per CPU).
-        let n = n.max(1);
+        let n = st.threads().max(1);
         let pid = std::process::id();
         match &st.pool {
             Some((p, size, pool)) if *p == pid && *size == n => Some(pool.clone()),
