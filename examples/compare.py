@@ -151,7 +151,7 @@ def build(method: str, variant: int, seed: int, model: Any, head: list[str]) -> 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from unilora_rs.datasets import classification_examples, packaged_model_dir
-    from unilora_rs.torch.finetune import (
+    from unilora_rs.torch.training import (
         batches,
         encode,
         evaluate,
@@ -232,7 +232,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 def time_steps(threads: int, steps: int) -> dict[str, float]:
     import torch
     from unilora_rs.datasets import classification_examples, packaged_model_dir
-    from unilora_rs.torch.finetune import _loss, batches, encode, load_task_model, modules_of
+    from unilora_rs.torch.training import batch_loss, batches, encode, load_task_model, modules_of
 
     torch.set_num_threads(threads)
     data = splits()
@@ -254,7 +254,7 @@ def time_steps(threads: int, steps: int) -> dict[str, float]:
         for name, (model, opt) in contenders.items():
             model.train()
             t0 = time.perf_counter()
-            _loss(model, batch, "classification").backward()
+            batch_loss(model, batch, "classification").backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step >= 3:

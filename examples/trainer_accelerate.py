@@ -33,7 +33,7 @@ import torch
 import transformers
 from trainer_causal_lm import dialog_texts  # the same texts as that example (this folder)
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model
-from unilora_rs.torch.trainer import UniLoRATrainer
+from unilora_rs.torch.training.hf_trainer import UniLoRATrainer
 
 PAD = 0  # byte 0 never occurs in the text
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import transformers
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model
-from unilora_rs.torch.finetune import default_vector_length, lora_parameter_count
+from unilora_rs.torch.training import default_vector_length, lora_parameter_count
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,7 +16,7 @@ import unilora_rs as ur  # noqa: E402
 from unilora_rs.datasets import LabelMap  # noqa: E402
 from unilora_rs.errors import FormatError, InvalidArgumentError, MismatchError  # noqa: E402
 from unilora_rs.torch import UniLoRAConfig, get_unilora_model  # noqa: E402
-from unilora_rs.torch.finetune import task_record  # noqa: E402
+from unilora_rs.torch.training import task_record  # noqa: E402
 
 LABELS = LabelMap.from_keys(["neg", "neu", "pos"])
 

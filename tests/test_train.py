@@ -107,10 +107,10 @@ def test_train_writes_adapter_head_and_metrics(trained: Path) -> None:
 def test_saved_adapter_reproduces_the_eval_accuracy(trained: Path, real_rows: list) -> None:
     """The adapter plus head, loaded onto a fresh model, gives the recorded accuracy."""
     from unilora_rs.torch import UniLoRAModel
-    from unilora_rs.torch.finetune import _quiet_transformers
+    from unilora_rs.torch.training import quiet_transformers
 
     m = json.loads((trained / "metrics.json").read_text())
-    with _quiet_transformers():
+    with quiet_transformers():
         base = transformers.AutoModelForSequenceClassification.from_pretrained(
             str(packaged_model_dir()), num_labels=2
         )

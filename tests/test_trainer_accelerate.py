@@ -146,7 +146,7 @@ def test_resume_refuses_an_adapter_of_another_projection(
     tmp_path: Path, runs: dict[str, Path]
 ) -> None:
     from unilora_rs.torch import UniLoRAConfig, get_unilora_model
-    from unilora_rs.torch.trainer import restore_adapter
+    from unilora_rs.torch.training.hf_trainer import restore_adapter
 
     sys.path.insert(0, str(EXAMPLE.parent))
     try:

@@ -140,7 +140,7 @@ def run(mode: str, rank: int, world: int, out_dir: str, adapter_dir: str) -> Non
     restored = None
     if mode == "fp32":
         # Trainer's resume path on sharded ranks: each rank reads the file, keeps its shard.
-        from unilora_rs.torch.trainer import restore_adapter
+        from unilora_rs.torch.training.hf_trainer import restore_adapter
 
         restore_adapter(model, adapter_dir)
         restored = model.theta_d.full_tensor().detach().clone()

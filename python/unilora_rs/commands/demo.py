@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import export_lora, merge
     from ..datasets import packaged_model_dir, sentiment_sentences
-    from ..torch.finetune import FinetuneArgs, finetune
+    from ..torch.training import FinetuneArgs, finetune
     from .train import summary
 
     if args.train_examples < 10 or args.eval_examples < 10:
@@ -182,7 +182,7 @@ def _head_only(args: argparse.Namespace, common: dict[str, Any], out: Path) -> d
     import torch
 
     from ..datasets import classification_examples, read_records
-    from ..torch.finetune import (
+    from ..torch.training import (
         FinetuneArgs,
         batches,
         encode,
@@ -244,10 +244,10 @@ def _check_merged(result: Any, merged: Path) -> dict[str, float]:
     import torch
     import transformers
 
-    from ..torch.finetune import _quiet_transformers, predict_logits
+    from ..torch.training import predict_logits, quiet_transformers
 
     trained = predict_logits(result.model, result.eval_batches)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             str(merged), local_files_only=True
         ).eval()
@@ -267,8 +267,8 @@ def _check_onnx(result: Any, merged: Path, path: Path) -> dict[str, float]:
     import numpy as np
     import onnxruntime as ort
 
-    from ..torch.finetune import predict_logits
     from ..torch.onnx_export import export_adapter_onnx
+    from ..torch.training import predict_logits
 
     export_adapter_onnx(merged, path)
     trained = predict_logits(result.model, result.eval_batches).numpy()

@@ -113,7 +113,7 @@ def default_model() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..torch.finetune import FinetuneArgs, finetune
+    from ..torch.training import FinetuneArgs, finetune
 
     out = args.out or args.data.with_name(f"{args.data.stem}-unilora")
     options: dict[str, Any] = {

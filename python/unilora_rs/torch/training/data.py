@@ -1,0 +1,78 @@
+"""Model inputs from examples: tokenize once, then batches padded to their longest row."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...datasets import Example
+from ...errors import InvalidArgumentError
+
+__all__ = ["Batch", "batches", "encode"]
+
+
+@dataclass
+class Batch:
+    """Padded model inputs plus the labels (class ids, or token ids with -100 on padding)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    rows: list[int]
+
+
+def encode(
+    tokenizer: Any, examples: Sequence[Example], max_length: int
+) -> list[dict[str, list[int]]]:
+    """Tokenizes every text once (truncated to ``max_length`` tokens)."""
+    if max_length < 2:
+        raise InvalidArgumentError(f"max_length must be at least 2, got {max_length}")
+    enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(examples))]
+
+
+def _order(n: int, encoded: Sequence[dict[str, list[int]]], shuffle: bool, seed: int) -> list[int]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    else:
+        order.sort(key=lambda i: len(encoded[i]["input_ids"]))
+    return order
+
+
+def batches(
+    encoded: Sequence[dict[str, list[int]]],
+    examples: Sequence[Example],
+    tokenizer: Any,
+    batch_size: int,
+    task: str,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[Batch]:
+    """Batches of ``batch_size`` rows, each padded to its longest row. Shuffled with
+    ``seed`` for training; in evaluation sorted by length (less padding)."""
+    order = _order(len(encoded), encoded, shuffle, seed)
+    out = []
+    pad_id = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded[i]["input_ids"]) for i in rows)
+        inputs: dict[str, torch.Tensor] = {}
+        for key in encoded[rows[0]]:
+            fill = pad_id if key == "input_ids" else 0
+            data = [encoded[i][key] + [fill] * (width - len(encoded[i][key])) for i in rows]
+            inputs[key] = torch.tensor(data, dtype=torch.long, device=device)
+        if task == "classification":
+            labels = torch.tensor(
+                [examples[i].label for i in rows], dtype=torch.long, device=device
+            )
+        else:
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        out.append(Batch(inputs, labels, rows))
+    return out

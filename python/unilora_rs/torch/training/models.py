@@ -1,0 +1,198 @@
+"""Loading the model a job trains, and what the adapter records about it.
+
+* :func:`load_task_model` loads the tokenizer and a classification or causal-LM model
+  from a local folder and reports which tensors are new (the classification head);
+* :func:`lora_parameter_count` / :func:`default_vector_length` size the adapter (``D``
+  and the paper's ``d / D``);
+* :func:`task_record` is the adapter's ``task`` entry (what a merge needs to rebuild
+  the trained model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...datasets import LabelMap
+from ...errors import InvalidArgumentError
+from ..config import UniLoRAConfig, find_modules_to_save, find_targets, module_features
+
+__all__ = [
+    "GLUE_RATIO",
+    "LLM_RATIO",
+    "TASKS",
+    "default_vector_length",
+    "load_task_model",
+    "lora_parameter_count",
+    "modules_of",
+    "pad_was_set",
+    "quiet_transformers",
+    "task_record",
+]
+
+TASKS = ("classification", "causal-lm")
+
+#: The paper's d / D for encoders on GLUE: RoBERTa-base, q and v at rank 4
+#: (D = 147,456) trained with d = 23,040.
+GLUE_RATIO = 23_040 / 147_456
+#: The paper's d / D for instruction tuning: Llama-2-7B, all linear layers at rank 4
+#: (D = 9,994,240) trained with d = 2^19.
+LLM_RATIO = 2**19 / 9_994_240
+
+
+def default_vector_length(total: int, task: str) -> int:
+    """``d`` from the paper's ratio ``d / D`` for the task (GLUE for classification,
+    instruction tuning for causal LM), at least 1 and at most ``D``."""
+    ratio = GLUE_RATIO if task == "classification" else LLM_RATIO
+    return max(1, min(total, round(total * ratio)))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers' loading chatter (progress bars, "newly initialized" notes)."""
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _model_folder(model_dir: str | os.PathLike[str]) -> Path:
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(2, "model folder not found", str(folder))
+    if not (folder / "config.json").is_file():
+        raise InvalidArgumentError(
+            f"{folder} is not a Hugging Face model folder (no config.json); give the folder "
+            "that save_pretrained wrote"
+        )
+    return folder
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # transformers raises many types here
+        raise InvalidArgumentError(
+            f"{folder}: the tokenizer does not load ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _load_model(
+    folder: Path, task: str, labels: LabelMap | None, dtype: torch.dtype
+) -> tuple[nn.Module, dict[str, Any]]:
+    import transformers
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    if task == "classification":
+        if labels is None:
+            raise InvalidArgumentError("classification needs the label map")
+        auto = transformers.AutoModelForSequenceClassification
+        kwargs.update(num_labels=len(labels), id2label=labels.id2label, label2id=labels.label2id)
+    else:
+        auto = transformers.AutoModelForCausalLM
+    try:
+        return auto.from_pretrained(str(folder), output_loading_info=True, **kwargs)  # type: ignore[no-any-return]
+    except Exception as err:
+        raise InvalidArgumentError(
+            f"{folder}: the model does not load for {task} ({type(err).__name__}: {err})"
+        ) from err
+
+
+def load_task_model(
+    model_dir: str | os.PathLike[str],
+    task: str,
+    labels: LabelMap | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, Any, list[str]]:
+    """``(model, tokenizer, new_tensors)`` for ``task`` from a local model folder.
+
+    ``new_tensors`` are the state-dict names that the checkpoint does not hold and that
+    were freshly initialised (for classification, the head). Causal LMs without a
+    padding token pad with their end-of-sequence token.
+    """
+    if task not in TASKS:
+        raise InvalidArgumentError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    folder = _model_folder(model_dir)
+    with quiet_transformers():
+        tokenizer = _load_tokenizer(folder)
+        model, info = _load_model(folder, task, labels, dtype)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InvalidArgumentError(
+                f"{folder}: the tokenizer has neither a pad nor an eos token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    new = sorted(info.get("missing_keys", ()))
+    return model, tokenizer, new
+
+
+def modules_of(tensor_names: Sequence[str], model: nn.Module) -> list[str]:
+    """The modules that own ``tensor_names`` (``classifier.weight`` -> ``classifier``)."""
+    owned = {name: mod for name, mod in model.named_modules()}
+    out: list[str] = []
+    for t in tensor_names:
+        parent = t.rpartition(".")[0]
+        if parent in owned and parent not in out:
+            out.append(parent)
+    return out
+
+
+def pad_was_set(model_dir: str | os.PathLike[str], model: nn.Module) -> bool:
+    """True when the model folder's config has no pad_token_id and one was set on load."""
+    try:
+        saved = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return saved.get("pad_token_id") is None and model.config.pad_token_id is not None  # type: ignore[union-attr]
+
+
+def lora_parameter_count(model: nn.Module, probe: UniLoRAConfig) -> int:
+    """``D`` for ``probe``'s rank, targets and exclusions on ``model`` (nothing is wrapped)."""
+    saved = find_modules_to_save(model, probe)
+    total = 0
+    for _, module, kind in find_targets(model, probe, saved):
+        fan_in, fan_out = module_features(module, kind)
+        total += probe.rank * (fan_in + fan_out)
+    if total == 0:
+        raise InvalidArgumentError(
+            f"target_modules={probe.target_modules!r} matches no nn.Linear / Conv1D layer"
+        )
+    return total
+
+
+def task_record(
+    task: str, base: nn.Module, labels: LabelMap | None, new_tensors: Sequence[str], pad_set: bool
+) -> dict[str, Any]:
+    """The adapter's ``task`` entry: what a merge needs to rebuild the trained model
+    (the architecture, the label names, the new head tensors)."""
+    config: dict[str, Any] = {"architectures": [type(base).__name__]}
+    if task == "classification" and labels is not None:
+        config.update(
+            id2label={str(i): n for i, n in labels.id2label.items()},
+            label2id=labels.label2id,
+            problem_type="single_label_classification",
+        )
+    if pad_set:
+        config["pad_token_id"] = base.config.pad_token_id  # type: ignore[union-attr]
+    kind = "sequence-classification" if task == "classification" else "causal-lm"
+    return {"type": kind, "config": config, "new_tensors": sorted(new_tensors)}
