@@ -15,7 +15,7 @@ LoRA, VeRA and Uni-LoRA with exactly the same parts):
 from __future__ import annotations
 
 from .data import Batch, batches, encode
-from .job import METRICS_NAME, FinetuneArgs, FinetuneResult, args_dict, finetune
+from .job import METRICS_NAME, FinetuneArgs, FinetuneResult, args_dict, finetune, resolved, summary
 from .loop import batch_loss, evaluate, lm_loss_sum, predict_logits, train_loop
 from .models import (
     GLUE_RATIO,
@@ -52,6 +52,8 @@ __all__ = [
     "pad_was_set",
     "predict_logits",
     "quiet_transformers",
+    "resolved",
+    "summary",
     "task_record",
     "train_loop",
 ]

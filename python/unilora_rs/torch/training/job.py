@@ -10,11 +10,12 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...datasets import (
     Example,
@@ -25,12 +26,14 @@ from ...datasets import (
     text_examples,
 )
 from ...errors import InvalidArgumentError
+from ...train_options import FinetuneArgs
 from ..config import UniLoRAConfig
 from ..model import UniLoRAModel, get_unilora_model
 from .data import Batch, batches, encode
 from .loop import train_loop
 from .models import (
     TASKS,
+    default_model_dir,
     default_vector_length,
     load_task_model,
     lora_parameter_count,
@@ -39,39 +42,17 @@ from .models import (
     task_record,
 )
 
-__all__ = ["METRICS_NAME", "FinetuneArgs", "FinetuneResult", "args_dict", "finetune"]
+__all__ = [
+    "METRICS_NAME",
+    "FinetuneArgs",
+    "FinetuneResult",
+    "args_dict",
+    "finetune",
+    "resolved",
+    "summary",
+]
 
 METRICS_NAME = "metrics.json"
-
-
-@dataclass
-class FinetuneArgs:
-    """Options of :func:`finetune` (the ``unilora train`` flags)."""
-
-    model: Path
-    out: Path
-    data: Path | None = None
-    eval_data: Path | None = None
-    eval_fraction: float = 0.1
-    task: str = "classification"
-    text_column: str = "text"
-    label_column: str = "label"
-    rank: int = 4
-    vector_length: int | None = None
-    target_modules: list[str] | str | None = None
-    projection: str = "sparse"
-    lr: float = 2e-2
-    head_lr: float = 2e-3
-    epochs: int = 2
-    batch_size: int = 32
-    max_length: int = 128
-    seed: int = 0
-    warmup_ratio: float = 0.06
-    max_steps: int | None = None
-    max_train_examples: int | None = None
-    threads: int | None = None
-    progress: bool = True
-    overwrite: bool = False
 
 
 @dataclass
@@ -180,6 +161,18 @@ def _check_out(out: Path, overwrite: bool) -> None:
             )
 
 
+def resolved(args: FinetuneArgs) -> FinetuneArgs:
+    """``args`` with the defaults that depend on others filled in: the model (the
+    packaged all-MiniLM-L6-v2) and the output folder (``DATA-unilora`` beside the data)."""
+    model = args.model if args.model is not None else default_model_dir()
+    out = args.out
+    if out is None:
+        if args.data is None:
+            raise InvalidArgumentError("no output folder: give --out DIR")
+        out = args.data.with_name(f"{args.data.stem}-unilora")
+    return replace(args, model=Path(model), out=Path(out))
+
+
 def finetune(
     args: FinetuneArgs,
     *,
@@ -188,46 +181,24 @@ def finetune(
 ) -> FinetuneResult:
     """Trains a Uni-LoRA adapter on ``args.data`` (or ``train_rows``), evaluates after each
     epoch and writes the adapter and ``metrics.json`` into ``args.out``."""
+    args = resolved(args)
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     train, held, labels = _load_examples(args, train_rows, eval_rows)
     torch.manual_seed(args.seed)
-    model, tokenizer, new_tensors = load_task_model(args.model, args.task, labels)
-    pad_set = pad_was_set(args.model, model)
-    head = modules_of(new_tensors, model) if args.task == "classification" else []
-    probe = UniLoRAConfig(
-        rank=args.rank,
-        vector_length=1,
-        seed=args.seed,
-        target_modules=args.target_modules,
-        modules_to_save=head or None,
-    )
-    total = lora_parameter_count(model, probe)
-    d = args.vector_length or default_vector_length(total, args.task)
-    config = UniLoRAConfig(
-        rank=args.rank,
-        vector_length=d,
-        seed=args.seed,
-        target_modules=args.target_modules,
-        modules_to_save=head or None,
-        projection=args.projection,
-        base_model_name_or_path=str(Path(args.model).resolve()),
-    )
-    wrapped = get_unilora_model(model, config)
+    model, tokenizer, new_tensors = load_task_model(args.model, args.task, labels)  # type: ignore[arg-type]
+    pad_set = pad_was_set(args.model, model)  # type: ignore[arg-type]
+    wrapped = _build_adapter(args, model, new_tensors)
     train_enc = encode(tokenizer, train, args.max_length)
     held_enc = encode(tokenizer, held, args.max_length)
     eval_batches = batches(
         held_enc, held, tokenizer, max(args.batch_size, 64), args.task, shuffle=False
     )
-    head_params = [p for n, p in wrapped.named_parameters() if p.requires_grad and n != "theta_d"]
-    groups: list[dict[str, Any]] = [{"params": [wrapped.theta_d], "lr": args.lr}]
-    if head_params:
-        groups.append({"params": head_params, "lr": args.head_lr})
     t0 = time.perf_counter()
     history = train_loop(
         wrapped,
-        groups,
+        _param_groups(args, wrapped),
         lambda epoch: batches(
             train_enc,
             train,
@@ -248,10 +219,42 @@ def finetune(
     wrapped.eval()
     metrics = _metrics(args, wrapped, labels, train, held, history, seconds, new_tensors)
     task = task_record(args.task, model, labels, new_tensors, pad_set)
-    _save(args.out, wrapped, metrics, task)
-    metrics["adapter_bytes"] = _adapter_bytes(args.out)
-    (args.out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _save(args.out, wrapped, metrics, task)  # type: ignore[arg-type]
     return FinetuneResult(metrics, wrapped, tokenizer, labels, train, held, eval_batches)
+
+
+def _build_adapter(args: FinetuneArgs, model: nn.Module, new_tensors: list[str]) -> UniLoRAModel:
+    """Wraps ``model`` with the adapter ``args`` describe: ``d`` from the paper's ratio
+    unless given, the new head (classification) saved in full."""
+    head = modules_of(new_tensors, model) if args.task == "classification" else []
+    probe = UniLoRAConfig(
+        rank=args.rank,
+        vector_length=1,
+        seed=args.seed,
+        target_modules=args.target_modules,
+        modules_to_save=head or None,
+    )
+    total = lora_parameter_count(model, probe)
+    d = args.vector_length or default_vector_length(total, args.task)
+    config = UniLoRAConfig(
+        rank=args.rank,
+        vector_length=d,
+        seed=args.seed,
+        target_modules=args.target_modules,
+        modules_to_save=head or None,
+        projection=args.projection,
+        base_model_name_or_path=str(Path(args.model).resolve()),  # type: ignore[arg-type]
+    )
+    return get_unilora_model(model, config)
+
+
+def _param_groups(args: FinetuneArgs, model: UniLoRAModel) -> list[dict[str, Any]]:
+    """``theta_d`` at ``lr``; the saved head (if any) at ``head_lr``."""
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n != "theta_d"]
+    groups: list[dict[str, Any]] = [{"params": [model.theta_d], "lr": args.lr}]
+    if head:
+        groups.append({"params": head, "lr": args.head_lr})
+    return groups
 
 
 def _metrics(
@@ -311,24 +314,42 @@ def _metrics(
     return out
 
 
-def _save(
-    out: Path,
-    model: UniLoRAModel,
-    metrics: dict[str, Any],
-    task: dict[str, Any],
-) -> None:
+def _save(out: Path, model: UniLoRAModel, metrics: dict[str, Any], task: dict[str, Any]) -> None:
+    """Writes the adapter, then ``metrics.json`` (once, with the adapter's size)."""
     out.mkdir(parents=True, exist_ok=True)
     model.adapter_config.task = task
     model.save_pretrained(out)
-    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-
-
-def _adapter_bytes(out: Path) -> int:
-    return sum(
+    metrics["adapter_bytes"] = sum(
         (out / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors")
     )
+    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
 def args_dict(args: FinetuneArgs) -> dict[str, Any]:
     """``args`` as JSON-ready values."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()}
+
+
+def summary(m: dict[str, Any], out: Path) -> str:
+    """The lines ``unilora train`` prints after training."""
+    tp = m["trainable_parameters"]
+    lines = [
+        f"trained {m['steps']} steps in {m['train_seconds']:.1f} s on {m['train_examples']:,} "
+        f"examples ({m['seconds_per_step']:.3f} s/step)"
+    ]
+    if "eval_accuracy" in m:
+        lines.append(
+            f"eval accuracy {m['eval_accuracy']:.4f}, eval loss {m['eval_loss']:.4f} "
+            f"({m['eval_examples']:,} examples)"
+        )
+    else:
+        lines.append(
+            f"eval loss {m['eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f} "
+            f"({m['eval_examples']:,} examples)"
+        )
+    lines.append(
+        f"trainable: theta_d {tp['theta_d']:,} + head {tp['head']:,}; a LoRA of the same "
+        f"rank trains {m['lora_parameters_same_rank']:,} ({m['adapted_modules']} modules)"
+    )
+    lines.append(f"adapter ({m['adapter_bytes']:,} bytes) and metrics.json in {out}")
+    return "\n".join(lines)

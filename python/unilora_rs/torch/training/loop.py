@@ -148,6 +148,27 @@ def _total_steps(
     return total if max_steps is None else min(total, max_steps)
 
 
+def _step(
+    model: nn.Module,
+    batch: Batch,
+    task: str,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+) -> float:
+    """One optimizer step on ``batch``; its loss."""
+    loss = batch_loss(model, batch, task)
+    if not torch.isfinite(loss):
+        raise InvalidArgumentError(
+            f"the training loss became {float(loss)} at step {step + 1}; lower the learning rate"
+        )
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train_loop(
     model: nn.Module,
     param_groups: list[dict[str, Any]],
@@ -179,21 +200,9 @@ def train_loop(
             if step >= total:
                 break
             t0 = time.perf_counter()
-            losses = []
-            for batch in train_data(epoch):
-                if step >= total:
-                    break
-                loss = batch_loss(model, batch, task)
-                if not torch.isfinite(loss):
-                    raise InvalidArgumentError(
-                        f"the training loss became {float(loss)} at step {step + 1}; "
-                        "lower the learning rate"
-                    )
-                loss.backward()
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+            losses: list[float] = []
+            for batch in train_data(epoch)[: total - step]:
+                losses.append(_step(model, batch, task, opt, sched, step))
                 step += 1
                 bar.update(losses[-1], epoch + 1)
             record: dict[str, Any] = {

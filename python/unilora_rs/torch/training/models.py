@@ -22,12 +22,14 @@ from torch import nn
 
 from ...datasets import LabelMap
 from ...errors import InvalidArgumentError
+from ...train_options import TASKS
 from ..config import UniLoRAConfig, find_modules_to_save, find_targets, module_features
 
 __all__ = [
     "GLUE_RATIO",
     "LLM_RATIO",
     "TASKS",
+    "default_model_dir",
     "default_vector_length",
     "load_task_model",
     "lora_parameter_count",
@@ -36,8 +38,6 @@ __all__ = [
     "quiet_transformers",
     "task_record",
 ]
-
-TASKS = ("classification", "causal-lm")
 
 #: The paper's d / D for encoders on GLUE: RoBERTa-base, q and v at rank 4
 #: (D = 147,456) trained with d = 23,040.
@@ -69,6 +69,19 @@ def quiet_transformers() -> Iterator[None]:
         tlog.set_verbosity(level)
         if bars:
             tlog.enable_progress_bar()
+
+
+def default_model_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (``unilora train``'s default model), with a hint
+    when the package is missing."""
+    from ...datasets import packaged_model_dir
+
+    try:
+        return packaged_model_dir()
+    except ImportError as err:
+        raise InvalidArgumentError(
+            f"no --model given and the default model is not installed ({err})"
+        ) from None
 
 
 def _model_folder(model_dir: str | os.PathLike[str]) -> Path:
