@@ -13,9 +13,8 @@ from torch import nn
 
 from ..adapter import PROJECTIONS, AdapterConfig, ProjectionMap
 from ..errors import InvalidArgumentError
-from .kernels import BACKENDS, INDEX_MODES
 from .layers import plain_named_modules
-from .params import GENERATED_PROJECTIONS
+from .ops import BACKENDS, GENERATED_PROJECTIONS, INDEX_MODES
 
 __all__ = [
     "ALL_LINEAR",

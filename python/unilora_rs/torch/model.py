@@ -44,7 +44,6 @@ from .config import (
     module_kind,
     target_rule,
 )
-from .kernels import INDEX_MODES, build_index_map, rebuild, resolve_backend
 from .layers import (
     BASE_ROWS,
     AdapterContext,
@@ -54,7 +53,7 @@ from .layers import (
     UniLoRALayer,
     plain_named_modules,
 )
-from .params import Params, make_projection
+from .ops import INDEX_MODES, Params, build_index_map, make_projection, rebuild, resolve_backend
 from .quant import dequantized_weight, is_quantized
 
 __all__ = ["DEFAULT_ADAPTER", "UniLoRAModel", "get_unilora_model"]
