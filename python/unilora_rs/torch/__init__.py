@@ -16,10 +16,11 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without torch
     raise ImportError("unilora_rs.torch needs PyTorch: pip install 'unilora_rs[torch]'") from err
 
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, UniLoRAConfig
+from .config import UniLoRAConfig
 from .layers import UniLoRALayer
 from .model import UniLoRAModel, get_unilora_model
 from .ops import ProjectionParams, build_index_map, rebuild
+from .targets import ALL_LINEAR, DEFAULT_TARGET_MODULES
 
 __all__ = [
     "ALL_LINEAR",

@@ -36,25 +36,21 @@ from ..adapter import (
     save_adapter,
 )
 from ..errors import InvalidArgumentError, MismatchError, VectorError
-from .config import (
-    UniLoRAConfig,
+from .cache import ThetaDCache
+from .config import UniLoRAConfig
+from .context import BASE_ROWS, AdapterContext
+from .layers import Branch, UniLoRALayer
+from .modules_to_save import ModulesToSaveWrapper
+from .ops import INDEX_MODES, Params, make_projection
+from .quant import dequantized_weight, is_quantized
+from .targets import (
     find_modules_to_save,
     find_targets,
     module_features,
     module_kind,
+    plain_named_modules,
     target_rule,
 )
-from .layers import (
-    BASE_ROWS,
-    AdapterContext,
-    Branch,
-    ModulesToSaveWrapper,
-    SharedState,
-    UniLoRALayer,
-    plain_named_modules,
-)
-from .ops import INDEX_MODES, Params, build_index_map, make_projection, rebuild, resolve_backend
-from .quant import dequantized_weight, is_quantized
 
 __all__ = ["DEFAULT_ADAPTER", "UniLoRAModel", "get_unilora_model"]
 
@@ -78,20 +74,20 @@ class _Adapter:
         name: str,
         config: UniLoRAConfig,
         adapter_config: AdapterConfig,
-        projection: Params,
-        state: SharedState,
+        state: ThetaDCache,
         saved: list[str],
     ) -> None:
         self.name = name
         self.config = config
         self.adapter_config = adapter_config
-        self.projection = projection
         self.state = state
         self.saved = saved
         self.layers: list[UniLoRALayer] = []
-        self.index_mode = config.index_mode
-        self.backend = config.backend
-        self.index_map: torch.Tensor | None = None
+
+    @property
+    def projection(self) -> Params:
+        """The adapter's projection constants."""
+        return self.state.projection
 
 
 class UniLoRAModel(nn.Module):
@@ -222,12 +218,12 @@ class UniLoRAModel(nn.Module):
     @property
     def index_mode(self) -> str:
         """The active adapter's index mode."""
-        return self._active_entry.index_mode
+        return self._active_entry.state.index_mode
 
     @property
     def backend(self) -> str:
         """The active adapter's kernel backend."""
-        return self._active_entry.backend
+        return self._active_entry.state.backend
 
     def add_adapter(
         self,
@@ -343,9 +339,10 @@ class UniLoRAModel(nn.Module):
         theta.uniform_(-config.init_range, config.init_range)
         self._set_vector(name, nn.Parameter(theta, requires_grad=trainable))
 
-        state = SharedState(lambda: self._rebuild(name))
-        state.bind_source(lambda: self._vector(name))
-        entry = _Adapter(name, config, adapter_config, projection, state, saved)
+        state = ThetaDCache(
+            lambda: self._vector(name), projection, config.index_mode, config.backend
+        )
+        entry = _Adapter(name, config, adapter_config, state, saved)
         offset = 0
         for spec in specs:
             layer = self._wrap_at(spec.name, UniLoRALayer)
@@ -368,7 +365,7 @@ class UniLoRAModel(nn.Module):
         for s in saved:
             self._wrap_at(s, ModulesToSaveWrapper).add(name, trainable)
         self._adapters[name] = entry
-        self._sync_index_map(entry)
+        state.sync_index_map()
         return entry
 
     def _parent(self, name: str) -> tuple[nn.Module, str]:
@@ -458,29 +455,13 @@ class UniLoRAModel(nn.Module):
             vector = self._vector(entry.name)
             if vector.dtype != torch.float32:
                 vector.data = vector.data.to(torch.float32)
-            self._sync_index_map(entry)
+            entry.state.sync_index_map()
             entry.state.clear()
         return self
 
-    def _sync_index_map(self, entry: _Adapter) -> None:
-        """Builds (cached mode) or drops (on-the-fly mode) the int32 map on theta_d's device."""
-        if entry.index_mode != "cached":
-            entry.index_map = None
-            return
-        device = self._vector(entry.name).device
-        if entry.index_map is None or entry.index_map.device != device:
-            with torch.no_grad():
-                entry.index_map = build_index_map(entry.projection, device)
-
     def _rebuild(self, adapter_name: str | None = None) -> torch.Tensor:
         """``theta_D`` of an adapter (default: the active one), through the kernels layer."""
-        entry = self._entry(adapter_name or self._require_active())
-        theta = self._vector(entry.name)
-        if entry.index_mode == "cached":
-            if entry.index_map is None or entry.index_map.device != theta.device:
-                self._sync_index_map(entry)
-            return rebuild(theta, entry.projection, index=entry.index_map)
-        return rebuild(theta, entry.projection, backend=entry.backend)
+        return self._entry(adapter_name or self._require_active()).state.rebuild()
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         ctx = self._context
@@ -594,12 +575,7 @@ class UniLoRAModel(nn.Module):
                 f"index mode {mode!r} is not one of {', '.join(INDEX_MODES)}"
             )
         for entry in self._adapters.values():
-            if backend is not None:
-                resolve_backend(self._vector(entry.name).device, backend)
-                entry.backend = backend
-            entry.index_mode = mode
-            self._sync_index_map(entry)
-            entry.state.clear()
+            entry.state.set_index_mode(mode, backend)
 
     # ------------------------------------------------------------------ merging
 
