@@ -1,6 +1,7 @@
 """Which modules of a model an adapter adapts or saves in full: PEFT's matching rules
 (names, suffixes, a regex, ``"all-linear"``), the default targets per model type, and the
-model's modules as if no adapter were there (:func:`plain_named_modules`)."""
+model's modules as if no adapter were there (:func:`plain_named_modules`, and where a
+module of that plain model is held: :func:`parent_of`, :func:`module_at`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ __all__ = [
     "TargetSelection",
     "find_modules_to_save",
     "find_targets",
+    "module_at",
     "module_features",
     "module_kind",
     "name_matches",
+    "parent_of",
     "plain_named_modules",
     "target_rule",
 ]
@@ -205,3 +208,18 @@ def find_targets(
                 "nn.Linear and GPT-2 Conv1D layers can be adapted"
             )
         yield name, module, kind
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the module named ``name`` (a name of the plain model) and the
+    attribute it is held under; a wrapper's own module counts as the parent's."""
+    parent_name, _, child = name.rpartition(".")
+    parent = dict(plain_named_modules(model))[parent_name]
+    return parent, child
+
+
+def module_at(model: nn.Module, name: str) -> nn.Module:
+    """The module held at ``name`` now (a Uni-LoRA layer or modules_to_save wrapper
+    where one was put)."""
+    parent, child = parent_of(model, name)
+    return parent._modules[child]  # type: ignore[return-value]
