@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import triton
 import unilora_rs as ur
-from unilora_rs.torch import triton_kernels as T
+from unilora_rs.torch.ops import triton as T
 from unilora_rs.torch.params import ProjectionParams
 
 

@@ -157,7 +157,7 @@ def test_bad_arguments_are_refused() -> None:
         K.rebuild(torch.zeros(4, dtype=torch.float64), p)
     with pytest.raises(InvalidArgumentError, match="not one of"):
         K.rebuild(torch.zeros(4), p, backend="cuda")
-    if not K._triton_interpret():
+    if not K.triton_interpret():
         with pytest.raises(InvalidArgumentError, match="needs Triton and a CUDA tensor"):
             K.rebuild(torch.zeros(4), p, backend="triton")
 

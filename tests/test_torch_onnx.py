@@ -33,8 +33,8 @@ from unilora_rs.torch import (  # noqa: E402
     UniLoRAConfig,
     UniLoRAModel,
     get_unilora_model,
-    onnx_export,
 )
+from unilora_rs.torch.export import onnx as onnx_export  # noqa: E402
 from unilora_rs.torch.onnx_export import export_adapter_onnx, export_onnx  # noqa: E402
 
 

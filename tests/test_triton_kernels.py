@@ -25,7 +25,7 @@ import reference  # noqa: E402
 import unilora_rs as ur  # noqa: E402
 from torch_spec_reference import Spec  # noqa: E402
 from unilora_rs.torch import kernels as K  # noqa: E402
-from unilora_rs.torch import triton_kernels as T  # noqa: E402
+from unilora_rs.torch.ops import triton as T  # noqa: E402
 from unilora_rs.torch.params import ProjectionParams  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ import torch
 import unilora_rs as ur
 from torch_spec_reference import Spec
 from unilora_rs.torch import kernels as K
-from unilora_rs.torch import triton_kernels as T
+from unilora_rs.torch.ops import triton as T
 from unilora_rs.torch.params import ProjectionParams
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..torch.onnx_export import export_adapter_onnx
+    from ..torch.export.onnx import export_adapter_onnx
 
     start = time.monotonic()
 

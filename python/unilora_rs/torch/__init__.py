@@ -6,7 +6,7 @@
 
 One float32 ``nn.Parameter`` ``theta_d`` is the only trainable tensor (plus any
 ``modules_to_save``); every LoRA matrix is a view of ``theta_D = P theta_d``, rebuilt
-once per forward pass by the kernels in :mod:`unilora_rs.torch.kernels`.
+once per forward pass by the kernels in :mod:`unilora_rs.torch.ops`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without torch
     raise ImportError("unilora_rs.torch needs PyTorch: pip install 'unilora_rs[torch]'") from err
 
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, UniLoRAConfig
-from .kernels import ProjectionParams, build_index_map, rebuild
+from .config import UniLoRAConfig
 from .layers import UniLoRALayer
 from .model import UniLoRAModel, get_unilora_model
+from .ops import ProjectionParams, build_index_map, rebuild
+from .targets import ALL_LINEAR, DEFAULT_TARGET_MODULES
 
 __all__ = [
     "ALL_LINEAR",

@@ -10,11 +10,19 @@ replaces the quantized layer.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["dequantized_weight", "is_quantized", "quantization_kind"]
+__all__ = [
+    "dequantize_rest",
+    "dequantized_linear",
+    "dequantized_weight",
+    "float_dtype",
+    "is_quantized",
+    "quantization_kind",
+]
 
 
 def quantization_kind(module: nn.Module) -> str | None:
@@ -73,3 +81,56 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "torchao":
         return weight.dequantize().to(torch.float32)
     return weight.detach().to(torch.float32)
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float parameters outside quantized layers."""
+    for module in model.modules():
+        if is_quantized(module):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+def dequantized_linear(
+    base: nn.Module, deltas: Sequence[torch.Tensor], dtype: torch.dtype
+) -> nn.Linear:
+    """A float ``nn.Linear`` of ``dtype`` with the dequantised weight of ``base`` plus
+    each ``delta W`` (added in float32, rounded once)."""
+    weight = dequantized_weight(base)
+    for delta in deltas:
+        weight = weight + delta.to(weight.device)
+    out_f, in_f = weight.shape
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+    linear.weight.data.copy_(weight.to(dtype))
+    if bias is not None:
+        linear.bias.data.copy_(bias.detach().to(dtype))
+    linear.requires_grad_(False)
+    return linear
+
+
+def dequantize_rest(model: nn.Module, dtype: torch.dtype, *, was_quantized: bool) -> None:
+    """Dequantises the quantized linear layers no adapter touched and removes the
+    transformers quantization markers, so that the merged model is a float model."""
+    found = was_quantized
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, nn.Linear) and is_quantized(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, dequantized_linear(module, [], dtype))
+            found = True
+    if not found:
+        return
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    for attr in ("is_quantized", "is_loaded_in_8bit", "is_loaded_in_4bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "quantization_method", None) is not None:
+        model.quantization_method = None

@@ -1,0 +1,534 @@
+"""ONNX export of a merged model, verified with onnxruntime before it is written.
+
+:func:`export_onnx` takes a plain torch model (typically ``merge_and_unload()``'s
+result), exports it with ``torch.onnx.export(dynamo=True)`` with dynamic batch and
+sequence axes, runs the graph with onnxruntime on sample inputs of other shapes and
+compares it with torch, and only then renames the file into place.
+:func:`export_adapter_onnx` does the whole job from folders: base model (saved with
+transformers) + Uni-LoRA adapter -> merged ONNX graph.
+
+Weights go into the ``.onnx`` file itself unless they are too large for one protobuf
+message (2 GiB) or external data is asked for: then they go into ``OUT.onnx.data``
+beside it (the graph refers to that file by its name, relative to the ``.onnx``).
+Memory: the graph shares the model's tensors and is written tensor by tensor, torch's
+reference outputs are computed before onnxruntime maps the written weights, and
+:func:`export_adapter_onnx` frees the model it loaded before that, so the peak stays
+near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...adapter import CONFIG_NAME
+from ...errors import InvalidArgumentError, MismatchError
+from ..model import UniLoRAModel
+
+__all__ = [
+    "SINGLE_FILE_LIMIT",
+    "ExportReport",
+    "export_adapter_onnx",
+    "export_onnx",
+    "load_base_model",
+]
+
+#: Weights above this many bytes cannot be embedded in one ``.onnx`` file: a protobuf
+#: message is limited to 2 GiB, and the graph itself needs some room (64 MiB kept free).
+SINGLE_FILE_LIMIT = 2**31 - 2**26
+_DISK_MARGIN = 2**26  # room for the graph and file-system overhead beside the weights
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was exported and how well onnxruntime agreed with torch.
+
+    ``data_path`` is the external-data file beside ``path`` (``None`` when the weights
+    are inside the ``.onnx`` file); ``auto_external`` says it was chosen because the
+    weights (``weight_bytes``) exceed :data:`SINGLE_FILE_LIMIT`.
+    """
+
+    path: Path
+    output_name: str
+    max_abs_diff: float
+    checked_shapes: tuple[tuple[int, int], ...]
+    opset: int
+    weight_bytes: int = 0
+    data_path: Path | None = None
+    auto_external: bool = False
+
+
+class _Logits(nn.Module):
+    """``(input_ids, attention_mask) -> logits`` (or ``last_hidden_state``) of a model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if getattr(getattr(self.model, "config", None), "use_cache", False):
+            kwargs["use_cache"] = False
+        out = self.model(**kwargs)
+        for name in ("logits", "last_hidden_state"):
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor):
+                return value
+        if isinstance(out, torch.Tensor):
+            return out
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        raise InvalidArgumentError(f"cannot find a tensor output in {type(out).__name__}")
+
+
+def _sample(
+    batch: int, seq: int, vocab: int, seed: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    if pad:
+        mask[0, seq - pad :] = 0  # right padding on the first row
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences the exporter's progress prints and known warnings during the export."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _compare(ort_out: np.ndarray, torch_out: np.ndarray, mask: np.ndarray) -> float:
+    if ort_out.shape != torch_out.shape:
+        raise MismatchError(
+            f"onnxruntime output shape {ort_out.shape} differs from torch {torch_out.shape}"
+        )
+    diff = np.abs(ort_out.astype(np.float64) - torch_out.astype(np.float64))
+    if diff.ndim >= 2 and diff.shape[:2] == mask.shape:
+        diff = diff[mask.astype(bool)]  # padded positions carry no meaning
+    return float(diff.max()) if diff.size else 0.0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of the graph's initializers (the weights that go to the file)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def _choose_external(
+    external_data: bool | None, weight_bytes: int, data: Path
+) -> tuple[bool, bool]:
+    """``(use external data, chosen automatically)``; refuses a single file over the limit."""
+    too_big = weight_bytes > SINGLE_FILE_LIMIT
+    if external_data is False and too_big:
+        raise InvalidArgumentError(
+            f"the weights are {_gb(weight_bytes)}, over the 2 GB limit of a single ONNX "
+            "file: allow external data (external_data=None or True)"
+        )
+    use = bool(external_data) or too_big
+    if use and data.exists() and not data.is_file():
+        raise IsADirectoryError(21, "external-data path exists and is not a file", str(data))
+    return use, use and not external_data
+
+
+def _drop_weights(model: Any) -> None:
+    """Lets go of the graph's initializer tensors (torch's weights and lazy transposes)."""
+    for value in model.graph.initializers.values():
+        value.const_value = None
+
+
+def _free_tensors(model: nn.Module) -> None:
+    """Frees the storage of every parameter and buffer of ``model`` (which is ours)."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough disk space for the export: it needs about {_gb(needed)}, {_gb(free)} free",
+            str(folder),
+        )
+
+
+def _save(model: Any, path: Path, data_name: str | None, say: Progress) -> None:
+    """Writes the graph to ``path``; with ``data_name`` the weights go to that file beside
+    it, tensor by tensor straight from the torch tensors (no copy of the model)."""
+    import onnx_ir as ir
+
+    if data_name is None:
+        ir.save(model, path)
+        return
+    total = _weight_bytes(model)
+    done = 0
+
+    def callback(tensor: Any, info: Any) -> None:  # called before each tensor is written
+        nonlocal done
+        size = int(tensor.nbytes)
+        if size >= 2**26 or info.index == 0:
+            n = f"{info.index + 1}/{info.total}"
+            say(f"  tensor {n} ({_gb(size)}), {_gb(done)} of {_gb(total)} written")
+        done += size
+
+    # 64 KiB-aligned large tensors let onnxruntime map them from the file
+    ir.save(model, path, external_data=data_name, callback=callback, alignment=65536)
+
+
+def export_onnx(
+    model: nn.Module,
+    out_path: str | os.PathLike[str],
+    *,
+    vocab_size: int | None = None,
+    batch: int = 2,
+    seq_len: int = 16,
+    opset: int = 18,
+    atol: float = 1e-4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """Exports ``model`` (``input_ids``, ``attention_mask`` -> ``logits``) to ``out_path``.
+
+    The graph is checked with onnxruntime against torch on two inputs of other shapes
+    (one with padding); a difference above ``atol`` on non-padded positions raises
+    :class:`MismatchError` and nothing is written. The file appears atomically.
+
+    ``external_data``: ``None`` (default) embeds the weights in the ``.onnx`` file unless
+    they exceed :data:`SINGLE_FILE_LIMIT`, then writes them to ``OUT.onnx.data``;
+    ``True`` always writes ``OUT.onnx.data``; ``False`` always embeds them (an error
+    above the limit). With external data both files are staged in a temporary folder
+    beside ``out_path`` and renamed into place, the data file first. ``progress``
+    receives one line per step of the work.
+
+    Memory: the graph shares ``model``'s tensors. Because the caller still holds
+    ``model``, its weights stay in memory while onnxruntime checks the graph (about
+    two copies at the peak); :func:`export_adapter_onnx` releases its model first.
+    """
+    return _export_onnx(
+        model,
+        out_path,
+        owned=False,
+        vocab_size=vocab_size,
+        batch=batch,
+        seq_len=seq_len,
+        opset=opset,
+        atol=atol,
+        seed=seed,
+        external_data=external_data,
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Where the weights go: ``weight_bytes`` of them, into ``data`` beside the graph when
+    ``external`` (``auto``: because they exceed :data:`SINGLE_FILE_LIMIT`)."""
+
+    weight_bytes: int
+    external: bool
+    auto: bool
+    data: Path
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ImportError(
+            "ONNX export needs onnx and onnxruntime: pip install 'unilora_rs[onnx]'"
+        ) from err
+    return ort
+
+
+def _check_request(
+    model: nn.Module,
+    out_path: str | os.PathLike[str],
+    vocab_size: int | None,
+    batch: int,
+    seq_len: int,
+) -> tuple[Path, int]:
+    """The output path and the vocabulary size, after checking the request."""
+    if batch < 1 or seq_len < 2:
+        raise InvalidArgumentError(f"need batch >= 1 and seq_len >= 2, got {batch}, {seq_len}")
+    out = Path(out_path)
+    if out.is_dir():
+        raise IsADirectoryError(21, "output path is a directory", str(out))
+    if not out.parent.exists():
+        raise FileNotFoundError(2, "output folder does not exist", str(out.parent))
+    vocab = vocab_size or int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if vocab < 1:
+        raise InvalidArgumentError("cannot tell the vocabulary size: pass vocab_size")
+    return out, vocab
+
+
+def _trace(
+    wrapper: nn.Module, sample: tuple[torch.Tensor, torch.Tensor], opset: int, say: Progress
+) -> Any:
+    """The ONNX program of ``wrapper``, traced on ``sample``, batch and sequence dynamic."""
+    dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("sequence", min=2)}
+    say("exporting the graph with torch.onnx (dynamo)")
+    with _quiet(), torch.no_grad():
+        return torch.onnx.export(
+            wrapper,
+            sample,
+            dynamo=True,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+            opset_version=opset,
+        )
+
+
+def _plan_files(graph: Any, external_data: bool | None, out: Path) -> _Files:
+    """Embedded or external weights, after checking there is room for them."""
+    data = out.with_name(out.name + ".data")
+    weight_bytes = _weight_bytes(graph)
+    use_external, auto = _choose_external(external_data, weight_bytes, data)
+    _check_free_space(out.parent, weight_bytes + _DISK_MARGIN)
+    return _Files(weight_bytes, use_external, auto, data)
+
+
+def _write(graph: Any, staged: Path, files: _Files, say: Progress) -> None:
+    """Writes the graph (and its external data) into the staging folder."""
+    if files.external:
+        why = " (over the 2 GB single-file limit)" if files.auto else ""
+        say(f"writing {_gb(files.weight_bytes)} of weights to {files.data.name}{why}")
+    else:
+        say(f"writing {staged.name} ({_gb(files.weight_bytes)} of weights inside)")
+    try:
+        _save(graph, staged, files.data.name if files.external else None, say)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"the disk filled up while writing the ONNX files ({_gb(files.weight_bytes)} "
+                "of weights); nothing was kept",
+                str(files.data.parent),
+            ) from err
+        raise
+
+
+def _ort_max_diff(
+    ort: Any,
+    staged: Path,
+    files: _Files,
+    checks: list[tuple[torch.Tensor, torch.Tensor]],
+    expected: list[np.ndarray],
+    say: Progress,
+) -> float:
+    """The largest difference between onnxruntime's outputs of the written graph and
+    torch's (non-padded positions)."""
+    say("checking the graph with onnxruntime")
+    options = ort.SessionOptions()
+    if files.external:
+        # onnxruntime maps the (aligned) weights from the data file; prepacking would
+        # copy every MatMul weight into a packed layout: a second copy of the model
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for (ids, mask), want in zip(checks, expected, strict=True):
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        (got,) = session.run(None, feeds)
+        worst = max(worst, _compare(np.asarray(got), want, mask.numpy()))
+    return worst
+
+
+def _export_onnx(
+    model: nn.Module,
+    out_path: str | os.PathLike[str],
+    *,
+    owned: bool,
+    vocab_size: int | None = None,
+    batch: int = 2,
+    seq_len: int = 16,
+    opset: int = 18,
+    atol: float = 1e-4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """:func:`export_onnx`; with ``owned`` the model's tensors are freed once written."""
+    ort = _onnxruntime()
+    out, vocab = _check_request(model, out_path, vocab_size, batch, seq_len)
+    say = progress or (lambda _line: None)
+    wrapper = _Logits(model.eval()).eval()
+    program = _trace(wrapper, _sample(batch, seq_len, vocab, seed, pad=1), opset, say)
+    files = _plan_files(program.model, external_data, out)
+    checks = [
+        _sample(batch + 1, seq_len + 3, vocab, seed + 1, pad=0),
+        _sample(batch, seq_len, vocab, seed + 2, pad=seq_len // 3),
+    ]
+    say("computing torch's reference outputs")
+    with torch.no_grad():
+        expected = [wrapper(ids, mask).float().numpy() for ids, mask in checks]
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        staged = stage / out.name
+        _write(program.model, staged, files, say)
+        # release torch's weights before onnxruntime maps the written ones: the graph's
+        # (lazy) tensors, and the model's own storage when it is ours (the exporter's
+        # rewrite rules keep a reference to the last graph they matched, hence to the
+        # model's parameters, so dropping the references alone frees nothing)
+        _drop_weights(program.model)
+        if owned:
+            _free_tensors(model)
+        del program, wrapper, model
+        gc.collect()
+        worst = _ort_max_diff(ort, staged, files, checks, expected, say)
+        if not worst <= atol:
+            raise MismatchError(
+                f"onnxruntime and torch differ by {worst:.3g} (> atol {atol:g}); not written"
+            )
+        if files.external:
+            os.replace(stage / files.data.name, files.data)  # the data first: the graph names it
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return _report(out, files, worst, checks, opset)
+
+
+def _report(
+    out: Path,
+    files: _Files,
+    worst: float,
+    checks: list[tuple[torch.Tensor, torch.Tensor]],
+    opset: int,
+) -> ExportReport:
+    return ExportReport(
+        path=out,
+        output_name="logits",
+        max_abs_diff=worst,
+        checked_shapes=tuple(tuple(ids.shape) for ids, _ in checks),  # type: ignore[misc]
+        opset=opset,
+        weight_bytes=files.weight_bytes,
+        data_path=files.data if files.external else None,
+        auto_external=files.auto,
+    )
+
+
+def load_base_model(path: str | os.PathLike[str], *, show_progress: bool = True) -> nn.Module:
+    """Loads a transformers model saved with ``save_pretrained`` (float32, eval mode);
+    ``show_progress=False`` hides transformers' loading bar."""
+    import transformers
+    import transformers.utils.logging as hf_logging
+
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(2, "no config.json: not a transformers model folder", str(folder))
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel
+    shown = hf_logging.is_progress_bar_enabled()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _refuse_overwrite(out: Path, data: Path, inputs: tuple[Path, ...]) -> None:
+    """Neither the output nor its possible external-data file may be an input."""
+    for folder in inputs:
+        folder = folder.resolve()
+        taken = {folder} | ({f.resolve() for f in folder.iterdir()} if folder.is_dir() else set())
+        for path in (out, data):
+            if path in taken:
+                raise InvalidArgumentError(
+                    f"output path {path} is an input; choose another file name"
+                )
+
+
+def _merged_model(src: Path, base_path: Path, progress: Progress | None) -> nn.Module:
+    say = progress or (lambda _line: None)
+    say(f"loading the base model from {base_path}")
+    base = load_base_model(base_path, show_progress=progress is not None)
+    say(f"merging the adapter {src}")
+    return UniLoRAModel.from_pretrained(base, src).merge_and_unload()
+
+
+def export_adapter_onnx(
+    source: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    **kwargs: Any,
+) -> ExportReport:
+    """``source`` is an adapter folder (merged into ``base`` first) or a model folder.
+
+    Other keyword arguments go to :func:`export_onnx`. The model loaded here is freed
+    once its weights are written, before onnxruntime loads them (one copy at a time).
+    """
+    src = Path(source)
+    if not src.is_dir():
+        raise FileNotFoundError(2, "adapter or model folder not found", str(src))
+    out = Path(out_path).resolve()
+    data = out.with_name(out.name + ".data")
+    if (src / CONFIG_NAME).exists():
+        from ...adapter import load_adapter_config
+
+        cfg = load_adapter_config(src)
+        base_path = Path(base) if base is not None else None
+        if base_path is None and cfg.base_model_name_or_path:
+            candidate = Path(cfg.base_model_name_or_path)
+            base_path = candidate if candidate.is_dir() else None
+        if base_path is None:
+            raise InvalidArgumentError(
+                f"{src} is an adapter: give the base model folder with --base "
+                f"(the adapter records {cfg.base_model_name_or_path!r})"
+            )
+        _refuse_overwrite(out, data, (src, base_path))
+        model = _merged_model(src, base_path, progress)
+    else:
+        if base is not None:
+            raise InvalidArgumentError(
+                f"{src} is not an adapter folder; --base is only for adapters"
+            )
+        _refuse_overwrite(out, data, (src,))
+        if progress is not None:
+            progress(f"loading the model from {src}")
+        model = load_base_model(src, show_progress=progress is not None)
+    return _export_onnx(model, out, owned=True, progress=progress, **kwargs)
