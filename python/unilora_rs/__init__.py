@@ -15,7 +15,8 @@ This package needs only numpy; the torch training layer lives in
 
 from __future__ import annotations
 
-from . import _core
+from ._version import SPEC_VERSION, __version__
+from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config
 from .errors import (
     DtypeError,
     FormatError,
@@ -26,25 +27,8 @@ from .errors import (
     UniLoraWarning,
     VectorError,
 )
-from .numpy_api import (
-    MAX_THREADS,
-    fingerprint,
-    get_num_threads,
-    projection,
-    reconstruct,
-    reconstruct_backward,
-    set_num_threads,
-    total_size,
-)
-
-__version__: str = _core.__version__
-SPEC_VERSION: int = _core.SPEC_VERSION
-
-# The adapter format imports __version__ and fingerprint from this package: keep it
-# after the lines above.
-from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config  # noqa: E402
-from .gguf_export import GgufExportResult, export_gguf  # noqa: E402
-from .merging import (  # noqa: E402
+from .gguf_export import GgufExportResult, export_gguf
+from .merging import (
     AdapterInfo,
     ExportResult,
     MergedTensor,
@@ -56,7 +40,17 @@ from .merging import (  # noqa: E402
     merge_each,
     merge_weighted,
 )
-from .peft_interop import convert_peft, export_peft  # noqa: E402
+from .numpy_api import (
+    MAX_THREADS,
+    fingerprint,
+    get_num_threads,
+    projection,
+    reconstruct,
+    reconstruct_backward,
+    set_num_threads,
+    total_size,
+)
+from .peft_interop import convert_peft, export_peft
 
 __all__ = [
     "MAX_THREADS",

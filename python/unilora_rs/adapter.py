@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import __version__, _core
+from . import _core
+from ._version import __version__
 from .errors import FormatError, InvalidArgumentError, VectorError
 
 FORMAT_NAME = "unilora_rs"

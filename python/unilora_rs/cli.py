@@ -20,7 +20,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
-from . import __version__, commands
+from . import commands
+from ._version import __version__
 from .errors import UniLoraError
 
 
