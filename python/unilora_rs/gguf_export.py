@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .adapter import _adapter_dir, _write_atomic, load_adapter_config
+from ._util import PathArg, as_path, write_atomic
+from .adapter import adapter_directory, load_adapter_config
 from .errors import FormatError, InvalidArgumentError, MismatchError
-from .merging import PathArg, _path
 
 __all__ = ["GGUF_ARCHITECTURES", "GGUF_OUTTYPES", "GgufExportResult", "export_gguf"]
 
@@ -188,7 +188,7 @@ def export_gguf(
     """
     gguf = _gguf()
     t0 = time.perf_counter()
-    adapter_p, out_p = _path("adapter", adapter), _path("out", out)
+    adapter_p, out_p = as_path("adapter", adapter), as_path("out", out)
     if outtype not in GGUF_OUTTYPES:
         raise InvalidArgumentError(
             f"outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}"
@@ -197,7 +197,7 @@ def export_gguf(
         raise InvalidArgumentError(
             f"saved_modules must be one of error, drop, separate, got {saved_modules!r}"
         )
-    adapter_dir = _adapter_dir(adapter_p)
+    adapter_dir = adapter_directory(adapter_p)
     config = load_adapter_config(adapter_dir)
     if base is None:
         named = config.base_model_name_or_path
@@ -207,7 +207,7 @@ def export_gguf(
                 f"config.json); the adapter names {named!r}, which is not a local folder"
             )
         base = named
-    hparams, base_dir = _base_hparams(_path("base", base))
+    hparams, base_dir = _base_hparams(as_path("base", base))
     hf_arch = _architecture(hparams, base_dir)
     arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[hf_arch])
     block_count = _find(
@@ -304,7 +304,7 @@ def export_gguf(
         saved_file = _saved_companion(out_p)
         if saved_file.exists() and not overwrite:
             raise FileExistsError(f"{saved_file} exists (pass --overwrite to replace it)")
-        _write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
+        write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
 
     def write(tmp: Path) -> None:
         writer.write_header_to_file(path=tmp)
@@ -313,7 +313,7 @@ def export_gguf(
         writer.close()
 
     try:
-        size = _write_atomic(out_p, write)
+        size = write_atomic(out_p, write)
     except BaseException:
         writer.close()
         if saved_file is not None:

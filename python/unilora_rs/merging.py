@@ -12,15 +12,14 @@ GIL released; these functions check arguments and shape the results.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import _core
+from ._util import PathArg, as_path, dtype_name, with_progress
 from .adapter import (
     MAP_INDICES_KEY,
     MAP_SCALES_KEY,
@@ -28,7 +27,7 @@ from .adapter import (
     WEIGHTS_NAME,
     AdapterConfig,
     ModuleSpec,
-    _adapter_dir,
+    adapter_directory,
 )
 from .errors import InvalidArgumentError, UniLoraWarning
 
@@ -44,8 +43,6 @@ __all__ = [
     "merge_each",
     "merge_weighted",
 ]
-
-PathArg = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -235,82 +232,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _path(name: str, value: object) -> Path:
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if str(path) == "":
-            raise InvalidArgumentError(f"{name} must not be empty")
-        return path
-    raise InvalidArgumentError(
-        f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
-    )
-
-
-def _dtype(value: object, *, allow_none: bool) -> str | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        return value
-    name = getattr(value, "name", None)  # numpy dtypes
-    if isinstance(name, str):
-        return name
-    from .errors import DtypeError
-
-    raise DtypeError(f"dtype must be one of 'bf16', 'f16', 'f32' (or None), got {value!r}")
-
-
-class _Progress:
-    """A tqdm bar fed by the merge's (done, total) callback; a plain stderr line
-    when tqdm is not installed."""
-
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
-        self.bar: Any = None
-        self.last = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        if total <= 0:
-            return
-        if self.bar is None:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                self.bar = False
-            else:
-                self.bar = tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc
-                )
-        if self.bar is False:
-            pct = 100 * done // total
-            if pct // 10 != self.last // 10 or done == total:
-                print(f"{self.desc}: {pct}%", file=sys.stderr, flush=True)
-                self.last = pct
-        else:
-            self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None and self.bar is not False:
-            self.bar.close()
-
-
-T = TypeVar("T")
-
-
-def _with_progress(
-    show_progress: bool, call: Callable[[Callable[[int, int], None] | None], T]
-) -> tuple[T, float]:
-    """``call(progress callback or None)`` with a progress bar when asked; the result
-    and the seconds it took."""
-    progress: _Progress | None = _Progress("merge") if show_progress else None
-    t0 = time.perf_counter()
-    try:
-        out = call(progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    return out, time.perf_counter() - t0
-
-
 def _warn(messages: list[str]) -> None:
     for message in messages:
         warnings.warn(message, UniLoraWarning, stacklevel=3)
@@ -370,13 +291,18 @@ def merge(
     processes that were killed outright are removed by the next run (once untouched
     for a minute).
     """
-    base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
-    dt = _dtype(dtype, allow_none=True)
-    raw, seconds = _with_progress(
+    base_p, adapter_p, out_p = (
+        as_path("base", base),
+        as_path("adapter", adapter),
+        as_path("out", out),
+    )
+    dt = dtype_name(dtype, allow_none=True)
+    raw, seconds = with_progress(
         show_progress,
         lambda cb: _core.merge(
             base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
         ),
+        desc="merge",
     )
     _warn(raw["warnings"])
     return _result(raw, seconds)
@@ -407,7 +333,7 @@ def _result(raw: dict[str, Any], seconds: float) -> MergeResult:
 def _adapter_list(adapters: object) -> list[Path]:
     if isinstance(adapters, (str, os.PathLike)) or not hasattr(adapters, "__iter__"):
         raise InvalidArgumentError("adapters must be a list of adapter folders")
-    paths = [_path("adapter", a) for a in adapters]  # type: ignore[attr-defined]
+    paths = [as_path("adapter", a) for a in adapters]  # type: ignore[attr-defined]
     if not paths:
         raise InvalidArgumentError("adapters is empty: give at least one adapter folder")
     return paths
@@ -429,14 +355,15 @@ def merge_each(
     times). Adapter folder names must differ. Checks, options and errors are those of
     :func:`merge`, for every output, before anything is written.
     """
-    base_p, out_p = _path("base", base), _path("out_dir", out_dir)
+    base_p, out_p = as_path("base", base), as_path("out_dir", out_dir)
     paths = _adapter_list(adapters)
-    dt = _dtype(dtype, allow_none=True)
-    (raws, bytes_read), seconds = _with_progress(
+    dt = dtype_name(dtype, allow_none=True)
+    (raws, bytes_read), seconds = with_progress(
         show_progress,
         lambda cb: _core.merge_each(
             base_p, paths, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
         ),
+        desc="merge",
     )
     _warn(raws[0]["warnings"] if raws else [])
     return MergeEachResult([_result(raw, seconds) for raw in raws], bytes_read, seconds)
@@ -460,15 +387,16 @@ def merge_weighted(
     two adapters, or a ``config.json`` key they set differently, raises
     :class:`InvalidArgumentError` (a weighted merge does not average heads).
     """
-    base_p, out_p = _path("base", base), _path("out", out)
+    base_p, out_p = as_path("base", base), as_path("out", out)
     paths = _adapter_list(adapters)
     ws = [float(w) for w in weights]
-    dt = _dtype(dtype, allow_none=True)
-    raw, seconds = _with_progress(
+    dt = dtype_name(dtype, allow_none=True)
+    raw, seconds = with_progress(
         show_progress,
         lambda cb: _core.merge_weighted(
             base_p, paths, ws, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
         ),
+        desc="merge",
     )
     _warn(raw["warnings"])
     return _result(raw, seconds)
@@ -505,8 +433,8 @@ def export_lora(
     ``saved_modules.safetensors`` in ``out``, where no LoRA loader looks
     (:attr:`ExportResult.saved_file`). Only ``"keep"`` lists them in the config.
     """
-    adapter_p, out_p = _path("adapter", adapter), _path("out", out)
-    dt = _dtype(dtype, allow_none=False)
+    adapter_p, out_p = as_path("adapter", adapter), as_path("out", out)
+    dt = dtype_name(dtype, allow_none=False)
     t0 = time.perf_counter()
     raw = _core.export_lora(
         adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), saved_modules=saved_modules
@@ -531,10 +459,10 @@ def inspect(adapter: PathArg) -> AdapterInfo:
     """
     import numpy as np
 
-    path = _path("adapter", adapter)
+    path = as_path("adapter", adapter)
     checked, theta, arrays = _core.load_adapter(path, verify=False)
     config = AdapterConfig._from_checked(checked)
-    directory = _adapter_dir(path)
+    directory = adapter_directory(path)
     _meta, tensors, _start = _core.safetensors_header(directory / WEIGHTS_NAME)
     finite = bool(np.isfinite(theta).all())
     saved = {

@@ -27,7 +27,6 @@ only; :func:`export_peft` runs in the Rust core.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -40,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
+from ._util import PathArg
 from .adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -60,8 +60,6 @@ __all__ = [
     "peft_map",
     "regenerate_map",
 ]
-
-PathArg = str | os.PathLike[str]
 
 #: Where PEFT keeps ``theta_d`` and the layers in a saved Uni-LoRA adapter.
 PEFT_VECTOR_KEY = "base_model.unilora_theta_d"
