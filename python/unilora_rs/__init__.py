@@ -28,18 +28,7 @@ from .errors import (
     VectorError,
 )
 from .gguf_export import GgufExportResult, export_gguf
-from .merging import (
-    AdapterInfo,
-    ExportResult,
-    MergedTensor,
-    MergeEachResult,
-    MergeResult,
-    export_lora,
-    inspect,
-    merge,
-    merge_each,
-    merge_weighted,
-)
+from .merging import AdapterInfo, export_lora, inspect, merge, merge_each, merge_weighted
 from .numpy_api import (
     MAX_THREADS,
     fingerprint,
@@ -51,6 +40,7 @@ from .numpy_api import (
     total_size,
 )
 from .peft_interop import convert_peft, export_peft
+from .reports import ExportResult, MergedTensor, MergeEachResult, MergeResult
 
 __all__ = [
     "MAX_THREADS",

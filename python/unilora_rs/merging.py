@@ -30,99 +30,16 @@ from .adapter import (
     adapter_directory,
 )
 from .errors import InvalidArgumentError, UniLoraWarning
+from .reports import ExportResult, MergeEachResult, MergeResult, merge_result
 
 __all__ = [
     "AdapterInfo",
-    "ExportResult",
-    "MergeEachResult",
-    "MergeResult",
-    "MergedTensor",
     "export_lora",
     "inspect",
     "merge",
     "merge_each",
     "merge_weighted",
 ]
-
-
-@dataclass(frozen=True)
-class MergedTensor:
-    """One adapted module and the base tensor it was merged into."""
-
-    module: str
-    tensor: str
-    file: str
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What :func:`merge` did."""
-
-    out: Path
-    merged: list[MergedTensor]
-    replaced: list[str]
-    cast: int
-    copied: int
-    tensors: int
-    shards: list[str]
-    other_files: list[str]
-    bytes_written: int
-    largest_tensor_bytes: int
-    seconds: float
-    left_out: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    #: Tensors the base lacks, written from the adapter (its ``task.new_tensors``).
-    added: list[str] = field(default_factory=list)
-    #: Keys set in the output's ``config.json`` (``task.config``, ``dtype``).
-    config_keys: list[str] = field(default_factory=list)
-    #: Bytes of tensor data read from the inputs (base and adapters).
-    bytes_read: int = 0
-    #: Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
-    dequantized: int = 0
-
-    @property
-    def merged_count(self) -> int:
-        """Number of base tensors that received a LoRA update."""
-        return len(self.merged)
-
-
-@dataclass(frozen=True)
-class MergeEachResult:
-    """What :func:`merge_each` did: one :class:`MergeResult` per adapter, in order."""
-
-    results: list[MergeResult]
-    #: Bytes of tensor data read: the base once, plus the adapters' saved tensors.
-    bytes_read: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What :func:`export_lora` wrote."""
-
-    out: Path
-    modules: int
-    saved_tensors: int
-    lora_parameters: int
-    weights_bytes: int
-    seconds: float
-    #: The companion file of the saved modules (``saved_modules="separate"``).
-    saved_file: Path | None = None
-
-    @classmethod
-    def _from_core(cls, raw: dict[str, Any], seconds: float, **more: Any) -> Any:
-        """The result of the core's report ``raw`` (more fields of a subclass in ``more``)."""
-        saved_file = raw.get("saved_file")
-        return cls(
-            out=Path(raw["out"]),
-            modules=raw["modules"],
-            saved_tensors=raw["saved_tensors"],
-            lora_parameters=raw["lora_parameters"],
-            weights_bytes=raw["weights_bytes"],
-            seconds=seconds,
-            saved_file=None if saved_file is None else Path(saved_file),
-            **more,
-        )
 
 
 @dataclass(frozen=True)
@@ -305,29 +222,7 @@ def merge(
         desc="merge",
     )
     _warn(raw["warnings"])
-    return _result(raw, seconds)
-
-
-def _result(raw: dict[str, Any], seconds: float) -> MergeResult:
-    return MergeResult(
-        out=Path(raw["out"]),
-        merged=[MergedTensor(**m) for m in raw["merged"]],
-        replaced=list(raw["replaced"]),
-        cast=raw["cast"],
-        copied=raw["copied"],
-        tensors=raw["tensors"],
-        shards=list(raw["shards"]),
-        other_files=list(raw["other_files"]),
-        bytes_written=raw["bytes_written"],
-        largest_tensor_bytes=raw["largest_tensor_bytes"],
-        seconds=seconds,
-        left_out=list(raw["left_out"]),
-        warnings=list(raw["warnings"]),
-        added=list(raw["added"]),
-        config_keys=list(raw["config_keys"]),
-        bytes_read=raw["bytes_read"],
-        dequantized=raw["dequantized"],
-    )
+    return merge_result(raw, seconds)
 
 
 def _adapter_list(adapters: object) -> list[Path]:
@@ -366,7 +261,7 @@ def merge_each(
         desc="merge",
     )
     _warn(raws[0]["warnings"] if raws else [])
-    return MergeEachResult([_result(raw, seconds) for raw in raws], bytes_read, seconds)
+    return MergeEachResult([merge_result(raw, seconds) for raw in raws], bytes_read, seconds)
 
 
 def merge_weighted(
@@ -399,7 +294,7 @@ def merge_weighted(
         desc="merge",
     )
     _warn(raw["warnings"])
-    return _result(raw, seconds)
+    return merge_result(raw, seconds)
 
 
 SAVED_MODULES_CHOICES = ("error", "keep", "drop", "separate")

@@ -49,7 +49,7 @@ from .adapter import (
     save_adapter,
 )
 from .errors import FormatError, InvalidArgumentError, MismatchError
-from .merging import ExportResult
+from .reports import PeftExportResult
 
 __all__ = [
     "ConvertResult",
@@ -463,13 +463,6 @@ def convert_peft(
 # ---------------------------------------------------------------------------------------
 # unilora_rs adapter -> PEFT adapter
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeftExportResult(ExportResult):
-    """What :func:`export_peft` wrote, and what PEFT's format changes or leaves out."""
-
-    notes: list[str] = field(default_factory=list)
 
 
 def export_peft(adapter: PathArg, out: PathArg, *, overwrite: bool = False) -> PeftExportResult:

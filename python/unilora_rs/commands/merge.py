@@ -15,7 +15,8 @@ import sys
 import warnings
 
 from ..errors import InvalidArgumentError, UniLoraWarning
-from ..merging import MergeResult, merge, merge_each, merge_weighted
+from ..merging import merge, merge_each, merge_weighted
+from ..reports import MergeResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
