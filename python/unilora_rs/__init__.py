@@ -28,7 +28,8 @@ from .errors import (
     VectorError,
 )
 from .gguf_export import GgufExportResult, export_gguf
-from .merging import AdapterInfo, export_lora, inspect, merge, merge_each, merge_weighted
+from .inspection import AdapterInfo, inspect
+from .merging import export_lora, merge, merge_each, merge_weighted
 from .numpy_api import (
     MAX_THREADS,
     fingerprint,

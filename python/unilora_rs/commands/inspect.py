@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..merging import AdapterInfo, inspect
+from ..inspection import AdapterInfo, inspect
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
