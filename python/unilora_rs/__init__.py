@@ -3,8 +3,10 @@
 This package needs only numpy; the torch training layer lives in
 :mod:`unilora_rs.torch` and is imported only on request. The functions live in
 :mod:`unilora_rs.numpy_api` (projection and reconstruction), :mod:`unilora_rs.adapter`
-(the adapter folder), :mod:`unilora_rs.merging` (merge, export, inspection) and
-:mod:`unilora_rs.peft_interop` (PEFT's Uni-LoRA adapters in and out).
+(the adapter folder), :mod:`unilora_rs.merging` (merges into a checkpoint),
+:mod:`unilora_rs.inspection` (what an adapter holds), :mod:`unilora_rs.export` (LoRA,
+PEFT and GGUF exports) and :mod:`unilora_rs.peft_interop` (PEFT's Uni-LoRA adapters
+in); their reports are in :mod:`unilora_rs.reports`.
 
 >>> import numpy as np, unilora_rs as ur
 >>> theta = np.full(8, 0.5, dtype=np.float32)
@@ -27,9 +29,9 @@ from .errors import (
     UniLoraWarning,
     VectorError,
 )
-from .gguf_export import GgufExportResult, export_gguf
+from .export import GgufExportResult, export_gguf, export_lora, export_peft
 from .inspection import AdapterInfo, inspect
-from .merging import export_lora, merge, merge_each, merge_weighted
+from .merging import merge, merge_each, merge_weighted
 from .numpy_api import (
     MAX_THREADS,
     fingerprint,
@@ -40,7 +42,7 @@ from .numpy_api import (
     set_num_threads,
     total_size,
 )
-from .peft_interop import convert_peft, export_peft
+from .peft_interop import convert_peft
 from .reports import ExportResult, MergedTensor, MergeEachResult, MergeResult
 
 __all__ = [

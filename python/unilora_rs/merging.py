@@ -1,5 +1,4 @@
-"""Merging adapters into a safetensors checkpoint (one, each alone, or a weighted sum),
-and the exact LoRA export.
+"""Merging adapters into a safetensors checkpoint: one, each alone, or a weighted sum.
 
 numpy-only wrappers over the Rust core (no torch). The heavy work runs in Rust with the
 GIL released; these functions check arguments and shape the results.
@@ -13,17 +12,15 @@ GIL released; these functions check arguments and shape the results.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from pathlib import Path
 
 from . import _core
 from ._util import PathArg, as_path, dtype_name, with_progress
 from .errors import InvalidArgumentError, UniLoraWarning
-from .reports import ExportResult, MergeEachResult, MergeResult, merge_result
+from .reports import MergeEachResult, MergeResult, merge_result
 
 __all__ = [
-    "export_lora",
     "merge",
     "merge_each",
     "merge_weighted",
@@ -176,43 +173,3 @@ def merge_weighted(
     )
     _warn(raw["warnings"])
     return merge_result(raw, seconds)
-
-
-SAVED_MODULES_CHOICES = ("error", "keep", "drop", "separate")
-
-
-def export_lora(
-    adapter: PathArg,
-    out: PathArg,
-    *,
-    dtype: str = "f32",
-    overwrite: bool = False,
-    saved_modules: str = "error",
-) -> ExportResult:
-    """Writes the exact PEFT LoRA equivalent of a Uni-LoRA adapter into folder ``out``.
-
-    ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight``
-    (``r x in``) and ``...lora_B.weight`` (``out x r``) for every module, plus the
-    ``modules_to_save`` tensors as ``base_model.model.<name>``; ``adapter_config.json``
-    has ``peft_type = "LORA"``, the same ``r``, ``lora_alpha = alpha`` and
-    ``target_modules`` listing exactly the adapted modules (``fan_in_fan_out`` is true
-    when every module is a GPT-2 style ``conv1d``). PEFT's ``PeftModel.from_pretrained``,
-    vLLM and llama.cpp's LoRA converter read this layout. ``dtype="f32"`` (default) is
-    exact; ``"bf16"`` or ``"f16"`` round the factors to nearest even.
-
-    ``saved_modules`` says what to do with the adapter's ``modules_to_save`` tensors
-    (a trained head, say): ``"error"`` (default) refuses such an adapter, since vLLM's
-    LoRA loader and llama.cpp's ``convert_lora_to_gguf.py`` reject saved modules;
-    ``"keep"`` writes them into the adapter as ``base_model.model.<name>`` (PEFT loads
-    them); ``"drop"`` leaves them out (the LoRA model then lacks the trained modules);
-    ``"separate"`` writes them under their own names (the base model's keys) to
-    ``saved_modules.safetensors`` in ``out``, where no LoRA loader looks
-    (:attr:`ExportResult.saved_file`). Only ``"keep"`` lists them in the config.
-    """
-    adapter_p, out_p = as_path("adapter", adapter), as_path("out", out)
-    dt = dtype_name(dtype, allow_none=False)
-    t0 = time.perf_counter()
-    raw = _core.export_lora(
-        adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), saved_modules=saved_modules
-    )
-    return ExportResult._from_core(raw, time.perf_counter() - t0)

@@ -1,4 +1,6 @@
-"""PEFT's Uni-LoRA adapters in and out (PEFT 0.21, ``peft_type = "UNILORA"``).
+"""PEFT's Uni-LoRA adapters in (PEFT 0.21, ``peft_type = "UNILORA"``): PEFT's map,
+regenerated with numpy, and the conversion of a PEFT adapter into ours. The way out,
+our adapter in PEFT's format, is :func:`unilora_rs.export.peft.export_peft`.
 
 PEFT's tuner flattens the adapted layers in ``model.modules()`` order, ``A`` (``r x
 in``) before ``B`` (``out x r``) within each, and maps every position to a column of
@@ -21,7 +23,7 @@ instead of giving another model.
 
 :func:`convert_peft` needs torch, transformers and peft (to find PEFT's module order
 from the base model's config); :func:`regenerate_map` and :func:`peft_map` need numpy
-only; :func:`export_peft` runs in the Rust core.
+only.
 """
 
 from __future__ import annotations
@@ -49,13 +51,10 @@ from .adapter import (
     save_adapter,
 )
 from .errors import FormatError, InvalidArgumentError, MismatchError
-from .reports import PeftExportResult
 
 __all__ = [
     "ConvertResult",
-    "PeftExportResult",
     "convert_peft",
-    "export_peft",
     "peft_index",
     "peft_map",
     "regenerate_map",
@@ -458,26 +457,3 @@ def convert_peft(
         saved_tensors=sorted(extra),
         seconds=time.perf_counter() - t0,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# unilora_rs adapter -> PEFT adapter
-# ---------------------------------------------------------------------------------------
-
-
-def export_peft(adapter: PathArg, out: PathArg, *, overwrite: bool = False) -> PeftExportResult:
-    """Writes the adapter in PEFT's Uni-LoRA format (``save_indices=True``: every
-    layer's indices and scales), so that ``PeftModel.from_pretrained`` gives its outputs.
-
-    The sparse projection and explicit maps export as they are; the Fastfood projection
-    is dense and is refused (``export_lora`` writes its equivalent LoRA adapter). PEFT
-    has no alpha: ``alpha / r`` other than 1 is folded into ``B``'s scales. See
-    :attr:`PeftExportResult.notes` for what else differs. Runs in the Rust core (no
-    torch); the folder appears atomically.
-    """
-    t0 = time.perf_counter()
-    raw = _core.export_peft(Path(adapter), Path(out), overwrite=bool(overwrite))
-    result: PeftExportResult = PeftExportResult._from_core(
-        raw, time.perf_counter() - t0, notes=list(raw["notes"])
-    )
-    return result

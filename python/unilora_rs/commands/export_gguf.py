@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..gguf_export import GGUF_ARCHITECTURES, GGUF_OUTTYPES, export_gguf
+from ..export.gguf import GGUF_ARCHITECTURES, GGUF_OUTTYPES, export_gguf
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

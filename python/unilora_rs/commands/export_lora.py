@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..merging import SAVED_MODULES_CHOICES, export_lora
+from ..export.lora import SAVED_MODULES_CHOICES, export_lora
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..peft_interop import export_peft
+from ..export.peft import export_peft
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from ._util import PathArg, as_path, write_atomic
-from .adapter import adapter_directory, load_adapter_config
-from .errors import FormatError, InvalidArgumentError, MismatchError
+from .. import _core
+from .._util import PathArg, as_path, write_atomic
+from ..adapter import adapter_directory, load_adapter_config
+from ..errors import FormatError, InvalidArgumentError, MismatchError
 
 __all__ = ["GGUF_ARCHITECTURES", "GGUF_OUTTYPES", "GgufExportResult", "export_gguf"]
 
@@ -244,7 +244,7 @@ def export_gguf(
                 "companion .safetensors file"
             )
         if saved_modules == "separate":
-            from .adapter import load_adapter
+            from ..adapter import load_adapter
 
             extra = load_adapter(adapter_dir)[2]
 
