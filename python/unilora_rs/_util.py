@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from .errors import DtypeError, InvalidArgumentError
 
@@ -38,6 +38,10 @@ def as_path(name: str, value: object) -> Path:
     )
 
 
+@overload
+def dtype_name(value: object, *, allow_none: Literal[False]) -> str: ...
+@overload
+def dtype_name(value: object, *, allow_none: bool) -> str | None: ...
 def dtype_name(value: object, *, allow_none: bool) -> str | None:
     """The name of a dtype argument (a string or a numpy dtype; ``None`` when allowed),
     checked by the core; anything else raises :class:`DtypeError`."""
