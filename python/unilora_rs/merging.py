@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from . import _core
 from ._util import PathArg, as_path, dtype_name, with_progress
@@ -25,6 +27,25 @@ __all__ = [
     "merge_each",
     "merge_weighted",
 ]
+
+T = TypeVar("T")
+
+
+def _run(
+    call: Callable[..., T],
+    args: tuple[object, ...],
+    dtype: object,
+    show_progress: bool,
+    overwrite: bool,
+) -> tuple[T, float]:
+    """``call(*args)`` of the core with the merge options, under a progress bar when
+    asked: its report and the seconds it took."""
+    dt = dtype_name(dtype, allow_none=True)
+    return with_progress(
+        show_progress,
+        lambda cb: call(*args, dtype=dt, overwrite=bool(overwrite), progress=cb),
+        desc="merge",
+    )
 
 
 def _warn(messages: list[str]) -> None:
@@ -86,19 +107,8 @@ def merge(
     processes that were killed outright are removed by the next run (once untouched
     for a minute).
     """
-    base_p, adapter_p, out_p = (
-        as_path("base", base),
-        as_path("adapter", adapter),
-        as_path("out", out),
-    )
-    dt = dtype_name(dtype, allow_none=True)
-    raw, seconds = with_progress(
-        show_progress,
-        lambda cb: _core.merge(
-            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
-        ),
-        desc="merge",
-    )
+    paths = as_path("base", base), as_path("adapter", adapter), as_path("out", out)
+    raw, seconds = _run(_core.merge, paths, dtype, show_progress, overwrite)
     _warn(raw["warnings"])
     return merge_result(raw, seconds)
 
@@ -130,13 +140,8 @@ def merge_each(
     """
     base_p, out_p = as_path("base", base), as_path("out_dir", out_dir)
     paths = _adapter_list(adapters)
-    dt = dtype_name(dtype, allow_none=True)
-    (raws, bytes_read), seconds = with_progress(
-        show_progress,
-        lambda cb: _core.merge_each(
-            base_p, paths, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
-        ),
-        desc="merge",
+    (raws, bytes_read), seconds = _run(
+        _core.merge_each, (base_p, paths, out_p), dtype, show_progress, overwrite
     )
     _warn(raws[0]["warnings"] if raws else [])
     return MergeEachResult([merge_result(raw, seconds) for raw in raws], bytes_read, seconds)
@@ -163,13 +168,8 @@ def merge_weighted(
     base_p, out_p = as_path("base", base), as_path("out", out)
     paths = _adapter_list(adapters)
     ws = [float(w) for w in weights]
-    dt = dtype_name(dtype, allow_none=True)
-    raw, seconds = with_progress(
-        show_progress,
-        lambda cb: _core.merge_weighted(
-            base_p, paths, ws, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
-        ),
-        desc="merge",
+    raw, seconds = _run(
+        _core.merge_weighted, (base_p, paths, ws, out_p), dtype, show_progress, overwrite
     )
     _warn(raw["warnings"])
     return merge_result(raw, seconds)
