@@ -3,8 +3,10 @@
 This package needs only numpy; the torch training layer lives in
 :mod:`unilora_rs.torch` and is imported only on request. The functions live in
 :mod:`unilora_rs.numpy_api` (projection and reconstruction), :mod:`unilora_rs.adapter`
-(the adapter folder), :mod:`unilora_rs.merging` (merge, export, inspection) and
-:mod:`unilora_rs.peft_interop` (PEFT's Uni-LoRA adapters in and out).
+(the adapter folder), :mod:`unilora_rs.merging` (merges into a checkpoint),
+:mod:`unilora_rs.inspection` (what an adapter holds), :mod:`unilora_rs.export` (LoRA,
+PEFT and GGUF exports) and :mod:`unilora_rs.peft_interop` (PEFT's Uni-LoRA adapters
+in); their reports are in :mod:`unilora_rs.reports`.
 
 >>> import numpy as np, unilora_rs as ur
 >>> theta = np.full(8, 0.5, dtype=np.float32)
@@ -15,7 +17,8 @@ This package needs only numpy; the torch training layer lives in
 
 from __future__ import annotations
 
-from . import _core
+from ._version import SPEC_VERSION, __version__
+from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config
 from .errors import (
     DtypeError,
     FormatError,
@@ -26,6 +29,9 @@ from .errors import (
     UniLoraWarning,
     VectorError,
 )
+from .export import GgufExportResult, export_gguf, export_lora, export_peft
+from .inspection import AdapterInfo, inspect
+from .merging import merge, merge_each, merge_weighted
 from .numpy_api import (
     MAX_THREADS,
     fingerprint,
@@ -36,27 +42,8 @@ from .numpy_api import (
     set_num_threads,
     total_size,
 )
-
-__version__: str = _core.__version__
-SPEC_VERSION: int = _core.SPEC_VERSION
-
-# The adapter format imports __version__ and fingerprint from this package: keep it
-# after the lines above.
-from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config  # noqa: E402
-from .gguf_export import GgufExportResult, export_gguf  # noqa: E402
-from .merging import (  # noqa: E402
-    AdapterInfo,
-    ExportResult,
-    MergedTensor,
-    MergeEachResult,
-    MergeResult,
-    export_lora,
-    inspect,
-    merge,
-    merge_each,
-    merge_weighted,
-)
-from .peft_interop import convert_peft, export_peft  # noqa: E402
+from .peft_interop import convert_peft
+from .reports import ExportResult, MergedTensor, MergeEachResult, MergeResult
 
 __all__ = [
     "MAX_THREADS",

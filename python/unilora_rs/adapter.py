@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import __version__, _core
+from . import _core
+from ._util import write_atomic
+from ._version import __version__
 from .errors import FormatError, InvalidArgumentError, VectorError
 
 FORMAT_NAME = "unilora_rs"
@@ -61,6 +62,7 @@ __all__ = [
     "AdapterConfig",
     "ModuleSpec",
     "ProjectionMap",
+    "adapter_directory",
     "load_adapter",
     "load_adapter_config",
     "load_projection_map",
@@ -212,31 +214,8 @@ class ProjectionMap:
         return {MAP_INDICES_KEY: self.indices, MAP_SCALES_KEY: self.scales}
 
 
-def _write_atomic(target: Path, write: Callable[[Path], None]) -> int:
-    """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
-    it to ``target``; the temporary is removed on any failure (Ctrl-C included).
-    Returns the size written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        size = tmp.stat().st_size
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _check_theta(theta: npt.NDArray[Any], d: int, source: str) -> npt.NDArray[np.float32]:
@@ -292,7 +271,8 @@ def save_adapter(
 _RESERVED = (VECTOR_KEY, MAP_INDICES_KEY, MAP_SCALES_KEY)
 
 
-def _adapter_dir(adapter: str | os.PathLike[str]) -> Path:
+def adapter_directory(adapter: str | os.PathLike[str]) -> Path:
+    """The adapter's folder, given the folder or its ``adapter_config.json``."""
     path = Path(adapter)
     return path.parent if path.name == CONFIG_NAME and not path.is_dir() else path
 
@@ -313,7 +293,7 @@ def load_adapter(
     exactly as the Rust merge verifies it (see :func:`unilora_rs._core.load_adapter`)."""
     checked, theta, _map = _core.load_adapter(Path(adapter))
     config = AdapterConfig._from_checked(checked)
-    weights = _adapter_dir(adapter) / WEIGHTS_NAME
+    weights = adapter_directory(adapter) / WEIGHTS_NAME
     _meta, tensors, _start = _core.safetensors_header(weights)
     names = [name for name in tensors if name not in _RESERVED]
     extra: dict[str, npt.NDArray[Any]] = {}

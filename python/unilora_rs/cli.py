@@ -20,7 +20,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
-from . import __version__, commands
+from . import commands
+from ._version import __version__
 from .errors import UniLoraError
 
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unilora_rs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # shared helpers, not commands
+            continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)
     return parser

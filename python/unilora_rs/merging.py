@@ -1,4 +1,4 @@
-"""Merging an adapter into a safetensors checkpoint, exact LoRA export, inspection.
+"""Merging adapters into a safetensors checkpoint: one, each alone, or a weighted sum.
 
 numpy-only wrappers over the Rust core (no torch). The heavy work runs in Rust with the
 GIL released; these functions check arguments and shape the results.
@@ -12,303 +12,40 @@ GIL released; these functions check arguments and shape the results.
 from __future__ import annotations
 
 import os
-import sys
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from . import _core
-from .adapter import (
-    MAP_INDICES_KEY,
-    MAP_SCALES_KEY,
-    VECTOR_KEY,
-    WEIGHTS_NAME,
-    AdapterConfig,
-    ModuleSpec,
-    _adapter_dir,
-)
+from ._util import PathArg, as_path, dtype_name, with_progress
 from .errors import InvalidArgumentError, UniLoraWarning
+from .reports import MergeEachResult, MergeResult, merge_result
 
 __all__ = [
-    "AdapterInfo",
-    "ExportResult",
-    "MergeEachResult",
-    "MergeResult",
-    "MergedTensor",
-    "export_lora",
-    "inspect",
     "merge",
     "merge_each",
     "merge_weighted",
 ]
 
-PathArg = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class MergedTensor:
-    """One adapted module and the base tensor it was merged into."""
-
-    module: str
-    tensor: str
-    file: str
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What :func:`merge` did."""
-
-    out: Path
-    merged: list[MergedTensor]
-    replaced: list[str]
-    cast: int
-    copied: int
-    tensors: int
-    shards: list[str]
-    other_files: list[str]
-    bytes_written: int
-    largest_tensor_bytes: int
-    seconds: float
-    left_out: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    #: Tensors the base lacks, written from the adapter (its ``task.new_tensors``).
-    added: list[str] = field(default_factory=list)
-    #: Keys set in the output's ``config.json`` (``task.config``, ``dtype``).
-    config_keys: list[str] = field(default_factory=list)
-    #: Bytes of tensor data read from the inputs (base and adapters).
-    bytes_read: int = 0
-    #: Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
-    dequantized: int = 0
-
-    @property
-    def merged_count(self) -> int:
-        """Number of base tensors that received a LoRA update."""
-        return len(self.merged)
-
-
-@dataclass(frozen=True)
-class MergeEachResult:
-    """What :func:`merge_each` did: one :class:`MergeResult` per adapter, in order."""
-
-    results: list[MergeResult]
-    #: Bytes of tensor data read: the base once, plus the adapters' saved tensors.
-    bytes_read: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What :func:`export_lora` wrote."""
-
-    out: Path
-    modules: int
-    saved_tensors: int
-    lora_parameters: int
-    weights_bytes: int
-    seconds: float
-    #: The companion file of the saved modules (``saved_modules="separate"``).
-    saved_file: Path | None = None
-
-    @classmethod
-    def _from_core(cls, raw: dict[str, Any], seconds: float, **more: Any) -> Any:
-        """The result of the core's report ``raw`` (more fields of a subclass in ``more``)."""
-        saved_file = raw.get("saved_file")
-        return cls(
-            out=Path(raw["out"]),
-            modules=raw["modules"],
-            saved_tensors=raw["saved_tensors"],
-            lora_parameters=raw["lora_parameters"],
-            weights_bytes=raw["weights_bytes"],
-            seconds=seconds,
-            saved_file=None if saved_file is None else Path(saved_file),
-            **more,
-        )
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A summary of an adapter directory (see :func:`inspect`)."""
-
-    path: Path
-    seed: int
-    d: int
-    rank: int
-    alpha: float
-    modules: list[ModuleSpec]
-    lora_parameters: int
-    modules_to_save: list[str]
-    saved_tensors: dict[str, tuple[str, list[int]]]
-    saved_parameters: int
-    fingerprint: str
-    expected_fingerprint: str
-    theta_finite: bool
-    theta_norm: float
-    size_on_disk: int
-    base_model_name_or_path: str | None
-    spec_version: int
-    format_version: int
-    kinds: dict[str, int] = field(default_factory=dict)
-    #: ``"sparse"``, ``"fastfood"``, ``"explicit"`` or ``"peft-numpy"``.
-    projection: str = "sparse"
-    #: The SHA-256 the config records for its map, and the one the map has.
-    map_sha256: str | None = None
-    actual_map_sha256: str | None = None
-
-    @property
-    def fingerprint_ok(self) -> bool:
-        """Whether the stored fingerprint matches seed, ``d`` and the module list."""
-        return self.fingerprint == self.expected_fingerprint
-
-    @property
-    def map_ok(self) -> bool:
-        """Whether the map (explicit or regenerated) has the recorded SHA-256 (always
-        true for the projections generated from the seed)."""
-        return self.map_sha256 == self.actual_map_sha256
-
-    @property
-    def scaling(self) -> float:
-        """The LoRA scaling ``alpha / r``."""
-        return float(self.alpha) / self.rank
-
-    @property
-    def compression(self) -> float:
-        """``D / d``: LoRA parameters per trainable parameter."""
-        return self.lora_parameters / self.d
-
-    @property
-    def lora_bytes(self) -> int:
-        """Tensor bytes of the equivalent float32 LoRA adapter (factors + saved modules)."""
-        return 4 * self.lora_parameters + sum(
-            _DTYPE_SIZES.get(dt, 0) * _numel(shape) for dt, shape in self.saved_tensors.values()
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary."""
-        return {
-            "path": str(self.path),
-            "seed": self.seed,
-            "d": self.d,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "scaling": self.scaling,
-            "modules": len(self.modules),
-            "kinds": self.kinds,
-            "lora_parameters": self.lora_parameters,
-            "compression": self.compression,
-            "modules_to_save": self.modules_to_save,
-            "saved_parameters": self.saved_parameters,
-            "trainable_parameters": self.d + self.saved_parameters,
-            "fingerprint": self.fingerprint,
-            "fingerprint_ok": self.fingerprint_ok,
-            "theta_finite": self.theta_finite,
-            "theta_norm": self.theta_norm,
-            "size_on_disk": self.size_on_disk,
-            "lora_bytes": self.lora_bytes,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "spec_version": self.spec_version,
-            "format_version": self.format_version,
-            "projection": self.projection,
-            "map_sha256": self.map_sha256,
-            "map_ok": self.map_ok,
-            "module_list": [
-                {
-                    "name": m.name,
-                    "in_features": m.in_features,
-                    "out_features": m.out_features,
-                    "kind": m.kind,
-                }
-                for m in self.modules
-            ],
-        }
-
-
-_DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _path(name: str, value: object) -> Path:
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if str(path) == "":
-            raise InvalidArgumentError(f"{name} must not be empty")
-        return path
-    raise InvalidArgumentError(
-        f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
-    )
-
-
-def _dtype(value: object, *, allow_none: bool) -> str | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        return value
-    name = getattr(value, "name", None)  # numpy dtypes
-    if isinstance(name, str):
-        return name
-    from .errors import DtypeError
-
-    raise DtypeError(f"dtype must be one of 'bf16', 'f16', 'f32' (or None), got {value!r}")
-
-
-class _Progress:
-    """A tqdm bar fed by the merge's (done, total) callback; a plain stderr line
-    when tqdm is not installed."""
-
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
-        self.bar: Any = None
-        self.last = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        if total <= 0:
-            return
-        if self.bar is None:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                self.bar = False
-            else:
-                self.bar = tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc
-                )
-        if self.bar is False:
-            pct = 100 * done // total
-            if pct // 10 != self.last // 10 or done == total:
-                print(f"{self.desc}: {pct}%", file=sys.stderr, flush=True)
-                self.last = pct
-        else:
-            self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None and self.bar is not False:
-            self.bar.close()
-
-
 T = TypeVar("T")
 
 
-def _with_progress(
-    show_progress: bool, call: Callable[[Callable[[int, int], None] | None], T]
+def _run(
+    call: Callable[..., T],
+    args: tuple[object, ...],
+    dtype: object,
+    show_progress: bool,
+    overwrite: bool,
 ) -> tuple[T, float]:
-    """``call(progress callback or None)`` with a progress bar when asked; the result
-    and the seconds it took."""
-    progress: _Progress | None = _Progress("merge") if show_progress else None
-    t0 = time.perf_counter()
-    try:
-        out = call(progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    return out, time.perf_counter() - t0
+    """``call(*args)`` of the core with the merge options, under a progress bar when
+    asked: its report and the seconds it took."""
+    dt = dtype_name(dtype, allow_none=True)
+    return with_progress(
+        show_progress,
+        lambda cb: call(*args, dtype=dt, overwrite=bool(overwrite), progress=cb),
+        desc="merge",
+    )
 
 
 def _warn(messages: list[str]) -> None:
@@ -370,44 +107,16 @@ def merge(
     processes that were killed outright are removed by the next run (once untouched
     for a minute).
     """
-    base_p, adapter_p, out_p = _path("base", base), _path("adapter", adapter), _path("out", out)
-    dt = _dtype(dtype, allow_none=True)
-    raw, seconds = _with_progress(
-        show_progress,
-        lambda cb: _core.merge(
-            base_p, adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
-        ),
-    )
+    paths = as_path("base", base), as_path("adapter", adapter), as_path("out", out)
+    raw, seconds = _run(_core.merge, paths, dtype, show_progress, overwrite)
     _warn(raw["warnings"])
-    return _result(raw, seconds)
-
-
-def _result(raw: dict[str, Any], seconds: float) -> MergeResult:
-    return MergeResult(
-        out=Path(raw["out"]),
-        merged=[MergedTensor(**m) for m in raw["merged"]],
-        replaced=list(raw["replaced"]),
-        cast=raw["cast"],
-        copied=raw["copied"],
-        tensors=raw["tensors"],
-        shards=list(raw["shards"]),
-        other_files=list(raw["other_files"]),
-        bytes_written=raw["bytes_written"],
-        largest_tensor_bytes=raw["largest_tensor_bytes"],
-        seconds=seconds,
-        left_out=list(raw["left_out"]),
-        warnings=list(raw["warnings"]),
-        added=list(raw["added"]),
-        config_keys=list(raw["config_keys"]),
-        bytes_read=raw["bytes_read"],
-        dequantized=raw["dequantized"],
-    )
+    return merge_result(raw, seconds)
 
 
 def _adapter_list(adapters: object) -> list[Path]:
     if isinstance(adapters, (str, os.PathLike)) or not hasattr(adapters, "__iter__"):
         raise InvalidArgumentError("adapters must be a list of adapter folders")
-    paths = [_path("adapter", a) for a in adapters]  # type: ignore[attr-defined]
+    paths = [as_path("adapter", a) for a in adapters]  # type: ignore[attr-defined]
     if not paths:
         raise InvalidArgumentError("adapters is empty: give at least one adapter folder")
     return paths
@@ -429,17 +138,13 @@ def merge_each(
     times). Adapter folder names must differ. Checks, options and errors are those of
     :func:`merge`, for every output, before anything is written.
     """
-    base_p, out_p = _path("base", base), _path("out_dir", out_dir)
+    base_p, out_p = as_path("base", base), as_path("out_dir", out_dir)
     paths = _adapter_list(adapters)
-    dt = _dtype(dtype, allow_none=True)
-    (raws, bytes_read), seconds = _with_progress(
-        show_progress,
-        lambda cb: _core.merge_each(
-            base_p, paths, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
-        ),
+    (raws, bytes_read), seconds = _run(
+        _core.merge_each, (base_p, paths, out_p), dtype, show_progress, overwrite
     )
     _warn(raws[0]["warnings"] if raws else [])
-    return MergeEachResult([_result(raw, seconds) for raw in raws], bytes_read, seconds)
+    return MergeEachResult([merge_result(raw, seconds) for raw in raws], bytes_read, seconds)
 
 
 def merge_weighted(
@@ -460,112 +165,11 @@ def merge_weighted(
     two adapters, or a ``config.json`` key they set differently, raises
     :class:`InvalidArgumentError` (a weighted merge does not average heads).
     """
-    base_p, out_p = _path("base", base), _path("out", out)
+    base_p, out_p = as_path("base", base), as_path("out", out)
     paths = _adapter_list(adapters)
     ws = [float(w) for w in weights]
-    dt = _dtype(dtype, allow_none=True)
-    raw, seconds = _with_progress(
-        show_progress,
-        lambda cb: _core.merge_weighted(
-            base_p, paths, ws, out_p, dtype=dt, overwrite=bool(overwrite), progress=cb
-        ),
+    raw, seconds = _run(
+        _core.merge_weighted, (base_p, paths, ws, out_p), dtype, show_progress, overwrite
     )
     _warn(raw["warnings"])
-    return _result(raw, seconds)
-
-
-SAVED_MODULES_CHOICES = ("error", "keep", "drop", "separate")
-
-
-def export_lora(
-    adapter: PathArg,
-    out: PathArg,
-    *,
-    dtype: str = "f32",
-    overwrite: bool = False,
-    saved_modules: str = "error",
-) -> ExportResult:
-    """Writes the exact PEFT LoRA equivalent of a Uni-LoRA adapter into folder ``out``.
-
-    ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight``
-    (``r x in``) and ``...lora_B.weight`` (``out x r``) for every module, plus the
-    ``modules_to_save`` tensors as ``base_model.model.<name>``; ``adapter_config.json``
-    has ``peft_type = "LORA"``, the same ``r``, ``lora_alpha = alpha`` and
-    ``target_modules`` listing exactly the adapted modules (``fan_in_fan_out`` is true
-    when every module is a GPT-2 style ``conv1d``). PEFT's ``PeftModel.from_pretrained``,
-    vLLM and llama.cpp's LoRA converter read this layout. ``dtype="f32"`` (default) is
-    exact; ``"bf16"`` or ``"f16"`` round the factors to nearest even.
-
-    ``saved_modules`` says what to do with the adapter's ``modules_to_save`` tensors
-    (a trained head, say): ``"error"`` (default) refuses such an adapter, since vLLM's
-    LoRA loader and llama.cpp's ``convert_lora_to_gguf.py`` reject saved modules;
-    ``"keep"`` writes them into the adapter as ``base_model.model.<name>`` (PEFT loads
-    them); ``"drop"`` leaves them out (the LoRA model then lacks the trained modules);
-    ``"separate"`` writes them under their own names (the base model's keys) to
-    ``saved_modules.safetensors`` in ``out``, where no LoRA loader looks
-    (:attr:`ExportResult.saved_file`). Only ``"keep"`` lists them in the config.
-    """
-    adapter_p, out_p = _path("adapter", adapter), _path("out", out)
-    dt = _dtype(dtype, allow_none=False)
-    t0 = time.perf_counter()
-    raw = _core.export_lora(
-        adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), saved_modules=saved_modules
-    )
-    return ExportResult._from_core(raw, time.perf_counter() - t0)
-
-
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def inspect(adapter: PathArg) -> AdapterInfo:
-    """Summarises an adapter: ``d``, seed, rank, projection, modules, parameter counts,
-    the fingerprint check (reported, not raised: see :attr:`AdapterInfo.fingerprint_ok`),
-    the map check of explicit and regenerated maps (:attr:`AdapterInfo.map_ok`), whether
-    ``theta_d`` is finite (reported too), and the size on disk against the equivalent
-    float32 LoRA.
-
-    Every other check is the one the Rust merge makes: a malformed config or weights
-    file raises :class:`FormatError` (or :class:`MismatchError`, :class:`VectorError`),
-    missing files ``FileNotFoundError``.
-    """
-    import numpy as np
-
-    path = _path("adapter", adapter)
-    checked, theta, arrays = _core.load_adapter(path, verify=False)
-    config = AdapterConfig._from_checked(checked)
-    directory = _adapter_dir(path)
-    _meta, tensors, _start = _core.safetensors_header(directory / WEIGHTS_NAME)
-    finite = bool(np.isfinite(theta).all())
-    saved = {
-        name: (dt, list(sh))
-        for name, (dt, sh, _) in tensors.items()
-        if name not in (VECTOR_KEY, MAP_INDICES_KEY, MAP_SCALES_KEY)
-    }
-    kinds: dict[str, int] = {}
-    for m in config.modules:
-        kinds[m.kind] = kinds.get(m.kind, 0) + 1
-    return AdapterInfo(
-        path=directory,
-        seed=config.seed,
-        d=config.vector_length,
-        rank=config.rank,
-        alpha=config.alpha,
-        modules=list(config.modules),
-        lora_parameters=int(checked["total_size"]),
-        modules_to_save=list(config.modules_to_save),
-        saved_tensors=saved,
-        saved_parameters=sum(_numel(sh) for _, sh in saved.values()),
-        fingerprint=config.fingerprint,
-        expected_fingerprint=str(checked["expected_fingerprint"]),
-        theta_finite=finite,
-        theta_norm=float(np.linalg.norm(theta.astype(np.float64))) if finite else float("nan"),
-        size_on_disk=_dir_size(directory),
-        base_model_name_or_path=config.base_model_name_or_path,
-        spec_version=int(checked["spec_version"]),
-        format_version=config.format_version,
-        kinds=kinds,
-        projection=config.projection,
-        map_sha256=config.map_sha256,
-        actual_map_sha256=None if arrays is None else arrays[2],
-    )
+    return merge_result(raw, seconds)

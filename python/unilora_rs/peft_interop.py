@@ -1,4 +1,6 @@
-"""PEFT's Uni-LoRA adapters in and out (PEFT 0.21, ``peft_type = "UNILORA"``).
+"""PEFT's Uni-LoRA adapters in (PEFT 0.21, ``peft_type = "UNILORA"``): PEFT's map,
+regenerated with numpy, and the conversion of a PEFT adapter into ours. The way out,
+our adapter in PEFT's format, is :func:`unilora_rs.export.peft.export_peft`.
 
 PEFT's tuner flattens the adapted layers in ``model.modules()`` order, ``A`` (``r x
 in``) before ``B`` (``out x r``) within each, and maps every position to a column of
@@ -21,13 +23,12 @@ instead of giving another model.
 
 :func:`convert_peft` needs torch, transformers and peft (to find PEFT's module order
 from the base model's config); :func:`regenerate_map` and :func:`peft_map` need numpy
-only; :func:`export_peft` runs in the Rust core.
+only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -40,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
+from ._util import PathArg
 from .adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -49,19 +51,14 @@ from .adapter import (
     save_adapter,
 )
 from .errors import FormatError, InvalidArgumentError, MismatchError
-from .merging import ExportResult
 
 __all__ = [
     "ConvertResult",
-    "PeftExportResult",
     "convert_peft",
-    "export_peft",
     "peft_index",
     "peft_map",
     "regenerate_map",
 ]
-
-PathArg = str | os.PathLike[str]
 
 #: Where PEFT keeps ``theta_d`` and the layers in a saved Uni-LoRA adapter.
 PEFT_VECTOR_KEY = "base_model.unilora_theta_d"
@@ -390,31 +387,79 @@ def convert_peft(
         raise InvalidArgumentError(f"output {out_p} is the PEFT adapter or inside it")
     cfg = _peft_config(source)
     tensors = _peft_tensors(source)
+    theta = _peft_theta(cfg, tensors, source / WEIGHTS_NAME)
+    specs, saved_modules = peft_modules(cfg, _base_folder(cfg, base, source))
+    _check_lengths(cfg, specs)
+    save_indices = any(".unilora_indices_" in k for k in tensors)
+    projection_map = _projection_map(
+        cfg, tensors, specs, save_indices, explicit, source / WEIGHTS_NAME
+    )
+    extra = _saved_tensors(tensors, saved_modules, source / WEIGHTS_NAME)
+    config = _adapter_config(cfg, specs, saved_modules, extra, projection_map)
+    _write_adapter(out_p, config, theta, extra, projection_map, overwrite)
+    return ConvertResult(
+        out=out_p,
+        modules=len(specs),
+        projection=projection_map.kind,
+        map_sha256=projection_map.sha256,
+        save_indices=save_indices,
+        saved_tensors=sorted(extra),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _peft_theta(
+    cfg: dict[str, Any], tensors: dict[str, Any], weights: Path
+) -> npt.NDArray[np.float32]:
+    """PEFT's ``theta_d`` as float32, checked against ``theta_d_length``."""
     if PEFT_VECTOR_KEY not in tensors:
-        raise FormatError(f"{source / WEIGHTS_NAME}: no {PEFT_VECTOR_KEY!r} tensor")
-    theta = tensors[PEFT_VECTOR_KEY].float().numpy().reshape(-1)
-    rank, d, seed = int(cfg["r"]), int(cfg["theta_d_length"]), int(cfg["proj_seed"])
+        raise FormatError(f"{weights}: no {PEFT_VECTOR_KEY!r} tensor")
+    theta: npt.NDArray[np.float32] = tensors[PEFT_VECTOR_KEY].float().numpy().reshape(-1)
+    d = int(cfg["theta_d_length"])
     if theta.shape != (d,):
         raise FormatError(
-            f"{source / WEIGHTS_NAME}: {PEFT_VECTOR_KEY} has {theta.size} values, theta_d_length "
-            f"is {d}"
+            f"{weights}: {PEFT_VECTOR_KEY} has {theta.size} values, theta_d_length is {d}"
         )
-    specs, saved_modules = peft_modules(cfg, _base_folder(cfg, base, source))
+    return theta
+
+
+def _check_lengths(cfg: dict[str, Any], specs: Sequence[ModuleSpec]) -> None:
+    """``d <= D``, as every unilora_rs adapter needs."""
+    rank, d = int(cfg["r"]), int(cfg["theta_d_length"])
     total = rank * sum(s.in_features + s.out_features for s in specs)
     if d > total:
         raise InvalidArgumentError(
             f"theta_d_length d = {d} is larger than D = {total}, the LoRA parameters of the "
             f"{len(specs)} adapted layers: a unilora_rs adapter needs d <= D"
         )
-    save_indices = any(".unilora_indices_" in k for k in tensors)
+
+
+def _projection_map(
+    cfg: dict[str, Any],
+    tensors: dict[str, Any],
+    specs: Sequence[ModuleSpec],
+    save_indices: bool,
+    explicit: bool,
+    weights: Path,
+) -> ProjectionMap:
+    """PEFT's map in our order: the saved one (``"explicit"``), else regenerated with
+    numpy and checked against PEFT's (``"peft-numpy"``, or ``"explicit"`` when asked)."""
+    rank, d, seed = int(cfg["r"]), int(cfg["theta_d_length"]), int(cfg["proj_seed"])
     if save_indices:
-        indices, scales = _saved_map(tensors, specs, rank, d, source / WEIGHTS_NAME)
+        indices, scales = _saved_map(tensors, specs, rank, d, weights)
         kind = "explicit"
     else:
         indices, scales = peft_map(seed, d, rank, [(s.in_features, s.out_features) for s in specs])
         _check_regenerated(indices, scales, cfg, specs)
         kind = "explicit" if explicit else "peft-numpy"
-    projection_map = ProjectionMap.of(kind, indices, scales)
+    return ProjectionMap.of(kind, indices, scales)
+
+
+def _saved_tensors(
+    tensors: dict[str, Any], saved_modules: Sequence[str], weights: Path
+) -> dict[str, npt.NDArray[Any]]:
+    """The ``modules_to_save`` tensors under the base model's names; any other tensor
+    that is not ``theta_d``, an index or a scale raises."""
     extra = {}
     for key, t in tensors.items():
         if key == PEFT_VECTOR_KEY or ".unilora_" in key:
@@ -424,16 +469,28 @@ def convert_peft(
             name.startswith(m + ".") for m in saved_modules
         ):
             raise FormatError(
-                f"{source / WEIGHTS_NAME}: tensor {key!r} is neither theta_d, an index or scale, "
+                f"{weights}: tensor {key!r} is neither theta_d, an index or scale, "
                 f"nor part of modules_to_save {saved_modules}"
             )
         # numpy has no bfloat16: such tensors are kept as float32 (exact).
         extra[name] = (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+    return extra
+
+
+def _adapter_config(
+    cfg: dict[str, Any],
+    specs: list[ModuleSpec],
+    saved_modules: Sequence[str],
+    extra: Mapping[str, Any],
+    projection_map: ProjectionMap,
+) -> AdapterConfig:
+    """Our config for PEFT's: ``alpha = r``, the saved modules that have tensors."""
+    rank = int(cfg["r"])
     used = sorted({m for m in saved_modules if any(n.startswith(m + ".") for n in extra)})
     targets = cfg.get("target_modules")
-    config = AdapterConfig(
-        seed=seed,
-        vector_length=d,
+    return AdapterConfig(
+        seed=int(cfg["proj_seed"]),
+        vector_length=int(cfg["theta_d_length"]),
         rank=rank,
         alpha=float(rank),
         modules=specs,
@@ -442,51 +499,23 @@ def convert_peft(
         modules_to_save=used,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         init_range=float(cfg.get("init_theta_d_bound") or 0.02),
-        projection=kind,
+        projection=projection_map.kind,
         map_sha256=projection_map.sha256,
     )
-    staging = _core.staging_folder(out_p, CONVERT_KIND, overwrite=overwrite)
+
+
+def _write_adapter(
+    out: Path,
+    config: AdapterConfig,
+    theta: npt.NDArray[np.float32],
+    extra: Mapping[str, npt.NDArray[Any]],
+    projection_map: ProjectionMap,
+    overwrite: bool,
+) -> None:
+    """Writes the adapter into a staging folder and commits it to ``out``."""
+    staging = _core.staging_folder(out, CONVERT_KIND, overwrite=overwrite)
     try:
         save_adapter(staging, config, theta, extra, projection_map)
-        _core.commit_folder(staging, out_p, CONVERT_KIND, overwrite=overwrite)
+        _core.commit_folder(staging, out, CONVERT_KIND, overwrite=overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ConvertResult(
-        out=out_p,
-        modules=len(specs),
-        projection=kind,
-        map_sha256=projection_map.sha256,
-        save_indices=save_indices,
-        saved_tensors=sorted(extra),
-        seconds=time.perf_counter() - t0,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# unilora_rs adapter -> PEFT adapter
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeftExportResult(ExportResult):
-    """What :func:`export_peft` wrote, and what PEFT's format changes or leaves out."""
-
-    notes: list[str] = field(default_factory=list)
-
-
-def export_peft(adapter: PathArg, out: PathArg, *, overwrite: bool = False) -> PeftExportResult:
-    """Writes the adapter in PEFT's Uni-LoRA format (``save_indices=True``: every
-    layer's indices and scales), so that ``PeftModel.from_pretrained`` gives its outputs.
-
-    The sparse projection and explicit maps export as they are; the Fastfood projection
-    is dense and is refused (``export_lora`` writes its equivalent LoRA adapter). PEFT
-    has no alpha: ``alpha / r`` other than 1 is folded into ``B``'s scales. See
-    :attr:`PeftExportResult.notes` for what else differs. Runs in the Rust core (no
-    torch); the folder appears atomically.
-    """
-    t0 = time.perf_counter()
-    raw = _core.export_peft(Path(adapter), Path(out), overwrite=bool(overwrite))
-    result: PeftExportResult = PeftExportResult._from_core(
-        raw, time.perf_counter() - t0, notes=list(raw["notes"])
-    )
-    return result

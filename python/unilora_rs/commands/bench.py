@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from .. import fingerprint, get_num_threads, projection, reconstruct, total_size
 from ..errors import InvalidArgumentError
+from ..numpy_api import fingerprint, get_num_threads, projection, reconstruct, total_size
 
 # Llama-2-7B: 32 decoder layers, hidden 4096, MLP 11008; all linear layers adapted.
 LLAMA_7B = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._options import add_overwrite
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -27,11 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="store the map in the adapter even when PEFT did not save the indices",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output (only if empty or an earlier convert-peft output)",
-    )
+    add_overwrite(p)
     p.set_defaults(run=run)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..gguf_export import GGUF_ARCHITECTURES, GGUF_OUTTYPES, export_gguf
+from ..export.gguf import GGUF_ARCHITECTURES, GGUF_OUTTYPES, GGUF_SAVED_MODULES, export_gguf
+from ._options import add_adapter, add_no_progress, add_overwrite, add_saved_modules
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "only when complete; the inputs are never modified."
         ),
     )
-    p.add_argument("adapter", help="the Uni-LoRA adapter folder")
+    add_adapter(p)
     p.add_argument("out", help="output .gguf file")
     p.add_argument(
         "--base",
@@ -34,18 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="f32",
         help="tensor type, as the converter's --outtype (default f32, exact)",
     )
-    p.add_argument(
-        "--saved-modules",
-        choices=["error", "drop", "separate"],
-        default="error",
+    add_saved_modules(
+        p,
+        choices=GGUF_SAVED_MODULES,
         help=(
             "what to do with the adapter's modules_to_save tensors: error (default; llama.cpp "
             "has no place for them), drop, or separate (to OUT_STEM.saved_modules.safetensors "
             "beside OUT, under the base model's names)"
         ),
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    add_overwrite(p, help="replace an existing output file")
+    add_no_progress(p)
     p.set_defaults(run=run)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..merging import SAVED_MODULES_CHOICES, export_lora
+from ..export.lora import SAVED_MODULES_CHOICES, export_lora
+from ._options import add_adapter, add_dtype, add_overwrite, add_saved_modules
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,23 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "vLLM and llama.cpp's LoRA converter read. float32 is exact."
         ),
     )
-    p.add_argument("adapter", help="the Uni-LoRA adapter folder")
+    add_adapter(p)
     p.add_argument("out", help="output folder")
-    p.add_argument(
-        "--dtype",
-        choices=["bf16", "f16", "f32"],
-        default="f32",
-        help="dtype of the LoRA factors (default f32, exact)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output (only if empty or an earlier export-lora output)",
-    )
-    p.add_argument(
-        "--saved-modules",
+    add_dtype(p, default="f32", help="dtype of the LoRA factors (default f32, exact)")
+    add_overwrite(p)
+    add_saved_modules(
+        p,
         choices=SAVED_MODULES_CHOICES,
-        default="error",
         help=(
             "what to do with the adapter's modules_to_save tensors: error (default; vLLM "
             "and llama.cpp's converter reject them), keep (in the adapter, for PEFT), drop, "

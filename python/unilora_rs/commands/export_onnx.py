@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from ._options import add_no_progress
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="write the weights to OUT.onnx.data even when they would fit in OUT.onnx "
         "(automatic over 2 GB)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_no_progress(p, help="no progress lines on stderr")
     p.set_defaults(run=run)
 
 

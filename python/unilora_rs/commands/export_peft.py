@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..peft_interop import export_peft
+from ..export.peft import export_peft
+from ._options import add_adapter, add_overwrite
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,13 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "alpha / r other than 1 is folded into B's scales. No torch needed."
         ),
     )
-    p.add_argument("adapter", help="the unilora_rs adapter folder")
+    add_adapter(p, help="the unilora_rs adapter folder")
     p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output (only if empty or an earlier export-peft output)",
-    )
+    add_overwrite(p)
     p.set_defaults(run=run)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..merging import AdapterInfo, inspect
+from ..inspection import AdapterInfo, inspect
+from ._options import add_adapter
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -13,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "inspect",
         help="show d, seed, projection, modules, parameter counts, fingerprint check and sizes",
     )
-    p.add_argument("adapter", help="the Uni-LoRA adapter folder")
+    add_adapter(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--modules", action="store_true", help="also list every module")
     p.set_defaults(run=run)

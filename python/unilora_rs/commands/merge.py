@@ -15,7 +15,9 @@ import sys
 import warnings
 
 from ..errors import InvalidArgumentError, UniLoraWarning
-from ..merging import MergeResult, merge, merge_each, merge_weighted
+from ..merging import merge, merge_each, merge_weighted
+from ..reports import MergeResult
+from ._options import add_dtype, add_no_progress, add_overwrite
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,18 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "follow the weights)"
         ),
     )
-    p.add_argument(
-        "--dtype",
-        choices=["bf16", "f16", "f32"],
+    add_dtype(
+        p,
         default=None,
         help="cast every floating tensor of the output (default: keep each tensor's dtype)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output (a folder only if empty or an earlier merge output)",
+    add_overwrite(
+        p, help="replace an existing output (a folder only if empty or an earlier merge output)"
     )
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    add_no_progress(p)
     p.set_defaults(run=run)
 
 

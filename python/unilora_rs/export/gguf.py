@@ -26,12 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from .adapter import _adapter_dir, _write_atomic, load_adapter_config
-from .errors import FormatError, InvalidArgumentError, MismatchError
-from .merging import PathArg, _path
+from .. import _core
+from .._util import PathArg, as_path, write_atomic
+from ..adapter import AdapterConfig, adapter_directory, load_adapter, load_adapter_config
+from ..errors import FormatError, InvalidArgumentError, MismatchError
 
-__all__ = ["GGUF_ARCHITECTURES", "GGUF_OUTTYPES", "GgufExportResult", "export_gguf"]
+__all__ = [
+    "GGUF_ARCHITECTURES",
+    "GGUF_OUTTYPES",
+    "GGUF_SAVED_MODULES",
+    "GgufExportResult",
+    "export_gguf",
+]
 
 #: Base model architectures (``config.json``'s ``architectures[0]``) and the llama.cpp
 #: model of each, as llama.cpp's converter maps them.
@@ -48,6 +54,9 @@ GGUF_ARCHITECTURES: dict[str, str] = {
 #: adapter in llama.cpp's converter of llama-cpp-python 0.3.36: it calls ``dim()`` on its
 #: LoRA tensor wrapper; for float32 factors it would mean ``f16``).
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+#: ``saved_modules`` values (llama.cpp has no place for saved modules: no ``"keep"``).
+GGUF_SAVED_MODULES = ("error", "drop", "separate")
 
 # The converter's per-architecture tensor rules (conversion/llama.py, gpt2.py, gemma.py).
 _PERMUTED = {"LLAMA"}  # LlamaModel.undo_permute: q/k rows reordered for llama.cpp's RoPE
@@ -188,26 +197,66 @@ def export_gguf(
     """
     gguf = _gguf()
     t0 = time.perf_counter()
-    adapter_p, out_p = _path("adapter", adapter), _path("out", out)
+    adapter_p, out_p = as_path("adapter", adapter), as_path("out", out)
+    _check_choices(outtype, saved_modules)
+    plan = _plan(gguf, adapter_p, out_p, base, saved_modules, overwrite)
+    writer, types = _lora_writer(gguf, plan, outtype)
+    saved_file, size = _write_files(writer, out_p, plan.extra, overwrite, show_progress)
+    return GgufExportResult(
+        out=out_p,
+        architecture=gguf.MODEL_ARCH_NAMES[plan.arch],
+        modules=len(plan.config.modules),
+        tensors=2 * len(plan.config.modules),
+        outtype=outtype,
+        tensor_types=types,
+        lora_parameters=plan.config.total_size,
+        bytes_written=size,
+        seconds=time.perf_counter() - t0,
+        saved_tensors=len(plan.extra) if saved_modules != "drop" else 0,
+        saved_file=saved_file,
+    )
+
+
+def _check_choices(outtype: str, saved_modules: str) -> None:
     if outtype not in GGUF_OUTTYPES:
         raise InvalidArgumentError(
             f"outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}"
         )
-    if saved_modules not in ("error", "drop", "separate"):
+    if saved_modules not in GGUF_SAVED_MODULES:
         raise InvalidArgumentError(
-            f"saved_modules must be one of error, drop, separate, got {saved_modules!r}"
+            f"saved_modules must be one of {', '.join(GGUF_SAVED_MODULES)}, got {saved_modules!r}"
         )
-    adapter_dir = _adapter_dir(adapter_p)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`export_gguf` writes, resolved and checked before any factor is
+    computed: the adapter, the base model's config and llama.cpp's tensor names."""
+
+    config: AdapterConfig
+    adapter_dir: Path
+    hparams: dict[str, Any]
+    base_dir: Path
+    hf_arch: str
+    #: The llama.cpp model (a ``gguf.MODEL_ARCH`` member).
+    arch: Any
+    #: The llama.cpp tensor of every module, in the adapter's order.
+    names: list[str]
+    #: The saved modules written to the companion file (``saved_modules="separate"``).
+    extra: dict[str, np.ndarray]
+
+
+def _plan(
+    gguf: Any,
+    adapter_p: Path,
+    out_p: Path,
+    base: PathArg | None,
+    saved_modules: str,
+    overwrite: bool,
+) -> _Plan:
+    adapter_dir = adapter_directory(adapter_p)
     config = load_adapter_config(adapter_dir)
-    if base is None:
-        named = config.base_model_name_or_path
-        if named is None or not (Path(named) / "config.json").is_file():
-            raise InvalidArgumentError(
-                "export_gguf needs the base model's folder (base= / --base DIR, for its "
-                f"config.json); the adapter names {named!r}, which is not a local folder"
-            )
-        base = named
-    hparams, base_dir = _base_hparams(_path("base", base))
+    hparams, base_dir = _base_hparams(as_path("base", _base_folder(config, base)))
     hf_arch = _architecture(hparams, base_dir)
     arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[hf_arch])
     block_count = _find(
@@ -215,8 +264,27 @@ def export_gguf(
     )
     tensor_map = gguf.get_tensor_name_map(arch, block_count)
     _out_path(out_p, adapter_dir, overwrite)
+    names = _tensor_names(config, tensor_map, hf_arch)
+    extra = _saved_tensors(config, saved_modules, adapter_dir)
+    return _Plan(config, adapter_dir, hparams, base_dir, hf_arch, arch, names, extra)
 
-    # Every module must have a llama.cpp tensor before anything is computed.
+
+def _base_folder(config: AdapterConfig, base: PathArg | None) -> PathArg:
+    """``base``, else the adapter's ``base_model_name_or_path`` when that is a local
+    model folder."""
+    if base is not None:
+        return base
+    named = config.base_model_name_or_path
+    if named is None or not (Path(named) / "config.json").is_file():
+        raise InvalidArgumentError(
+            "export_gguf needs the base model's folder (base= / --base DIR, for its "
+            f"config.json); the adapter names {named!r}, which is not a local folder"
+        )
+    return named
+
+
+def _tensor_names(config: AdapterConfig, tensor_map: Any, hf_arch: str) -> list[str]:
+    """The llama.cpp tensor of every module; one llama.cpp does not know raises."""
     names: list[str] = []
     for m in config.modules:
         hf_name = m.name.replace("language_model.", "")
@@ -232,7 +300,14 @@ def export_gguf(
                 "/ ffn_down) and the output head where llama.cpp's tensor map has one"
             )
         names.append(new_name)
+    return names
 
+
+def _saved_tensors(
+    config: AdapterConfig, saved_modules: str, adapter_dir: Path
+) -> dict[str, np.ndarray]:
+    """The ``modules_to_save`` tensors to write beside the GGUF file (none unless
+    ``"separate"``); an adapter with some raises under ``"error"``."""
     saved_names = list(config.modules_to_save)
     extra: dict[str, np.ndarray] = {}
     if saved_names:
@@ -244,35 +319,42 @@ def export_gguf(
                 "companion .safetensors file"
             )
         if saved_modules == "separate":
-            from .adapter import load_adapter
-
             extra = load_adapter(adapter_dir)[2]
+    return extra
 
-    factors = _core.lora_factors(adapter_dir)
-    if len(factors) != len(config.modules):  # pragma: no cover - the core's contract
+
+def _lora_writer(gguf: Any, plan: _Plan, outtype: str) -> tuple[Any, dict[str, int]]:
+    """A GGUF writer holding every module's factors and the metadata, and the number of
+    tensors written per GGUF type."""
+    factors = _core.lora_factors(plan.adapter_dir)
+    if len(factors) != len(plan.config.modules):  # pragma: no cover - the core's contract
         raise MismatchError("the core returned factors for another module list")
-
-    ftype = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[outtype]
+    # The converter's --outtype, through its LlamaFileType, as a GGML tensor type.
     qtype = {
-        gguf.LlamaFileType.ALL_F32: gguf.GGMLQuantizationType.F32,
-        gguf.LlamaFileType.MOSTLY_F16: gguf.GGMLQuantizationType.F16,
-        gguf.LlamaFileType.MOSTLY_BF16: gguf.GGMLQuantizationType.BF16,
-        gguf.LlamaFileType.MOSTLY_Q8_0: gguf.GGMLQuantizationType.Q8_0,
-    }[ftype]
-    n_head = hparams.get("n_heads", hparams.get("num_attention_heads"))
-    n_head_kv = hparams.get("n_kv_heads", hparams.get("num_key_value_heads"))
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[outtype]
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[plan.arch])
+    types = _add_factors(gguf, writer, plan, factors, qtype)
+    _add_metadata(gguf, writer, plan)
+    return writer, types
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
+
+def _add_factors(
+    gguf: Any, writer: Any, plan: _Plan, factors: list[tuple[np.ndarray, np.ndarray]], qtype: Any
+) -> dict[str, int]:
+    """Adds ``A`` and ``B`` of every module, encoded as the converter encodes them;
+    returns the number of tensors per GGUF type."""
+    n_head = plan.hparams.get("n_heads", plan.hparams.get("num_attention_heads"))
+    n_head_kv = plan.hparams.get("n_kv_heads", plan.hparams.get("num_key_value_heads"))
+    permuted = GGUF_ARCHITECTURES[plan.hf_arch] in _PERMUTED
     types: dict[str, int] = {}
-    for m, new_name, (b, a) in zip(config.modules, names, factors, strict=True):
-        if GGUF_ARCHITECTURES[hf_arch] in _PERMUTED and m.name.endswith(("q_proj", "k_proj")):
+    for m, new_name, (b, a) in zip(plan.config.modules, plan.names, factors, strict=True):
+        if permuted and m.name.endswith(("q_proj", "k_proj")):
             if n_head is None or n_head_kv is None:
-                raise FormatError(f"{base_dir}: config.json lacks the head counts")
+                raise FormatError(f"{plan.base_dir}: config.json lacks the head counts")
             b = _permute_rows(b, n_head, None if m.name.endswith("q_proj") else n_head_kv)
         for suffix, data in ((".lora_a", a), (".lora_b", b)):
             t = qtype
@@ -283,20 +365,30 @@ def export_gguf(
                 encoded = gguf.quants.quantize(data, t)
             writer.add_tensor(new_name + suffix, encoded, raw_dtype=t)
             types[t.name] = types.get(t.name, 0) + 1
+    return types
 
-    # Metadata, in the converter's order (ModelBase.prepare_metadata, LoraModel).
+
+def _add_metadata(gguf: Any, writer: Any, plan: _Plan) -> None:
+    """The metadata, in the converter's order (ModelBase.prepare_metadata, LoraModel)."""
     total_params = writer.get_total_parameter_count()[0]
-    metadata = gguf.Metadata.load(None, adapter_dir, None, total_params)
+    metadata = gguf.Metadata.load(None, plan.adapter_dir, None, total_params)
     if metadata.name is None:
-        metadata.name = base_dir.name
+        metadata.name = plan.base_dir.name
     if metadata.size_label is None and total_params > 0:  # pragma: no cover - LoRA: < 0
         metadata.size_label = gguf.size_label(*writer.get_total_parameter_count())
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     metadata.set_gguf_meta_model(writer)
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.alpha))
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(plan.config.alpha))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
+
+def _write_files(
+    writer: Any, out_p: Path, extra: dict[str, np.ndarray], overwrite: bool, show_progress: bool
+) -> tuple[Path | None, int]:
+    """Writes the companion file of the saved modules (if any), then the GGUF file,
+    each atomically; the companion is removed when the GGUF file fails. Returns the
+    companion's path and the GGUF file's size."""
     saved_file = None
     if extra:
         from safetensors.numpy import save_file
@@ -304,7 +396,7 @@ def export_gguf(
         saved_file = _saved_companion(out_p)
         if saved_file.exists() and not overwrite:
             raise FileExistsError(f"{saved_file} exists (pass --overwrite to replace it)")
-        _write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
+        write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
 
     def write(tmp: Path) -> None:
         writer.write_header_to_file(path=tmp)
@@ -313,7 +405,7 @@ def export_gguf(
         writer.close()
 
     try:
-        size = _write_atomic(out_p, write)
+        size = write_atomic(out_p, write)
     except BaseException:
         writer.close()
         if saved_file is not None:
@@ -321,16 +413,4 @@ def export_gguf(
         raise
     if show_progress:
         sys.stderr.flush()
-    return GgufExportResult(
-        out=out_p,
-        architecture=gguf.MODEL_ARCH_NAMES[arch],
-        modules=len(config.modules),
-        tensors=2 * len(config.modules),
-        outtype=outtype,
-        tensor_types=types,
-        lora_parameters=config.total_size,
-        bytes_written=size,
-        seconds=time.perf_counter() - t0,
-        saved_tensors=len(extra) if saved_modules != "drop" else 0,
-        saved_file=saved_file,
-    )
+    return saved_file, size

@@ -1,0 +1,127 @@
+"""Helpers the torch-free modules share: path and dtype arguments, atomic file writes,
+and the progress bar of long Rust calls.
+
+Nothing here knows the adapter format; the modules that do (:mod:`unilora_rs.adapter`,
+the merge and the exports) build on these.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar, overload
+
+from .errors import DtypeError, InvalidArgumentError
+
+__all__ = ["PathArg", "Progress", "as_path", "dtype_name", "with_progress", "write_atomic"]
+
+#: What the public functions accept as a path.
+PathArg = str | os.PathLike[str]
+
+T = TypeVar("T")
+
+
+def as_path(name: str, value: object) -> Path:
+    """``value`` as a :class:`~pathlib.Path`; a non-path or an empty path raises
+    :class:`InvalidArgumentError` naming the argument ``name``."""
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if str(path) == "":
+            raise InvalidArgumentError(f"{name} must not be empty")
+        return path
+    raise InvalidArgumentError(
+        f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
+    )
+
+
+@overload
+def dtype_name(value: object, *, allow_none: Literal[False]) -> str: ...
+@overload
+def dtype_name(value: object, *, allow_none: bool) -> str | None: ...
+def dtype_name(value: object, *, allow_none: bool) -> str | None:
+    """The name of a dtype argument (a string or a numpy dtype; ``None`` when allowed),
+    checked by the core; anything else raises :class:`DtypeError`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return value
+    name = getattr(value, "name", None)  # numpy dtypes
+    if isinstance(name, str):
+        return name
+    raise DtypeError(f"dtype must be one of 'bf16', 'f16', 'f32' (or None), got {value!r}")
+
+
+def write_atomic(target: Path, write: Callable[[Path], Any]) -> int:
+    """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
+    it to ``target``; the temporary is removed on any failure (Ctrl-C included).
+    Returns the size written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size = tmp.stat().st_size
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+class Progress:
+    """A tqdm bar fed by a Rust call's (done, total) callback; a plain stderr line
+    when tqdm is not installed."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        if self.bar is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.bar = False
+            else:
+                self.bar = tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc
+                )
+        if self.bar is False:
+            pct = 100 * done // total
+            if pct // 10 != self.last // 10 or done == total:
+                print(f"{self.desc}: {pct}%", file=sys.stderr, flush=True)
+                self.last = pct
+        else:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None and self.bar is not False:
+            self.bar.close()
+
+
+def with_progress(
+    show_progress: bool, call: Callable[[Callable[[int, int], None] | None], T], *, desc: str
+) -> tuple[T, float]:
+    """``call(progress callback or None)`` with a progress bar named ``desc`` when asked;
+    the result and the seconds it took."""
+    progress: Progress | None = Progress(desc) if show_progress else None
+    t0 = time.perf_counter()
+    try:
+        out = call(progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return out, time.perf_counter() - t0
