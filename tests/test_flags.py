@@ -12,7 +12,6 @@ from unilora_rs.errors import InvalidArgumentError
 from unilora_rs.flags import add_flags, flag, given_flags
 from unilora_rs.train_options import FinetuneArgs, parse_targets
 
-
 _BOTH = ("one", "two")
 
 

