@@ -1,11 +1,11 @@
-"""``unilora demo``: the main job end to end on a real model and real text, offline
+"""``unilora demo``: the main jobs end to end on real models and real text, offline
 (the work itself is in :mod:`unilora_rs.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..demo.options import ClassifierDemoArgs
+from ..demo.options import DEMOS, DemoArgs
 from ..flags import add_flags, given_flags
 from ..train_options import FinetuneArgs
 
@@ -13,21 +13,31 @@ from ..train_options import FinetuneArgs
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "demo",
-        help="fine-tune, evaluate, merge and export all-MiniLM-L6-v2 on real sentiment data",
+        help="fine-tune, evaluate, merge and export a real model on real data (classifier, llm)",
         description=(
-            "Trains a Uni-LoRA adapter on 3,000 real movie-review sentences, evaluates on "
-            "2,000 held-out ones against the frozen model with a trained head, merges the "
-            "adapter with the Rust merge, exports ONNX and checks that every form predicts "
-            "the same labels. Offline: model and data come from installed packages."
+            "classifier (the default): trains a Uni-LoRA adapter of all-MiniLM-L6-v2 on "
+            "3,000 real movie-review sentences, evaluates on 2,000 held-out ones against "
+            "the frozen model with a trained head, merges the adapter with the Rust merge, "
+            "exports ONNX and checks that every form predicts the same labels. "
+            "llm: instruction-tunes SmolLM2-135M-Instruct to answer whether a review is "
+            "positive or negative, judges it by its generated answers before and after, "
+            "exports a llama.cpp LoRA GGUF and runs it in llama.cpp on the same prompts. "
+            "Offline: models and data come from installed packages."
         ),
     )
-    add_flags(p, ClassifierDemoArgs, "demo")
+    p.add_argument("which", nargs="?", choices=DEMOS, default="classifier", help="which demo")
+    add_flags(p, DemoArgs, "demo")
     add_flags(p, FinetuneArgs, "demo")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    demo = DemoArgs(**given_flags(args, DemoArgs, "demo")).for_demo(args.which)
+    training = given_flags(args, FinetuneArgs, "demo")
+    if args.which == "llm":
+        from ..demo import llm
+
+        return llm.run(demo, training)
     from ..demo import classifier
 
-    demo = ClassifierDemoArgs(**given_flags(args, ClassifierDemoArgs, "demo"))
-    return classifier.run(demo, given_flags(args, FinetuneArgs, "demo"))
+    return classifier.run(demo, training)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..train_options import FinetuneArgs
-from .options import ClassifierDemoArgs
+from .options import DemoArgs
 from .workdir import dir_bytes, prepare_out, write_csv
 
 __all__ = ["BASELINE_LR", "run"]
@@ -41,12 +41,12 @@ class _Data:
     test_csv: Path
 
 
-def _check(demo: ClassifierDemoArgs) -> None:
+def _check(demo: DemoArgs) -> None:
     if demo.train_examples < 10 or demo.eval_examples < 10:
         raise InvalidArgumentError("--train-examples and --eval-examples must be at least 10")
 
 
-def _write_data(demo: ClassifierDemoArgs, out: Path) -> _Data:
+def _write_data(demo: DemoArgs, out: Path) -> _Data:
     """The fixed split of examples/compare.py: the 10,568 labelled sentences shuffled
     with seed 0; train [0, 3000), validation [3000, 4000) (unused here), test from 4000."""
     from ..datasets import packaged_model_dir, sentiment_sentences
@@ -69,7 +69,7 @@ def _write_data(demo: ClassifierDemoArgs, out: Path) -> _Data:
     return data
 
 
-def run(demo: ClassifierDemoArgs, options: dict[str, Any]) -> int:
+def run(demo: DemoArgs, options: dict[str, Any]) -> int:
     """Runs the demo with the training ``options`` the user gave (FinetuneArgs fields)."""
     from ..torch.training import finetune, summary
 

@@ -3,24 +3,52 @@ FinetuneArgs`); each field is also a ``unilora demo`` flag. No torch here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..errors import InvalidArgumentError
 from ..flags import flag
 
-__all__ = ["ClassifierDemoArgs"]
+__all__ = ["DEMOS", "DemoArgs"]
 
 _DEMO = ("demo",)
 
+#: The demos: ``classifier`` (the default) and ``llm``.
+DEMOS = ("classifier", "llm")
+
+#: Defaults that differ between the demos (fields left at ``None``).
+_DEFAULTS: dict[str, dict[str, object]] = {
+    "classifier": {"out": Path("unilora-demo"), "train_examples": 3000, "eval_examples": 2000},
+    "llm": {"out": Path("unilora-demo-llm"), "train_examples": 1000, "eval_examples": 500},
+}
+
 
 @dataclass
-class ClassifierDemoArgs:
-    """Options of the classifier demo (``unilora demo``)."""
+class DemoArgs:
+    """Options of ``unilora demo`` (both demos)."""
 
-    out: Path = flag(Path("unilora-demo"), "work folder", commands=_DEMO, type=Path)
-    train_examples: int = flag(3000, "training sentences", commands=_DEMO, type=int)
-    eval_examples: int = flag(2000, "held-out sentences", commands=_DEMO, type=int)
-    baseline_lr: float | None = flag(
-        None, "lr of the head-only baseline", commands=_DEMO, type=float
+    out: Path | None = flag(
+        None, "work folder (default unilora-demo, unilora-demo-llm)", commands=_DEMO, type=Path
     )
-    onnx: bool = flag(True, "skip the ONNX export", commands=_DEMO, negative="--no-onnx")
+    train_examples: int | None = flag(
+        None, "training examples (default 3000; llm 1000)", commands=_DEMO, type=int
+    )
+    eval_examples: int | None = flag(
+        None, "held-out examples (default 2000; llm 500)", commands=_DEMO, type=int
+    )
+    baseline_lr: float | None = flag(
+        None, "classifier: lr of the head-only baseline", commands=_DEMO, type=float
+    )
+    onnx: bool = flag(
+        True, "classifier: skip the ONNX export", commands=_DEMO, negative="--no-onnx"
+    )
+
+    def for_demo(self, which: str) -> DemoArgs:
+        """A copy with ``which`` demo's defaults filled in (options of the other demo
+        are refused)."""
+        if which not in DEMOS:
+            raise InvalidArgumentError(f"demo {which!r} is not one of {', '.join(DEMOS)}")
+        if which == "llm" and (self.baseline_lr is not None or not self.onnx):
+            raise InvalidArgumentError("--baseline-lr and --no-onnx are classifier demo options")
+        fill = {k: v for k, v in _DEFAULTS[which].items() if getattr(self, k) is None}
+        return replace(self, **fill)  # type: ignore[arg-type]
