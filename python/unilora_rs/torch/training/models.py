@@ -24,7 +24,8 @@ from torch import nn
 from ...datasets import LabelMap
 from ...errors import InvalidArgumentError
 from ...train_options import TASKS
-from ..config import UniLoRAConfig, find_modules_to_save, find_targets, module_features
+from ..config import UniLoRAConfig, find_modules_to_save
+from ..inject import lora_size, plan_specs
 
 __all__ = [
     "GLUE_RATIO",
@@ -259,11 +260,7 @@ def pad_was_set(model_dir: str | os.PathLike[str], model: nn.Module) -> bool:
 
 def lora_parameter_count(model: nn.Module, probe: UniLoRAConfig) -> int:
     """``D`` for ``probe``'s rank, targets and exclusions on ``model`` (nothing is wrapped)."""
-    saved = find_modules_to_save(model, probe)
-    total = 0
-    for _, module, kind in find_targets(model, probe, saved):
-        fan_in, fan_out = module_features(module, kind)
-        total += probe.rank * (fan_in + fan_out)
+    total = lora_size(plan_specs(model, probe, find_modules_to_save(model, probe)), probe.rank)
     if total == 0:
         raise InvalidArgumentError(
             f"target_modules={probe.target_modules!r} matches no nn.Linear / Conv1D layer"
