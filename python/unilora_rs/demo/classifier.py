@@ -85,7 +85,7 @@ def run(demo: DemoArgs, options: dict[str, Any]) -> int:
         eval_data=data.test_csv,
         out=out / "adapter",
         **options,
-    )
+    ).with_task_defaults()
     print("\n[1/4] baseline: frozen model, trained classification head")
     base = _head_only(train_args, demo.baseline_lr or BASELINE_LR, out / "baseline")
     print(
