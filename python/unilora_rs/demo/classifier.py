@@ -107,7 +107,7 @@ def run(demo: DemoArgs, options: dict[str, Any]) -> int:
 
 
 def _merge_and_check(result: Any, model_dir: Path, out: Path) -> tuple[dict[str, float], float]:
-    from .. import merge
+    from ..merging import merge
 
     print("\n[3/4] merge with the Rust core (no torch) and check the merged model")
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def _report(
     checks: dict[str, float],
     merge_s: float,
 ) -> int:
-    from .. import export_lora
+    from ..export.lora import export_lora
 
     # PEFT's LoRA format with the head kept (what PEFT would save for the same run).
     export_lora(out / "adapter", out / "lora", saved_modules="keep")

@@ -124,7 +124,7 @@ def _llama_cpp() -> Any:
 
 
 def _export(out: Path, model_dir: Path) -> Path:
-    from .. import export_gguf
+    from ..export.gguf import export_gguf
 
     t0 = time.perf_counter()
     res = export_gguf(out / "adapter", out / "adapter.gguf", base=model_dir)

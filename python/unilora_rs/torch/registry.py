@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..adapter import VECTOR_KEY, AdapterConfig, ModuleSpec
 from ..errors import InvalidArgumentError, MismatchError
 from .cache import ThetaDCache
