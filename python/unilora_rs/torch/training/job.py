@@ -278,11 +278,14 @@ def _max_new_tokens(run: _Run, prompts: list[EvalPrompt]) -> tuple[int, int]:
 
 
 def _judge(run: _Run, prep: Prepared, *, base: bool) -> Judged:
-    """Held-out loss and greedy generation on the held-out prompts, by the trained
-    model or (``base``) by the base model with the adapter switched off."""
+    """Greedy generation on the held-out prompts by the trained model or (``base``) by
+    the base model with the adapter switched off, which also gets its held-out loss
+    (the trained model's is in the last log record)."""
     context = run.model.disable_adapter() if base else contextlib.nullcontext()
     with context:
-        metrics: dict[str, Any] = evaluate(run.model, prep.held, "sft", device=run.device)
+        metrics: dict[str, Any] = (
+            evaluate(run.model, prep.held, "sft", device=run.device) if base else {}
+        )
         if not prep.prompts:
             return Judged([], metrics)
         new_tokens, longest = _max_new_tokens(run, prep.prompts)
@@ -292,7 +295,7 @@ def _judge(run: _Run, prep: Prepared, *, base: bool) -> Judged:
             prep.prompts,
             max_new_tokens=new_tokens,
             stops=run.stops,
-            batch_size=run.args.batch_size or 8,
+            batch_size=2 * (run.args.batch_size or 8),
             device=run.device,
         )
     metrics.update(judge(prep.prompts, answers, longest))
