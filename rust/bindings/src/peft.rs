@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use unilora_core::fsutil::{self, TempPath};
+use unilora_core::io::atomic::{self, TempPath};
 use unilora_core::{CoreError, ExportOptions};
 
 use crate::errors::IntoPyResult;
@@ -51,7 +51,7 @@ pub fn export_peft<'py>(
 #[pyo3(signature = (out, kind, *, overwrite=false))]
 pub fn staging_folder(out: PathBuf, kind: &str, overwrite: bool) -> PyResult<PathBuf> {
     let kind = output_kind(kind)?;
-    fsutil::check_output(&out, overwrite, Some(kind)).py()?;
+    atomic::check_output(&out, overwrite, Some(kind)).py()?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| CoreError::io(parent, e))

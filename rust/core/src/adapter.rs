@@ -13,14 +13,15 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use crate::codec;
 pub use crate::config::{
     AdapterConfig, AdapterModule, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, ModuleKind,
 };
-use crate::convert;
 use crate::error::{CoreError, Result};
+use crate::io::pio::read_exact_at;
 use crate::projector::{ExplicitMap, ProjectionKind, Projector};
 use crate::reconstruct::check_vector;
-use crate::safetensors::{Dtype, Header, TensorInfo, read_exact_at};
+use crate::safetensors::{Dtype, Header, TensorInfo};
 
 /// Name of the adapter's weights file.
 pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
@@ -312,6 +313,6 @@ fn read_theta(file: &File, weights: &Header, info: &TensorInfo, path: &Path) -> 
     read_exact_at(file, &mut bytes, weights.data_start() + info.begin)
         .map_err(|e| CoreError::io(path, e))?;
     let mut theta = CoreError::try_zeroed::<f32>(info.numel(), "theta_d")?;
-    convert::decode(Dtype::F32, &bytes, &mut theta)?;
+    codec::decode(Dtype::F32, &bytes, &mut theta)?;
     Ok(theta)
 }

@@ -34,7 +34,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{CoreError, Result};
 use crate::fingerprint::{canonical_text_v2, check_name, fingerprint, hash_text};
-use crate::fsutil;
+use crate::io::fs::read_regular;
 use crate::projector::{MAX_MAP_D, ProjectionKind};
 use crate::task::Task;
 
@@ -299,7 +299,7 @@ impl AdapterConfig {
     /// records no fingerprint is refused; whether it matches is [`AdapterConfig::verify`].
     pub fn read(path: &Path) -> Result<(AdapterConfig, PathBuf)> {
         let (dir, config_path) = locate(path)?;
-        let text = fsutil::read_regular(&config_path)?;
+        let text = read_regular(&config_path)?;
         let value = parse_json(&text).map_err(|msg| CoreError::format(&config_path, msg))?;
         let config = AdapterConfig::from_value(&value)
             .map_err(|msg| CoreError::format(&config_path, msg))?;

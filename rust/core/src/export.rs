@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value, json};
 
 use crate::adapter::{Adapter, ModuleKind};
-use crate::convert;
+use crate::codec;
 use crate::error::{CoreError, Result};
-use crate::fsutil::{self, TempPath};
+use crate::io::atomic::{self, TempPath};
+use crate::io::fs::check_disjoint;
 use crate::safetensors::{Dtype, TensorInfo, build_header};
 
 /// Prefix PEFT puts before module names in a saved adapter.
@@ -148,7 +149,7 @@ impl ExportReport {
     }
 }
 
-/// The kind of output an export writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
+/// The kind of output an export writes (in the folder's [`atomic::OUTPUT_MARKER`]).
 pub const OUTPUT_KIND: &str = "export-lora";
 
 /// The `adapter_config.json` of the PEFT LoRA equivalent of `adapter` (listing its
@@ -249,8 +250,8 @@ pub(crate) fn export_folder(
     kind: &'static str,
     write: impl FnOnce(&Adapter, &Path) -> Result<(u64, Value)>,
 ) -> Result<(Adapter, u64)> {
-    fsutil::check_disjoint(&opts.out, &opts.adapter, "adapter")?;
-    fsutil::check_output(&opts.out, opts.overwrite, Some(kind))?;
+    check_disjoint(&opts.out, &opts.adapter, "adapter")?;
+    atomic::check_output(&opts.out, opts.overwrite, Some(kind))?;
     let adapter = Adapter::open(&opts.adapter)?;
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
@@ -296,7 +297,7 @@ fn write_lora_weights(adapter: &Adapter, dtype: Dtype, keep: bool, dir: &Path) -
             if k < factors {
                 let pair = &pairs[k / 2];
                 let mat = if k % 2 == 0 { &pair.a } else { &pair.b };
-                convert::encode(dtype, mat, buf)
+                codec::encode(dtype, mat, buf)
             } else {
                 adapter.read_weights(extras[k - factors].begin, buf)
             }

@@ -15,7 +15,9 @@
 //! * [`config`]: `adapter_config.json` and its one validator.
 //! * [`adapter`]: reading and verifying an adapter directory; [`task`]: its optional
 //!   record of what the trained model is for (merged config keys, new head tensors).
-//! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer.
+//! * [`io`]: positional reads and writes, regular files and paths, atomic outputs.
+//! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer;
+//!   [`codec`]: element conversions between tensor bytes and float32.
 //! * [`merge`]: the streaming, tiled merge of an adapter into a safetensors checkpoint
 //!   (also of several adapters: one output each in one pass over the base, or their
 //!   weighted sum; bitsandbytes-quantized bases are dequantised)
@@ -26,9 +28,9 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod codec;
 pub mod config;
 pub mod control;
-pub mod convert;
 pub mod error;
 pub mod export;
 pub mod export_peft;
@@ -36,7 +38,7 @@ pub mod fastdiv;
 pub mod fastfood;
 pub mod feistel;
 pub mod fingerprint;
-pub mod fsutil;
+pub mod io;
 pub mod kernel;
 pub mod merge;
 pub mod parallel;

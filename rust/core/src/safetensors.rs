@@ -22,7 +22,8 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::{CoreError, Result};
-use crate::fsutil;
+use crate::io::fs::open_regular;
+use crate::io::pio::read_exact_at;
 
 /// Largest header accepted (the limit of the reference safetensors implementation).
 pub const MAX_HEADER_SIZE: u64 = 100_000_000;
@@ -266,61 +267,11 @@ impl<'de> serde::Deserialize<'de> for RawEntries {
     }
 }
 
-/// Reads exactly `buf.len()` bytes at `offset` (a positional read: no shared cursor).
-pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-    }
-    #[cfg(windows)]
-    {
-        let mut done = 0usize;
-        while done < buf.len() {
-            match std::os::windows::fs::FileExt::seek_read(
-                file,
-                &mut buf[done..],
-                offset + done as u64,
-            ) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Writes all of `buf` at `offset` (a positional write: no shared cursor).
-pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
-    }
-    #[cfg(windows)]
-    {
-        let mut done = 0usize;
-        while done < buf.len() {
-            match std::os::windows::fs::FileExt::seek_write(
-                file,
-                &buf[done..],
-                offset + done as u64,
-            ) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Header {
-    /// Opens `path` (a regular file: see [`fsutil::open_regular`]) and reads its header
+    /// Opens `path` (a regular file: see [`open_regular`]) and reads its header
     /// (see the module docs for the checks).
     pub fn read(path: &Path) -> Result<(File, Header)> {
-        let file = fsutil::open_regular(path)?;
+        let file = open_regular(path)?;
         let header = Header::read_from(&file, path)?;
         Ok((file, header))
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 use unilora_core::adapter::Adapter;
-use unilora_core::convert;
+use unilora_core::codec;
 use unilora_core::merge::{Control, MergeOptions, merge};
 use unilora_core::safetensors::{Dtype, Header, build_header};
 use unilora_core::{CoreError, ExportOptions, export_lora, fingerprint, parallel};
@@ -38,7 +38,7 @@ fn write_st(path: &Path, spec: &Spec, seed: u64) -> Vec<Vec<u8>> {
         let vals: Vec<f32> = (0..n).map(|_| rnd(&mut state)).collect();
         let mut raw = vec![0u8; (n * dtype.bits() / 8) as usize];
         if dtype.is_float() {
-            convert::encode(*dtype, &vals, &mut raw).unwrap();
+            codec::encode(*dtype, &vals, &mut raw).unwrap();
         } else {
             for (k, b) in raw.iter_mut().enumerate() {
                 *b = (k * 7 + 3) as u8;
@@ -100,13 +100,13 @@ fn tensor_bytes(path: &Path, name: &str) -> (Dtype, Vec<u64>, Vec<u8>) {
     let (file, h) = Header::read(path).unwrap();
     let info = h.get(name).unwrap();
     let mut buf = vec![0u8; info.nbytes() as usize];
-    unilora_core::safetensors::read_exact_at(&file, &mut buf, h.data_start() + info.begin).unwrap();
+    unilora_core::io::pio::read_exact_at(&file, &mut buf, h.data_start() + info.begin).unwrap();
     (info.dtype, info.shape.clone(), buf)
 }
 
 fn decode(dtype: Dtype, raw: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; raw.len() / (dtype.bits() / 8) as usize];
-    convert::decode(dtype, raw, &mut out).unwrap();
+    codec::decode(dtype, raw, &mut out).unwrap();
     out
 }
 
@@ -200,7 +200,7 @@ fn merge_matches_the_specified_arithmetic() {
             assert_eq!(dt, dt2);
             let want = reference(&fx, name, &decode(dt, &before));
             let mut want_raw = vec![0u8; after.len()];
-            convert::encode(dt, &want, &mut want_raw).unwrap();
+            codec::encode(dt, &want, &mut want_raw).unwrap();
             assert_eq!(after, want_raw, "{dtype} {name}");
             assert_ne!(after, before);
         }
@@ -246,7 +246,7 @@ fn dtype_cast_rewrites_header_and_rounds_once() {
     let (_, _, before) = tensor_bytes(&fx.base, "model.l0.q.weight");
     let want = reference(&fx, "model.l0.q", &decode(Dtype::F32, &before));
     let mut want_raw = vec![0u8; raw.len()];
-    convert::encode(Dtype::BF16, &want, &mut want_raw).unwrap();
+    codec::encode(Dtype::BF16, &want, &mut want_raw).unwrap();
     assert_eq!(raw, want_raw);
     let (dt, _, ids) = tensor_bytes(&out, "model.ids");
     assert_eq!(

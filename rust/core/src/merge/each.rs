@@ -35,7 +35,7 @@ fn outputs(opts: &MultiMergeOptions, out_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut seen = HashSet::new();
     let mut outs = Vec::with_capacity(opts.adapters.len());
     for adapter in &opts.adapters {
-        let dir = crate::fsutil::resolve(adapter)?;
+        let dir = crate::io::fs::resolve(adapter)?;
         let dir = if dir.is_file() {
             dir.parent().map(Path::to_path_buf).unwrap_or(dir)
         } else {

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{INDEX_NAME, SINGLE_NAME, Shard, rel_string};
 use crate::error::{CoreError, Result};
-use crate::fsutil;
+use crate::io::fs::{check_relative_name, read_regular};
 
 /// The weights of a model folder: which files to merge, the shard index if any, and
 /// the other weights files (left out of the output).
@@ -80,7 +80,7 @@ pub(super) fn select_weights(base: &Path) -> Result<Selection> {
 fn choose_weights(base: &Path) -> Result<(Chosen, String)> {
     if let Some(name) = explicit_weights(base)? {
         let config = base.join("config.json");
-        let rel = fsutil::check_relative_name(&name, &config)?;
+        let rel = check_relative_name(&name, &config)?;
         let why =
             format!("transformers loads {name} (config.json names it in \"transformers_weights\")");
         return if name.ends_with(".safetensors.index.json") {
@@ -131,7 +131,7 @@ fn explicit_weights(base: &Path) -> Result<Option<String>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let Ok(value) = serde_json::from_slice::<Value>(&fsutil::read_regular(&path)?) else {
+    let Ok(value) = serde_json::from_slice::<Value>(&read_regular(&path)?) else {
         return Ok(None);
     };
     match value.get("transformers_weights") {
@@ -164,7 +164,7 @@ fn weights_files(base: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
 /// The shard files an index names (relative, checked to stay inside the folder,
 /// sorted) and the parsed index.
 fn read_index(path: &Path) -> Result<(Vec<PathBuf>, Value)> {
-    let value: Value = serde_json::from_slice(&fsutil::read_regular(path)?)
+    let value: Value = serde_json::from_slice(&read_regular(path)?)
         .map_err(|e| CoreError::format(path, format!("invalid JSON ({e})")))?;
     let map = value
         .get("weight_map")
@@ -175,7 +175,7 @@ fn read_index(path: &Path) -> Result<(Vec<PathBuf>, Value)> {
         let shard = shard.as_str().ok_or_else(|| {
             CoreError::format(path, format!("weight_map[{tensor:?}] is not a string"))
         })?;
-        names.insert(fsutil::check_relative_name(shard, path)?);
+        names.insert(check_relative_name(shard, path)?);
     }
     if names.is_empty() {
         return Err(CoreError::format(path, "\"weight_map\" is empty"));
@@ -187,7 +187,7 @@ fn read_index(path: &Path) -> Result<(Vec<PathBuf>, Value)> {
 pub(super) fn check_index(shards: &[Shard], index_path: &Path, value: &Value) -> Result<()> {
     let by_rel: HashMap<&Path, &Shard> = shards.iter().map(|s| (s.rel.as_path(), s)).collect();
     for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
-        let rel = fsutil::check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
+        let rel = check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
         let file = by_rel[rel.as_path()];
         if file.header.get(tensor).is_none() && !file.quant.dropped.contains(tensor) {
             return Err(CoreError::format(

@@ -48,8 +48,10 @@ use serde_json::{Map, Value};
 use crate::adapter::Adapter;
 pub use crate::control::Control;
 use crate::error::{CoreError, Result};
-use crate::fsutil::{self, TempPath};
-use crate::safetensors::{Dtype, Header, TensorInfo, read_exact_at};
+use crate::io::atomic::{self, TempPath};
+use crate::io::fs::check_disjoint;
+use crate::io::pio::read_exact_at;
+use crate::safetensors::{Dtype, Header, TensorInfo};
 
 mod each;
 mod folder;
@@ -75,7 +77,7 @@ pub const INDEX_NAME: &str = "model.safetensors.index.json";
 /// Name of a single-file Hugging Face checkpoint.
 pub const SINGLE_NAME: &str = "model.safetensors";
 
-/// The kind of output a merge writes (in the folder's [`fsutil::OUTPUT_MARKER`]).
+/// The kind of output a merge writes (in the folder's [`atomic::OUTPUT_MARKER`]).
 pub const OUTPUT_KIND: &str = "merge";
 
 /// Copies of more than this many bytes are split, so that progress and cancellation
@@ -95,7 +97,7 @@ pub struct MergeOptions {
     /// floating tensor (F16, BF16, F32, F64) of the output to it.
     pub dtype: Option<Dtype>,
     /// Replace an existing output (a folder only if it is empty or an earlier merge
-    /// output: see [`fsutil::check_output`]).
+    /// output: see [`atomic::check_output`]).
     pub overwrite: bool,
     /// Elements per tile (0: [`DEFAULT_TILE_ELEMS`]); results do not depend on it.
     pub tile_elems: usize,
@@ -516,12 +518,12 @@ fn stage(opts: &MergeOptions, is_dir: bool) -> Result<TempPath> {
 
 fn check_options(opts: &MergeOptions, adapters: &[PathBuf]) -> Result<()> {
     fs::metadata(&opts.base).map_err(|e| CoreError::io(&opts.base, e))?;
-    fsutil::check_disjoint(&opts.out, &opts.base, "base")?;
+    check_disjoint(&opts.out, &opts.base, "base")?;
     for adapter in adapters {
-        fsutil::check_disjoint(&opts.out, adapter, "adapter")?;
+        check_disjoint(&opts.out, adapter, "adapter")?;
     }
     let folder = opts.base.is_dir();
-    fsutil::check_output(&opts.out, opts.overwrite, folder.then_some(OUTPUT_KIND))?;
+    atomic::check_output(&opts.out, opts.overwrite, folder.then_some(OUTPUT_KIND))?;
     match opts.dtype {
         Some(dt) if !matches!(dt, Dtype::BF16 | Dtype::F16 | Dtype::F32) => Err(CoreError::Dtype(
             format!("output dtype {dt} is not one of bf16, f16, f32"),

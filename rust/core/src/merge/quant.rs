@@ -19,9 +19,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::convert;
+use crate::codec;
 use crate::error::{CoreError, Result};
-use crate::safetensors::{Dtype, Header, TensorInfo, read_exact_at};
+use crate::io::pio::read_exact_at;
+use crate::safetensors::{Dtype, Header, TensorInfo};
 
 /// How to read a dequantised weight.
 pub(super) enum Source {
@@ -66,7 +67,7 @@ fn read_f32s(file: &File, header: &Header, info: &TensorInfo) -> Result<Vec<f32>
     read_exact_at(file, &mut raw, header.data_start() + info.begin)
         .map_err(|e| CoreError::io(&header.path, e))?;
     let mut out = vec![0f32; info.numel() as usize];
-    convert::decode(Dtype::F32, &raw, &mut out)?;
+    codec::decode(Dtype::F32, &raw, &mut out)?;
     Ok(out)
 }
 
@@ -248,7 +249,7 @@ impl Source {
                 }
             }
         }
-        convert::encode(Dtype::F32, &values, out)?;
+        codec::encode(Dtype::F32, &values, out)?;
         Ok(raw.len() as u64)
     }
 }

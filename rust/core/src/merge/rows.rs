@@ -2,7 +2,7 @@
 //! transpose for `conv1d`) in float32 in a fixed operation order, encode.
 
 use crate::adapter::{Adapter, AdapterModule, ModuleKind};
-use crate::convert;
+use crate::codec;
 use crate::error::Result;
 use crate::safetensors::Dtype;
 
@@ -77,7 +77,7 @@ fn merge_rows_body(terms: &[Term<'_>], rows: Rows<'_>) {
         let mut j0 = 0;
         while j0 < cols {
             let n = CHUNK.min(cols - j0);
-            convert::decode_unchecked(src, &in_row[j0 * isz..][..n * isz], &mut w[..n]);
+            codec::decode_unchecked(src, &in_row[j0 * isz..][..n * isz], &mut w[..n]);
             for &(prep, s) in terms {
                 let r = prep.r;
                 let coef = &prep.coef[(row0 + i) * r..][..r];
@@ -92,7 +92,7 @@ fn merge_rows_body(terms: &[Term<'_>], rows: Rows<'_>) {
                     *x += s * a;
                 }
             }
-            convert::encode_unchecked(dst, &w[..n], &mut out_row[j0 * osz..][..n * osz]);
+            codec::encode_unchecked(dst, &w[..n], &mut out_row[j0 * osz..][..n * osz]);
             j0 += n;
         }
     }
@@ -182,7 +182,7 @@ mod tests {
             ] {
                 let (isz, osz) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
                 let mut input = vec![0u8; rows * cols * isz];
-                convert::encode(src, &w, &mut input).unwrap();
+                codec::encode(src, &w, &mut input).unwrap();
                 let mut fast = vec![0u8; rows * cols * osz];
                 let mut portable = vec![0u8; rows * cols * osz];
                 let tile = |output| Rows {
@@ -196,7 +196,7 @@ mod tests {
                 merge_rows_body(&[(&prep, 0.75)], tile(&mut portable));
                 assert_eq!(fast, portable);
                 let mut w32 = vec![0f32; rows * cols];
-                convert::decode(src, &input, &mut w32).unwrap();
+                codec::decode(src, &input, &mut w32).unwrap();
                 for i in 0..fo {
                     for j in 0..fi {
                         let mut acc = 0f32;
@@ -212,7 +212,7 @@ mod tests {
                     }
                 }
                 let mut want = vec![0u8; rows * cols * osz];
-                convert::encode(dst, &w32, &mut want).unwrap();
+                codec::encode(dst, &w32, &mut want).unwrap();
                 assert_eq!(fast, want, "{kind:?} {src} -> {dst}");
             }
         }
@@ -245,7 +245,7 @@ mod tests {
         let coefs = [0.7f32 * 2.0, -0.3f32 * 0.5];
         let w: Vec<f32> = (0..fo * fi).map(|_| lcg(&mut st)).collect();
         let mut input = vec![0u8; fo * fi * 4];
-        convert::encode(Dtype::F32, &w, &mut input).unwrap();
+        codec::encode(Dtype::F32, &w, &mut input).unwrap();
         let mut got = vec![0u8; fo * fi * 4];
         let terms: Vec<Term<'_>> = preps.iter().zip(coefs).collect();
         merge_rows(
@@ -271,7 +271,7 @@ mod tests {
             }
         }
         let mut want_bytes = vec![0u8; fo * fi * 4];
-        convert::encode(Dtype::F32, &want, &mut want_bytes).unwrap();
+        codec::encode(Dtype::F32, &want, &mut want_bytes).unwrap();
         assert_eq!(got, want_bytes);
     }
 }

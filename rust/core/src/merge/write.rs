@@ -16,11 +16,13 @@ use super::{
     Work,
 };
 use crate::adapter::Adapter;
-use crate::convert;
+use crate::codec;
 use crate::error::{CoreError, Result};
-use crate::fsutil;
+use crate::io::atomic::OUTPUT_MARKER;
+use crate::io::fs::{copy_tree, read_regular};
+use crate::io::pio::{copy_range, preallocate, read_exact_at, write_all_at};
 use crate::parallel;
-use crate::safetensors::{Dtype, byte_size, read_exact_at, write_all_at};
+use crate::safetensors::{Dtype, byte_size};
 
 /// What the writers of all shards of one output share.
 pub(super) struct Writer<'a> {
@@ -88,7 +90,7 @@ pub(super) fn open_output(
         .open(&dst_path)
         .map_err(|e| CoreError::io(&dst_path, e))?;
     let dst_data = 8 + plan.header.len() as u64;
-    fsutil::preallocate(&dst, dst_data + plan.data_len, &dst_path)?;
+    preallocate(&dst, dst_data + plan.data_len, &dst_path)?;
     let mut head = Vec::with_capacity(dst_data as usize);
     head.extend_from_slice(&(plan.header.len() as u64).to_le_bytes());
     head.extend_from_slice(&plan.header);
@@ -110,7 +112,7 @@ pub(super) fn finish_folder(
 ) -> Result<()> {
     let mut not_copied: BTreeSet<PathBuf> = inputs.shards.iter().map(|s| s.rel.clone()).collect();
     not_copied.extend(inputs.left_out.iter().cloned());
-    not_copied.insert(PathBuf::from(fsutil::OUTPUT_MARKER));
+    not_copied.insert(PathBuf::from(OUTPUT_MARKER));
     let index_rel = inputs
         .index
         .as_ref()
@@ -123,7 +125,7 @@ pub(super) fn finish_folder(
                 .next()
                 .is_some_and(|c| c.as_os_str() == ".git" || c.as_os_str() == ".cache")
     };
-    let copied = fsutil::copy_tree(&opts.base, staging, &skip)?;
+    let copied = copy_tree(&opts.base, staging, &skip)?;
     report.other_files = copied.iter().map(|p| rel_string(p)).collect();
     let quantized = inputs.shards.iter().any(|s| s.quant.any());
     update_config(opts, targets, quantized, staging, report)?;
@@ -249,7 +251,7 @@ impl ShardJob<'_> {
         match *work {
             Work::Copy { src, dst, len } => {
                 self.writer.read.fetch_add(len, Ordering::Relaxed);
-                fsutil::copy_range(
+                copy_range(
                     &self.shard.file,
                     &self.shard.path,
                     src,
@@ -358,7 +360,7 @@ impl Writer<'_> {
                     },
                 );
             }
-            _ => convert::cast(src_dtype, input, out.dtype, output, grow(values, n))?,
+            _ => codec::cast(src_dtype, input, out.dtype, output, grow(values, n))?,
         }
         write_all_at(dst.file, output, at).map_err(|e| CoreError::io(dst.path, e))?;
         self.control.add((n * out_size) as u64);
@@ -397,7 +399,7 @@ fn update_config(
         }
         return Ok(());
     }
-    let text = fsutil::read_regular(&path)?;
+    let text = read_regular(&path)?;
     let mut value = crate::config::parse_json(&text)
         .map_err(|msg| CoreError::format(opts.base.join(MODEL_CONFIG_NAME), msg))?;
     let Some(obj) = value.as_object_mut() else {
