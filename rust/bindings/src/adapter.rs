@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use unilora_core::adapter::{Adapter, AdapterModule, CONFIG_NAME, Verify};
+use unilora_core::adapter::{Adapter, Verify};
+use unilora_core::format::{AdapterModule, CONFIG_NAME};
 use unilora_core::{AdapterConfig, CoreError};
 
 use crate::errors::IntoPyResult;

@@ -14,12 +14,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::codec;
-pub use crate::config::{
-    AdapterConfig, AdapterModule, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, ModuleKind,
-};
 use crate::error::{CoreError, Result};
+use crate::format::{AdapterConfig, CONFIG_NAME, ProjectionKind};
 use crate::io::pio::read_exact_at;
-use crate::projector::{ExplicitMap, ProjectionKind, Projector};
+use crate::projector::{ExplicitMap, Projector};
 use crate::reconstruct::check_vector;
 use crate::safetensors::{Dtype, Header, TensorInfo};
 

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
-use crate::adapter::{Adapter, ModuleKind};
+use crate::adapter::Adapter;
 use crate::codec;
 use crate::error::{CoreError, Result};
+use crate::format::ModuleKind;
 use crate::io::atomic::{self, TempPath};
 use crate::io::fs::check_disjoint;
 use crate::safetensors::{Dtype, TensorInfo, build_header};

@@ -23,11 +23,12 @@
 
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, ModuleKind};
+use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
 use crate::export::{
     ExportOptions, ExportReport, PEFT_PREFIX, export_folder, saved_tensors, write_safetensors,
 };
+use crate::format::ModuleKind;
 use crate::projection::Projection;
 use crate::projector::Projector;
 use crate::safetensors::Dtype;

@@ -11,10 +11,10 @@
 //!   map bound by its SHA-256) and the one place that dispatches on it.
 //! * [`reconstruct`]: rebuilds LoRA matrices from the trainable vector, in parallel,
 //!   without materialising an index array.
-//! * [`fingerprint`]: the hash that binds an adapter to its seed, `d` and module list.
-//! * [`config`]: `adapter_config.json` and its one validator.
-//! * [`adapter`]: reading and verifying an adapter directory; [`task`]: its optional
-//!   record of what the trained model is for (merged config keys, new head tensors).
+//! * [`format`]: `adapter_config.json` and its one validator, the projection kinds and
+//!   their limits, the fingerprint that binds an adapter to its seed, `d` and module
+//!   list, and the optional record of what the trained model is for.
+//! * [`adapter`]: reading and verifying an adapter directory.
 //! * [`io`]: positional reads and writes, regular files and paths, atomic outputs.
 //! * [`safetensors`]: a strict safetensors header reader (size bombs, bad offsets) and writer;
 //!   [`codec`]: element conversions between tensor bytes and float32.
@@ -29,7 +29,6 @@
 
 pub mod adapter;
 pub mod codec;
-pub mod config;
 pub mod control;
 pub mod error;
 pub mod export;
@@ -37,7 +36,7 @@ pub mod export_peft;
 pub mod fastdiv;
 pub mod fastfood;
 pub mod feistel;
-pub mod fingerprint;
+pub mod format;
 pub mod io;
 pub mod kernel;
 pub mod merge;
@@ -46,20 +45,19 @@ pub mod projection;
 pub mod projector;
 pub mod reconstruct;
 pub mod safetensors;
-pub mod task;
 
 pub use adapter::Adapter;
-pub use config::AdapterConfig;
 pub use error::{CoreError, Result};
 pub use export::{ExportOptions, ExportReport, SavedModules, export_lora};
 pub use export_peft::{PeftExportReport, export_peft};
-pub use fingerprint::fingerprint;
+pub use format::fingerprint::fingerprint;
+pub use format::{AdapterConfig, ProjectionKind, SPEC_VERSION};
 pub use merge::{
     Control, EachReport, MergeOptions, MergeReport, MultiMergeOptions, merge, merge_each,
     merge_weighted,
 };
-pub use projection::{Projection, SPEC_VERSION};
-pub use projector::{ExplicitMap, ProjectionKind, Projector};
+pub use projection::Projection;
+pub use projector::{ExplicitMap, Projector};
 pub use reconstruct::{
     BACKWARD_T_CHUNK, check_vector, reconstruct, reconstruct_backward, reconstruct_into, total_size,
 };

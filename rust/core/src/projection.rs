@@ -17,9 +17,6 @@ use crate::fastdiv::DivMagic;
 use crate::feistel::Feistel;
 pub use crate::feistel::{ROUNDS, mix32, splitmix64};
 
-/// Version of the generator specification implemented here.
-pub const SPEC_VERSION: u32 = 1;
-
 /// The scale `1 / sqrt(n)` of a column used by `n` rows, as float32.
 #[inline]
 pub fn scale_for_count(n: u64) -> f32 {

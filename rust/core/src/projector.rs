@@ -19,77 +19,12 @@ use std::sync::{Arc, RwLock};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::config::AdapterConfig;
 use crate::error::{CoreError, Result};
 use crate::fastfood::Fastfood;
+use crate::format::config::AdapterConfig;
+use crate::format::kind::ProjectionKind;
 use crate::parallel;
 use crate::reconstruct::{self, check_vector, cut_pieces, total_size};
-
-/// Which projection maps `theta_d` to `theta_D`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ProjectionKind {
-    /// The sparse spec v1 map (the default).
-    Sparse,
-    /// The Fastfood map (spec v2).
-    Fastfood,
-    /// A map stored in the adapter file.
-    Explicit,
-    /// PEFT's Uni-LoRA map, regenerated with numpy.
-    PeftNumpy,
-}
-
-impl ProjectionKind {
-    /// Every kind, in the order the messages list them.
-    pub const ALL: [ProjectionKind; 4] = [
-        ProjectionKind::Sparse,
-        ProjectionKind::Fastfood,
-        ProjectionKind::Explicit,
-        ProjectionKind::PeftNumpy,
-    ];
-
-    /// The name used in `adapter_config.json` and the APIs.
-    pub fn name(self) -> &'static str {
-        match self {
-            ProjectionKind::Sparse => "sparse",
-            ProjectionKind::Fastfood => "fastfood",
-            ProjectionKind::Explicit => "explicit",
-            ProjectionKind::PeftNumpy => "peft-numpy",
-        }
-    }
-
-    /// The kind named `name`; the error lists the valid names.
-    pub fn parse(name: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == name)
-            .ok_or_else(|| format!("projection {name:?} is not one of {}", Self::names()))
-    }
-
-    /// `"sparse", "fastfood", "explicit", "peft-numpy"`.
-    pub fn names() -> String {
-        Self::ALL
-            .iter()
-            .map(|k| format!("{:?}", k.name()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// The spec version of adapters with this projection: 1 for sparse, 2 otherwise.
-    pub fn spec_version(self) -> u64 {
-        match self {
-            ProjectionKind::Sparse => 1,
-            _ => 2,
-        }
-    }
-
-    /// Whether the map is a list of indices and scales bound by `map_sha256`.
-    pub fn has_map(self) -> bool {
-        matches!(self, ProjectionKind::Explicit | ProjectionKind::PeftNumpy)
-    }
-}
-
-/// The largest `d` of an explicit map (its indices are int32).
-pub const MAX_MAP_D: u64 = 1 << 31;
 
 /// A projection given row by row: `theta_D[i] = theta_d[indices[i]] * scales[i]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -158,7 +93,7 @@ pub fn map_sha256(indices: &[u32], scales: &[f32]) -> String {
         let bytes: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
         h.update(&bytes);
     }
-    crate::fingerprint::hex_digest(&h.finalize())
+    crate::format::fingerprint::hex_digest(&h.finalize())
 }
 
 /// Regenerates the map of a foreign generator (`peft-numpy`) for a checked config.
@@ -379,15 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn kinds_and_generated_projections() {
-        for k in ProjectionKind::ALL {
-            assert_eq!(ProjectionKind::parse(k.name()).unwrap(), k);
-        }
-        assert!(
-            ProjectionKind::parse("dense")
-                .unwrap_err()
-                .contains("\"peft-numpy\"")
-        );
+    fn generated_projections() {
         let sparse = Projector::generated(ProjectionKind::Sparse, 1, 100, 10).unwrap();
         let theta: Vec<f32> = (0..10).map(|i| i as f32).collect();
         let via = sparse.reconstruct(&theta, &[(10, 10)]).unwrap();

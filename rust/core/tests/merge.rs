@@ -171,7 +171,7 @@ fn reference(fx: &Fixture, module: &str, w: &[f32]) -> Vec<f32> {
             for kk in 0..r {
                 acc += b[i * r + kk] * aa[kk * fin + j];
             }
-            let pos = if m.kind == unilora_core::adapter::ModuleKind::Conv1d {
+            let pos = if m.kind == unilora_core::format::ModuleKind::Conv1d {
                 j * fout + i
             } else {
                 i * fin + j

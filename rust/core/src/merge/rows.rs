@@ -1,9 +1,10 @@
 //! The fused row kernel of the merge: decode a tile of rows, add `s * B @ A` (or its
 //! transpose for `conv1d`) in float32 in a fixed operation order, encode.
 
-use crate::adapter::{Adapter, AdapterModule, ModuleKind};
+use crate::adapter::Adapter;
 use crate::codec;
 use crate::error::Result;
+use crate::format::{AdapterModule, ModuleKind};
 use crate::safetensors::Dtype;
 
 /// The factors of every module, arranged for row-wise merging (small: `D` floats).

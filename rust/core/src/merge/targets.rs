@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use serde_json::Map;
 
 use super::{Action, Extra, Inputs, MergedTensor, Shard, Targets, Term, rel_string};
-use crate::adapter::{Adapter, AdapterModule, ModuleKind};
+use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
+use crate::format::{AdapterModule, ModuleKind};
 use crate::safetensors::{Dtype, TensorInfo};
 
 /// Every base tensor by name, for finding what an adapter entry refers to.

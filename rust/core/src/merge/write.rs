@@ -400,7 +400,7 @@ fn update_config(
         return Ok(());
     }
     let text = read_regular(&path)?;
-    let mut value = crate::config::parse_json(&text)
+    let mut value = crate::format::json::parse_json(&text)
         .map_err(|msg| CoreError::format(opts.base.join(MODEL_CONFIG_NAME), msg))?;
     let Some(obj) = value.as_object_mut() else {
         return Err(CoreError::format(

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value, json};
 
-use crate::fingerprint::check_name;
+use super::fingerprint::check_name;
 
 /// The task types an adapter may record.
 pub const TASK_TYPES: [&str; 2] = ["sequence-classification", "causal-lm"];

@@ -32,11 +32,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
+use super::fingerprint::{canonical_text_v2, fingerprint, hash_text};
+use super::json::{finite, parse_json, shown, uint};
+use super::kind::{MAX_D, MAX_MAP_D, ProjectionKind};
+use super::module::AdapterModule;
+use super::task::Task;
 use crate::error::{CoreError, Result};
-use crate::fingerprint::{canonical_text_v2, check_name, fingerprint, hash_text};
 use crate::io::fs::read_regular;
-use crate::projector::{MAX_MAP_D, ProjectionKind};
-use crate::task::Task;
 
 /// Name of the adapter's configuration file.
 pub const CONFIG_NAME: &str = "adapter_config.json";
@@ -47,12 +49,8 @@ pub const FORMAT_VERSION: u64 = 1;
 /// The newest generator spec version this reader understands (docs/SPEC.md): 1 is the
 /// sparse projection, 2 adds Fastfood and explicit maps.
 pub const ADAPTER_SPEC_VERSION: u64 = 2;
-/// The largest `d` the generator supports.
-pub const MAX_D: u64 = 1 << 32;
 /// The `init_range` of a config that does not record one.
 pub const DEFAULT_INIT_RANGE: f64 = 0.02;
-
-const MODULE_KEYS: [&str; 4] = ["name", "in_features", "out_features", "kind"];
 
 const CONFIG_KEYS: [&str; 18] = [
     "format",
@@ -74,107 +72,6 @@ const CONFIG_KEYS: [&str; 18] = [
     "library_version",
     "task",
 ];
-
-/// How a module stores its weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModuleKind {
-    /// `nn.Linear`: weight `[out, in]`, update `B @ A`.
-    Linear,
-    /// GPT-2 style `Conv1D`: weight `[in, out]`, update `(B @ A)^T`.
-    Conv1d,
-}
-
-impl ModuleKind {
-    /// The name used in `adapter_config.json`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ModuleKind::Linear => "linear",
-            ModuleKind::Conv1d => "conv1d",
-        }
-    }
-}
-
-/// One adapted module.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdapterModule {
-    /// Qualified module name in the base model (the weight is `<name>.weight`).
-    pub name: String,
-    /// Input features.
-    pub in_features: u64,
-    /// Output features.
-    pub out_features: u64,
-    /// Weight layout.
-    pub kind: ModuleKind,
-}
-
-impl AdapterModule {
-    /// Shape of the base weight: `[out, in]` for linear, `[in, out]` for conv1d.
-    pub fn weight_shape(&self) -> [u64; 2] {
-        match self.kind {
-            ModuleKind::Linear => [self.out_features, self.in_features],
-            ModuleKind::Conv1d => [self.in_features, self.out_features],
-        }
-    }
-
-    /// Parses and checks one entry of `modules` (`label` names it in messages, e.g.
-    /// `modules[3]`).
-    pub fn from_value(value: &Value, label: &str) -> std::result::Result<Self, String> {
-        let Some(obj) = value.as_object() else {
-            return Err(format!(
-                "{label} must be an object {{name, in_features, out_features, kind}}, got {value}"
-            ));
-        };
-        let name = match obj.get("name") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            other => {
-                return Err(format!(
-                    "{label}: name must be a non-empty string, got {}",
-                    shown(other)
-                ));
-            }
-        };
-        let label = format!("{label} ({name:?})");
-        check_name(&name).map_err(|e| format!("{label}: {e}"))?;
-        if let Some(key) = obj.keys().find(|k| !MODULE_KEYS.contains(&k.as_str())) {
-            return Err(format!(
-                "{label}: unknown key {key:?} (a module has {})",
-                MODULE_KEYS.join(", ")
-            ));
-        }
-        let size = |key: &str| {
-            uint(obj.get(key), 1, u64::MAX).map_err(|got| {
-                format!("{label}: {key} must be an integer in [1, 2^64 - 1], got {got}")
-            })
-        };
-        let (in_features, out_features) = (size("in_features")?, size("out_features")?);
-        let kind = match obj.get("kind") {
-            None => ModuleKind::Linear,
-            Some(Value::String(s)) if s == "linear" => ModuleKind::Linear,
-            Some(Value::String(s)) if s == "conv1d" => ModuleKind::Conv1d,
-            Some(other) => {
-                return Err(format!(
-                    "{label}: kind {other} is not one of \"linear\", \"conv1d\""
-                ));
-            }
-        };
-        Ok(AdapterModule {
-            name,
-            in_features,
-            out_features,
-            kind,
-        })
-    }
-
-    /// The JSON object of this module.
-    pub fn to_value(&self) -> Value {
-        json!({
-            "name": self.name,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "kind": self.kind.name(),
-        })
-    }
-}
 
 /// A checked adapter configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -611,75 +508,10 @@ fn init_range(value: Option<&Value>) -> std::result::Result<f64, String> {
     }
 }
 
-/// An integer in `[min, max]` (not a bool, not a float); the error is the value as shown.
-fn uint(value: Option<&Value>, min: u64, max: u64) -> std::result::Result<u64, String> {
-    match value.and_then(Value::as_u64) {
-        Some(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(shown(value)),
-    }
-}
-
-/// A number (JSON numbers are always finite).
-fn finite(value: Option<&Value>) -> std::result::Result<f64, String> {
-    match value {
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .filter(|x| x.is_finite())
-            .ok_or_else(|| n.to_string()),
-        other => Err(shown(other)),
-    }
-}
-
-fn shown(value: Option<&Value>) -> String {
-    value.map_or_else(|| "nothing (the key is missing)".into(), Value::to_string)
-}
-
-/// Parses JSON text; errors name the key at fault where they can, and say so plainly
-/// for `NaN` / `Infinity` (accepted by some JSON writers, but not JSON).
-pub fn parse_json(text: &[u8]) -> std::result::Result<Value, String> {
-    let err = match serde_json::from_slice(text) {
-        Ok(value) => return Ok(value),
-        Err(err) => err,
-    };
-    let offset = byte_offset(text, err.line(), err.column());
-    let key = key_before(text, offset).map_or_else(String::new, |k| format!("{k}: "));
-    let near = &text[offset.saturating_sub(2)..];
-    let non_finite = ["NaN", "Infinity", "-Infinity"]
-        .iter()
-        .any(|lit| (0..3).any(|s| near.get(s..).is_some_and(|t| t.starts_with(lit.as_bytes()))));
-    if non_finite {
-        return Err(format!(
-            "invalid JSON at line {} column {}: {key}NaN or Infinity is not finite (JSON numbers must be finite)",
-            err.line(),
-            err.column()
-        ));
-    }
-    Err(format!("invalid JSON ({key}{err})"))
-}
-
-fn byte_offset(text: &[u8], line: usize, column: usize) -> usize {
-    let start: usize = text
-        .split_inclusive(|&b| b == b'\n')
-        .take(line.saturating_sub(1))
-        .map(<[u8]>::len)
-        .sum();
-    (start + column.saturating_sub(1)).min(text.len())
-}
-
-/// The object key whose value starts before `offset`, if the text there is `"key":`.
-fn key_before(text: &[u8], offset: usize) -> Option<String> {
-    let head = &text[..offset];
-    let colon = head.iter().rposition(|&b| b == b':')?;
-    let before = head[..colon].trim_ascii_end();
-    let inner = before.strip_suffix(b"\"")?;
-    let open = inner.iter().rposition(|&b| b == b'"')?;
-    let key = std::str::from_utf8(&inner[open + 1..]).ok()?;
-    (!key.is_empty() && !key.contains(['{', '}', ',', '\n'])).then(|| key.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::module::ModuleKind;
 
     fn good() -> Value {
         json!({
@@ -871,17 +703,6 @@ mod tests {
     }
 
     #[test]
-    fn spec_v2_fingerprint_text() {
-        let text = canonical_text_v2("explicit", Some("sha256:00"), 3, 8, &[("m.lora_B", 4, 2)]);
-        assert_eq!(
-            text,
-            "unilora-spec-v2\nprojection=explicit\nmap=sha256:00\nseed=3\nd=8\nm.lora_B\t4\t2\n"
-        );
-        let text = canonical_text_v2("fastfood", None, 3, 8, &[]);
-        assert_eq!(text, "unilora-spec-v2\nprojection=fastfood\nseed=3\nd=8\n");
-    }
-
-    #[test]
     fn module_entries_are_strict() {
         let module = |m: Value| with("modules", json!([m]));
         let base = json!({"name": "a.q", "in_features": 16, "out_features": 24});
@@ -930,27 +751,5 @@ mod tests {
         AdapterConfig::from_value(&big(1 << 20, 1 << 12, 1 << 32)).unwrap();
         assert!(err(&big(1 << 20, 1 << 12, (1 << 32) + 1)).contains("vector_length (d)"));
         assert!(err(&big(u64::MAX / 2, 2, 1)).contains("does not fit in 64 bits"));
-    }
-
-    #[test]
-    fn json_errors_name_the_key() {
-        let text = b"{\n  \"format\": \"unilora_rs\",\n  \"alpha\": Infinity\n}";
-        let got = parse_json(text).unwrap_err();
-        assert!(
-            got.contains("line 3") && got.contains("alpha: NaN or Infinity is not finite"),
-            "{got}"
-        );
-        for lit in ["NaN", "-Infinity"] {
-            let text = format!("{{\"rank\": 4, \"alpha\": {lit}}}");
-            let got = parse_json(text.as_bytes()).unwrap_err();
-            assert!(
-                got.contains("alpha: NaN or Infinity is not finite"),
-                "{got}"
-            );
-        }
-        let got = parse_json(b"{\"alpha\": 1e400}").unwrap_err();
-        assert!(got.contains("alpha: number out of range"), "{got}");
-        let got = parse_json(b"{\"a\": [1, 2,]}").unwrap_err();
-        assert!(got.starts_with("invalid JSON ("), "{got}");
     }
 }

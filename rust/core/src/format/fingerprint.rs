@@ -5,11 +5,11 @@
 //! The hashed text has one line per matrix, `<name>\t<rows>\t<cols>`; it is unambiguous
 //! (two different lists never give the same text) as long as no name holds a line
 //! break or a tab. [`check_name`] is that rule, and adapter configs refuse module names
-//! that break it ([`crate::config`]).
+//! that break it ([`super::config`]).
 
 use sha2::{Digest, Sha256};
 
-use crate::projection::SPEC_VERSION;
+use super::kind::SPEC_VERSION;
 
 /// The canonical UTF-8 text that is hashed (see `docs/SPEC.md`).
 pub fn canonical_text(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> String {
@@ -98,5 +98,15 @@ mod tests {
         let two = canonical_text(0, 2, &[("a", 1, 1), ("b", 1, 1)]);
         assert_eq!(one, two);
         assert!(check_name("a\t1\t1\nb").is_err());
+    }
+    #[test]
+    fn spec_v2_fingerprint_text() {
+        let text = canonical_text_v2("explicit", Some("sha256:00"), 3, 8, &[("m.lora_B", 4, 2)]);
+        assert_eq!(
+            text,
+            "unilora-spec-v2\nprojection=explicit\nmap=sha256:00\nseed=3\nd=8\nm.lora_B\t4\t2\n"
+        );
+        let text = canonical_text_v2("fastfood", None, 3, 8, &[]);
+        assert_eq!(text, "unilora-spec-v2\nprojection=fastfood\nseed=3\nd=8\n");
     }
 }
