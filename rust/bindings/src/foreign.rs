@@ -32,5 +32,5 @@ fn regenerate(config: &AdapterConfig) -> Result<ExplicitMap, CoreError> {
 
 /// Registers [`regenerate`] as the core's foreign generator.
 pub fn register() {
-    unilora_core::projector::set_foreign_generator(Arc::new(regenerate));
+    unilora_core::projection::set_foreign_generator(Arc::new(regenerate));
 }

@@ -4,7 +4,7 @@ use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use unilora_core::fastfood::Fastfood;
+use unilora_core::projection::fastfood::{Fastfood, WORDS_PER_BLOCK};
 use unilora_core::{BACKWARD_T_CHUNK, Projection, ProjectionKind, Projector, parallel};
 
 use crate::convert::{Shapes, invalid, outputs, uint, vector};
@@ -173,7 +173,7 @@ pub fn fastfood_params<'py>(
     let (seed, total, d) = dims_of(seed, total, d)?;
     let ff = Fastfood::new(seed, total, d).py()?;
     let (keys, scales) = py.detach(|| ff.block_table()).py()?;
-    let width = unilora_core::fastfood::WORDS_PER_BLOCK;
+    let width = WORDS_PER_BLOCK;
     let keys = Array2::from_shape_vec((keys.len() / width, width), keys)
         .map_err(|e| invalid(e.to_string()))?;
     let out = PyDict::new(py);
@@ -253,5 +253,5 @@ pub fn map_sha256(
 ) -> PyResult<String> {
     let idx: Vec<u32> = indices.as_array().iter().map(|&j| j as u32).collect();
     let scales = scales.as_array().to_vec();
-    Ok(unilora_core::projector::map_sha256(&idx, &scales))
+    Ok(unilora_core::projection::map_sha256(&idx, &scales))
 }

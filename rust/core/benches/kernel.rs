@@ -1,7 +1,7 @@
 //! Compute-only timing: reconstruct into a cache-resident buffer many times.
 //! Usage: cargo bench -p unilora-core --bench kernel -- [d] [reps] [auto|avx2|portable];
 //! time it with `/usr/bin/time` (65,536 rows per rep; D = 1e8).
-use unilora_core::kernel::{KernelImpl, gather_rows};
+use unilora_core::projection::kernel::{KernelImpl, gather_rows};
 
 fn main() {
     let total: u64 = 100_000_000;

@@ -17,8 +17,7 @@ use crate::codec;
 use crate::error::{CoreError, Result};
 use crate::format::{AdapterConfig, CONFIG_NAME, ProjectionKind};
 use crate::io::pio::read_exact_at;
-use crate::projector::{ExplicitMap, Projector};
-use crate::reconstruct::check_vector;
+use crate::projection::{ExplicitMap, Projector, check_vector};
 use crate::safetensors::{Dtype, Header, TensorInfo};
 
 /// Name of the adapter's weights file.

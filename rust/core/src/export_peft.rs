@@ -29,8 +29,7 @@ use crate::export::{
     ExportOptions, ExportReport, PEFT_PREFIX, export_folder, saved_tensors, write_safetensors,
 };
 use crate::format::ModuleKind;
-use crate::projection::Projection;
-use crate::projector::Projector;
+use crate::projection::{Projection, Projector};
 use crate::safetensors::Dtype;
 
 /// The kind of output (in the folder's marker file).

@@ -1,8 +1,8 @@
 //! The Fastfood projection: a plain reference straight from docs/SPEC.md section 4,
 //! the exact adjoint, near-isometry and thread-count independence.
 
-use unilora_core::fastfood::Fastfood;
 use unilora_core::parallel;
+use unilora_core::projection::Fastfood;
 
 fn fwht(v: &mut [f32]) {
     let mut h = 1;

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
-use unilora_core::kernel::{KernelImpl, gather_rows};
+use unilora_core::projection::kernel::{KernelImpl, gather_rows};
 use unilora_core::{CoreError, Projection, parallel, reconstruct, reconstruct_into};
 
 fn map(p: &Projection) -> (Vec<u64>, Vec<f32>) {

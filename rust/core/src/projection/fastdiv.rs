@@ -54,7 +54,7 @@ mod tests {
     #[test]
     fn matches_division() {
         let mut state = 0x1234_5678_9abc_def0u64;
-        let mut next = || crate::feistel::splitmix64(&mut state);
+        let mut next = || crate::projection::feistel::splitmix64(&mut state);
         let mut divisors: Vec<u32> = vec![
             1,
             2,

@@ -16,12 +16,18 @@
 //! SIMD width, and the torch implementation gives the same bits. The backward pass is
 //! the exact adjoint `P^T`, summed over blocks in increasing order.
 
+mod block;
+mod fwht;
+
+pub use fwht::fwht;
+
 use rayon::prelude::*;
 
+use super::feistel::{Feistel, ROUNDS, mix32, splitmix64};
+use super::shapes::{check_dims, check_vector, cut_pieces};
 use crate::error::{CoreError, Result};
-use crate::feistel::{Feistel, ROUNDS, mix32, splitmix64};
 use crate::parallel;
-use crate::projection::check_dims;
+use block::{Scratch, backward_block, forward_block, gaussians};
 
 /// XORed into the seed to start the key stream (`"fastfood"` in ASCII).
 pub const STREAM_TAG: u64 = 0x6661_7374_666F_6F64;
@@ -31,15 +37,11 @@ pub const WORDS_PER_BLOCK: usize = ROUNDS + 1 + GAUSS_KEYS;
 pub const GAUSS_KEYS: usize = 6;
 /// The mean of the sum of twelve 16-bit uniforms, `12 * 65535 / 2`.
 pub const GAUSS_MEAN: i32 = 393_210;
-/// `1 / 65536`: the Gaussian integers are scaled by it (exactly).
-const GAUSS_UNIT: f32 = 1.0 / 65536.0;
 /// The smallest block length (the Feistel network needs two bits).
 pub const MIN_BLOCK: u64 = 4;
 
 /// Rows per parallel work item of the forward pass (whole blocks, at least one).
 const ITEM_ROWS: u64 = 1 << 16;
-/// Butterfly stages up to this length run tile by tile (a tile stays in L1).
-const FWHT_TILE: usize = 1 << 12;
 /// Partial sums of the backward pass held at once, in floats.
 const BACKWARD_BUFFER: u64 = 1 << 24;
 
@@ -91,25 +93,6 @@ pub struct Fastfood {
     d: u64,
     bits: u32,
     blocks: u64,
-}
-
-/// Scratch buffers of one block: two vectors, the Gaussian diagonal and `Π`.
-struct Scratch {
-    v: Vec<f32>,
-    w: Vec<f32>,
-    g: Vec<f32>,
-    p: Vec<u32>,
-}
-
-impl Scratch {
-    fn new(n: usize) -> Self {
-        Scratch {
-            v: vec![0.0; n],
-            w: vec![0.0; n],
-            g: vec![0.0; n],
-            p: vec![0; n],
-        }
-    }
 }
 
 impl Fastfood {
@@ -216,7 +199,7 @@ impl Fastfood {
     /// the projection of `theta` (length `d`). Runs in the crate's pool; the result is
     /// the same for every thread count.
     pub fn reconstruct_into(&self, theta: &[f32], outs: &mut [&mut [f32]]) -> Result<()> {
-        crate::reconstruct::check_vector(theta, self.d)?;
+        check_vector(theta, self.d)?;
         let filled: u64 = outs.iter().map(|o| o.len() as u64).sum();
         if filled != self.total {
             return Err(CoreError::InvalidArgument(format!(
@@ -226,7 +209,7 @@ impl Fastfood {
         }
         let n = self.n();
         let item_rows = ITEM_ROWS.div_ceil(n) * n;
-        let mut pieces = crate::reconstruct::cut_pieces(outs, item_rows);
+        let mut pieces = cut_pieces(outs, item_rows);
         let mut items: Vec<&mut [(u64, &mut [f32])]> = pieces
             .chunk_by_mut(|a, b| a.0 / item_rows == b.0 / item_rows)
             .collect();
@@ -240,7 +223,7 @@ impl Fastfood {
                     let (first, end) = (item[0].0, item[item.len() - 1].0);
                     let end = end + item[item.len() - 1].1.len() as u64;
                     for b in first / n..end.div_ceil(n) {
-                        let c = self.forward_block(b, theta, &mut scratch);
+                        let c = forward_block(self, b, theta, &mut scratch);
                         write_block(b * n, c, &scratch.w, item);
                     }
                 }
@@ -292,7 +275,7 @@ impl Fastfood {
                         let scratch = scratch.get_or_insert_with(|| Scratch::new(n));
                         for (t, out) in outs.chunks_mut(d).enumerate() {
                             let b = b0 + (k * share + t) as u64;
-                            self.backward_block(b, grad, scratch, out);
+                            backward_block(self, b, grad, scratch, out);
                         }
                     });
             });
@@ -305,33 +288,10 @@ impl Fastfood {
         }
         Ok(acc)
     }
-
-    /// Block `b` of the forward pass into `s.w` (unscaled); returns `c_b`.
-    fn forward_block(&self, b: u64, theta: &[f32], s: &mut Scratch) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the only target feature of the function.
-            return unsafe { forward_block_avx2(self, b, theta, s) };
-        }
-        forward_block_impl::<false>(self, b, theta, s)
-    }
-
-    /// Block `b` of the backward pass: `out = c_b * (B H Π^T G H grad_b)[..d]`.
-    fn backward_block(&self, b: u64, grad: &[f32], s: &mut Scratch, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the only target feature of the function.
-            unsafe { backward_block_avx2(self, b, grad, s, out) };
-            return;
-        }
-        backward_block_impl::<false>(self, b, grad, s, out);
-    }
 }
 
 /// The splitmix64 increment (docs/SPEC.md section 1.1).
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-/// Squares summed in a `u64` before they join the `u128` total (`2^38 * 2^20 < 2^64`).
-const SQUARES_CHUNK: usize = 1 << 20;
 
 /// Writes `c * w[t]` to every row `row0 + t` of the block that the item's pieces hold.
 fn write_block(row0: u64, c: f32, w: &[f32], item: &mut [(u64, &mut [f32])]) {
@@ -346,270 +306,6 @@ fn write_block(row0: u64, c: f32, w: &[f32], item: &mut [(u64, &mut [f32])]) {
         let src = &w[(lo - row0) as usize..(hi - row0) as usize];
         for (o, &x) in dst.iter_mut().zip(src) {
             *o = c * x;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn forward_block_avx2(ff: &Fastfood, b: u64, theta: &[f32], s: &mut Scratch) -> f32 {
-    forward_block_impl::<true>(ff, b, theta, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn backward_block_avx2(ff: &Fastfood, b: u64, grad: &[f32], s: &mut Scratch, out: &mut [f32]) {
-    backward_block_impl::<true>(ff, b, grad, s, out);
-}
-
-/// `w = H G Π H B x` for block `b` (`x` = `theta` zero-padded to `n`); returns `c_b`.
-#[inline(always)]
-fn forward_block_impl<const AVX2: bool>(
-    ff: &Fastfood,
-    b: u64,
-    theta: &[f32],
-    s: &mut Scratch,
-) -> f32 {
-    let keys = ff.block_keys(b);
-    let n = ff.n() as usize;
-    let (v, w) = (&mut s.v[..n], &mut s.w[..n]);
-    v[..theta.len()].copy_from_slice(theta);
-    v[theta.len()..].fill(0.0);
-    for (i, x) in v.iter_mut().enumerate() {
-        *x = f32::from_bits(x.to_bits() ^ keys.sign_bit(i as u32));
-    }
-    fwht_with::<AVX2>(v);
-    let (g, p) = (&mut s.g[..n], &mut s.p[..n]);
-    let q = gaussians(&keys, g);
-    permutation(&keys, p);
-    permuted_product::<AVX2>(w, Some(g), p, v);
-    fwht_with::<AVX2>(w);
-    ff.scale_of(q)
-}
-
-/// `out = c_b * (B H Π^T G H g)[..d]` for block `b`, `g` its rows of the gradient,
-/// zero-padded to `n`.
-#[inline(always)]
-fn backward_block_impl<const AVX2: bool>(
-    ff: &Fastfood,
-    b: u64,
-    grad: &[f32],
-    s: &mut Scratch,
-    out: &mut [f32],
-) {
-    let keys = ff.block_keys(b);
-    let n = ff.n() as usize;
-    let row0 = (b * ff.n()) as usize;
-    let rows = &grad[row0..grad.len().min(row0 + n)];
-    let (u, z) = (&mut s.v[..n], &mut s.w[..n]);
-    u[..rows.len()].copy_from_slice(rows);
-    u[rows.len()..].fill(0.0);
-    fwht_with::<AVX2>(u);
-    let (g, p) = (&mut s.g[..n], &mut s.p[..n]);
-    let q = gaussians(&keys, g);
-    // z[Π(i)] = G[i] u[i], written as the gather z[j] = (G u)[Π^-1(j)].
-    for (x, &g) in u.iter_mut().zip(&*g) {
-        *x *= g;
-    }
-    inverse_permutation(&keys, p);
-    permuted_product::<AVX2>(z, None, p, u);
-    fwht_with::<AVX2>(z);
-    let c = ff.scale_of(q);
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = c * f32::from_bits(z[j].to_bits() ^ keys.sign_bit(j as u32));
-    }
-}
-
-/// Fills `g` with the block's Gaussian diagonal `G[i]` and returns the sum of the
-/// squared Gaussian integers (`2^32 sum G^2`).
-#[inline(always)]
-fn gaussians(keys: &BlockKeys, g: &mut [f32]) -> u128 {
-    // Two passes, so that the generation runs on whole vectors of 32-bit lanes; the
-    // integers come back exactly from G (|65536 G| < 2^19).
-    for (i, o) in g.iter_mut().enumerate() {
-        *o = keys.gauss_int(i as u32) as f32 * GAUSS_UNIT;
-    }
-    let mut q = 0u128;
-    for chunk in g.chunks(SQUARES_CHUNK) {
-        let part: u64 = chunk
-            .iter()
-            .map(|&x| {
-                let k = i64::from((x * 65536.0) as i32);
-                (k * k) as u64
-            })
-            .sum();
-        q += u128::from(part);
-    }
-    q
-}
-
-/// Fills `p` with `Π`: `p[i] = E(i)`, the block's Feistel network.
-#[inline(always)]
-fn permutation(keys: &BlockKeys, p: &mut [u32]) {
-    for (i, o) in p.iter_mut().enumerate() {
-        *o = keys.perm.encrypt(i as u32);
-    }
-}
-
-/// Fills `p` with `Π^-1`: `p[j] = E^-1(j)`.
-#[inline(always)]
-fn inverse_permutation(keys: &BlockKeys, p: &mut [u32]) {
-    for (j, o) in p.iter_mut().enumerate() {
-        *o = keys.perm.decrypt(j as u32);
-    }
-}
-
-/// The unnormalised fast Walsh–Hadamard transform, in place: stages `h = 1, 2, 4, ...`
-/// in that order, each replacing `(v[i], v[i + h])` by `(v[i] + v[i + h], v[i] - v[i + h])`
-/// for every `i` with `i & h == 0`. Stages below [`FWHT_TILE`] run tile by tile, which
-/// changes no operation (a tile's elements depend only on each other there).
-pub fn fwht(v: &mut [f32]) {
-    fwht_with::<false>(v);
-}
-
-/// [`fwht`]; with `AVX2` (only inside an AVX2 function) the first three stages run on
-/// whole vectors.
-#[inline(always)]
-fn fwht_with<const AVX2: bool>(v: &mut [f32]) {
-    let n = v.len();
-    debug_assert!(n.is_power_of_two());
-    let tile = n.min(FWHT_TILE);
-    for t in v.chunks_exact_mut(tile) {
-        let mut h = 1;
-        if tile >= 8 {
-            first_stages::<AVX2>(t);
-            h = 8;
-        }
-        while h < tile {
-            stage(t, h);
-            h <<= 1;
-        }
-    }
-    let mut h = tile;
-    while h < n {
-        stage(v, h);
-        h <<= 1;
-    }
-}
-
-/// Stages 1, 2 and 4 of every group of eight values.
-#[inline(always)]
-fn first_stages<const AVX2: bool>(t: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        // SAFETY: `AVX2` is true only in functions compiled for AVX2, which run only on
-        // CPUs that have it (checked before they are called).
-        unsafe { first_stages_avx2(t) };
-        return;
-    }
-    for c in t.chunks_exact_mut(8) {
-        butterfly8(c);
-    }
-}
-
-/// Stages 1, 2 and 4 on vectors of eight: each stage adds and subtracts a lane
-/// permutation, then keeps the sum in the lower and the difference in the upper lane
-/// of every pair (the same two operations, on the same operands, as [`butterfly8`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn first_stages_avx2(t: &mut [f32]) {
-    use std::arch::x86_64::*;
-    for c in t.chunks_exact_mut(8) {
-        // SAFETY: `c` holds eight floats; the load and store are unaligned.
-        let mut x = unsafe { _mm256_loadu_ps(c.as_ptr()) };
-        // h = 1: partner lane i ^ 1; upper lanes 1, 3, 5, 7 take partner - x.
-        let p = _mm256_permute_ps(x, 0b10_11_00_01);
-        x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0b1010_1010);
-        // h = 2: partner lane i ^ 2; upper lanes 2, 3, 6, 7.
-        let p = _mm256_permute_ps(x, 0b01_00_11_10);
-        x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0b1100_1100);
-        // h = 4: partner lane i ^ 4; upper lanes 4 to 7.
-        let p = _mm256_permute2f128_ps(x, x, 1);
-        x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0b1111_0000);
-        // SAFETY: as for the load.
-        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), x) };
-    }
-}
-
-/// `w[i] = g[i] * v[p[i]]`, or `w[i] = v[p[i]]` without `g`. `v.len()` is a power of
-/// two and every `p[i] < v.len()` (`Π` maps `[0, n)` onto itself).
-#[inline(always)]
-fn permuted_product<const AVX2: bool>(w: &mut [f32], g: Option<&[f32]>, p: &[u32], v: &[f32]) {
-    debug_assert!(v.len().is_power_of_two() && p.len() == w.len());
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 && v.len() <= 1 << 31 {
-        // SAFETY: as in `first_stages`.
-        unsafe { permuted_product_avx2(w, g, p, v) };
-        return;
-    }
-    match g {
-        Some(g) => {
-            for ((o, &g), &p) in w.iter_mut().zip(g).zip(p) {
-                *o = g * v[p as usize];
-            }
-        }
-        None => {
-            for (o, &p) in w.iter_mut().zip(p) {
-                *o = v[p as usize];
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn permuted_product_avx2(w: &mut [f32], g: Option<&[f32]>, p: &[u32], v: &[f32]) {
-    use std::arch::x86_64::*;
-    assert!(v.len().is_power_of_two() && v.len() <= 1 << 31);
-    let n = w.len().min(p.len()).min(g.map_or(usize::MAX, <[f32]>::len));
-    // Indices are masked to [0, v.len()): no gather can read outside `v` (they are all
-    // below it anyway, so the mask changes no value).
-    let mask = _mm256_set1_epi32((v.len() - 1) as i32);
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: lanes i .. i + 8 lie inside w, p and g (i + 8 <= n); the masked
-        // indices lie in [0, v.len()) and fit in i32 (v.len() <= 2^31).
-        unsafe {
-            let idx = _mm256_and_si256(_mm256_loadu_si256(p.as_ptr().add(i).cast()), mask);
-            let mut x = _mm256_i32gather_ps::<4>(v.as_ptr(), idx);
-            if let Some(g) = g {
-                x = _mm256_mul_ps(_mm256_loadu_ps(g.as_ptr().add(i)), x);
-            }
-            _mm256_storeu_ps(w.as_mut_ptr().add(i), x);
-        }
-        i += 8;
-    }
-    for k in i..n {
-        let x = v[p[k] as usize];
-        w[k] = g.map_or(x, |g| g[k] * x);
-    }
-}
-
-/// Stages 1, 2 and 4 on eight values.
-#[inline(always)]
-fn butterfly8(c: &mut [f32]) {
-    let mut x = [0f32; 8];
-    x.copy_from_slice(c);
-    for h in [1, 2, 4] {
-        for i in 0..8 {
-            if i & h == 0 {
-                let (a, b) = (x[i], x[i + h]);
-                x[i] = a + b;
-                x[i + h] = a - b;
-            }
-        }
-    }
-    c.copy_from_slice(&x);
-}
-
-#[inline(always)]
-fn stage(v: &mut [f32], h: usize) {
-    for pair in v.chunks_exact_mut(2 * h) {
-        let (a, b) = pair.split_at_mut(h);
-        for (x, y) in a.iter_mut().zip(b.iter_mut()) {
-            let (s, t) = (*x + *y, *x - *y);
-            *x = s;
-            *y = t;
         }
     }
 }

@@ -1,61 +1,22 @@
-//! Rebuilding LoRA matrices from the trainable vector `theta_d`.
+//! Rebuilding LoRA matrices from the trainable vector `theta_d` with the sparse map, in
+//! parallel, and the deterministic backward pass of that map.
 //!
 //! The matrices are the consecutive slices of `theta_D = P theta_d` in the given order
 //! (the adapter's flattening order: per module `B` then `A`, each row-major).
 
 use rayon::prelude::*;
 
+use super::kernel::{accumulate_columns, gather};
+use super::shapes::{check_outputs, check_vector, cut_pieces, total_size, zeroed_outputs};
+use super::sparse::Projection;
 use crate::error::{CoreError, Result};
 use crate::parallel;
-use crate::projection::Projection;
-use crate::projector::Projector;
 
 /// Rows per parallel work item.
 const CHUNK: usize = 1 << 16;
 
 /// Reconstructions of at least this many rows (64 MiB) use streaming stores.
 const STREAM_ROWS: u64 = 1 << 24;
-
-/// Validates `shapes` and returns `D`, the sum of `rows * cols`.
-pub fn total_size(shapes: &[(u64, u64)]) -> Result<u64> {
-    if shapes.is_empty() {
-        return Err(CoreError::InvalidArgument(
-            "shapes is empty: give at least one (rows, cols) matrix shape".into(),
-        ));
-    }
-    let mut total: u64 = 0;
-    for (k, &(rows, cols)) in shapes.iter().enumerate() {
-        if rows == 0 || cols == 0 {
-            return Err(CoreError::InvalidArgument(format!(
-                "shape #{k} is ({rows}, {cols}): every dimension must be at least 1"
-            )));
-        }
-        let size = rows.checked_mul(cols).and_then(|s| total.checked_add(s));
-        total = size.ok_or_else(|| {
-            CoreError::InvalidArgument(format!(
-                "shape #{k} ({rows}, {cols}) overflows the total size"
-            ))
-        })?;
-    }
-    Ok(total)
-}
-
-/// Checks that `vector` has length `d` and holds only finite values.
-pub fn check_vector(vector: &[f32], d: u64) -> Result<()> {
-    if vector.len() as u64 != d {
-        return Err(CoreError::Vector(format!(
-            "vector has length {} but d = {d}: theta_d must have exactly d elements",
-            vector.len()
-        )));
-    }
-    if let Some(pos) = vector.iter().position(|v| !v.is_finite()) {
-        return Err(CoreError::Vector(format!(
-            "vector[{pos}] = {} is not finite: theta_d must not hold NaN or Inf",
-            vector[pos]
-        )));
-    }
-    Ok(())
-}
 
 /// Fills `outs` (one buffer per shape, in order) with the reconstructed matrices.
 ///
@@ -76,53 +37,19 @@ pub fn reconstruct_into(
     let stream = total >= STREAM_ROWS;
     parallel::install(|| {
         work.par_iter_mut()
-            .for_each(|(start, chunk)| crate::kernel::gather(&proj, vector, *start, chunk, stream));
+            .for_each(|(start, chunk)| gather(&proj, vector, *start, chunk, stream));
     });
     Ok(())
 }
 
 /// Reconstructs every matrix of `shapes` from `vector` (`theta_d`, length `d`).
 pub fn reconstruct(vector: &[f32], seed: u64, shapes: &[(u64, u64)]) -> Result<Vec<Vec<f32>>> {
-    Projector::Sparse { seed }.reconstruct(vector, shapes)
-}
-
-/// Checks that there is one output buffer per shape, of the shape's size.
-pub(crate) fn check_outputs(shapes: &[(u64, u64)], outs: &[&mut [f32]]) -> Result<()> {
-    if outs.len() != shapes.len() {
-        return Err(CoreError::InvalidArgument(format!(
-            "{} output buffers for {} shapes",
-            outs.len(),
-            shapes.len()
-        )));
+    let mut outs = zeroed_outputs(shapes)?;
+    {
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        reconstruct_into(vector, seed, shapes, &mut views)?;
     }
-    for (k, (out, &(rows, cols))) in outs.iter().zip(shapes).enumerate() {
-        let size = rows * cols;
-        if out.len() as u64 != size {
-            return Err(CoreError::InvalidArgument(format!(
-                "output buffer #{k} has {} elements, shape ({rows}, {cols}) needs {size}",
-                out.len()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Cuts consecutive output buffers (together rows `0, 1, ...` of `theta_D`, in order)
-/// into pieces that never cross a multiple of `rows`; each comes with its first row.
-pub(crate) fn cut_pieces<'a>(outs: &'a mut [&mut [f32]], rows: u64) -> Vec<(u64, &'a mut [f32])> {
-    let mut pieces = Vec::new();
-    let mut row = 0u64;
-    for out in outs.iter_mut() {
-        let mut rest: &mut [f32] = out;
-        while !rest.is_empty() {
-            let room = (rows - row % rows).min(rest.len() as u64) as usize;
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(room);
-            pieces.push((row, head));
-            row += room as u64;
-            rest = tail;
-        }
-    }
-    pieces
+    Ok(outs)
 }
 
 /// Number of consecutive `t` values (images `j + t d` of a column) summed into one
@@ -170,7 +97,7 @@ pub fn reconstruct_backward(grad: &[f32], seed: u64, d: u64) -> Result<Vec<f32>>
             for (k, acc) in piece.chunks_mut(w).enumerate() {
                 let t0 = (c0 + k as u64) * BACKWARD_T_CHUNK;
                 let t1 = (t0 + BACKWARD_T_CHUNK).min(n_t);
-                crate::kernel::accumulate_columns(proj, grad, t0..t1, j0, acc);
+                accumulate_columns(proj, grad, t0..t1, j0, acc);
             }
         });
     });

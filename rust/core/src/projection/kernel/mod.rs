@@ -10,9 +10,9 @@
 //! output element is a pure function of its row, so results never depend on blocking
 //! or threading.
 
-use crate::fastdiv::DivMagic;
-use crate::feistel::{Feistel, low_mask};
-use crate::projection::Projection;
+use super::fastdiv::DivMagic;
+use super::feistel::{Feistel, low_mask};
+use super::sparse::Projection;
 
 /// Rows handled per block (the block's scratch lives on the stack).
 const BLOCK: usize = 2048;

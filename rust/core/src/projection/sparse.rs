@@ -12,42 +12,15 @@
 //! operation is `1 / sqrt(n)` in IEEE-754 binary64 rounded once to binary32, which is
 //! correctly rounded on every conforming platform.
 
+use super::fastdiv::DivMagic;
+use super::feistel::{Feistel, ROUNDS};
+use super::shapes::check_dims;
 use crate::error::{CoreError, Result};
-use crate::fastdiv::DivMagic;
-use crate::feistel::Feistel;
-pub use crate::feistel::{ROUNDS, mix32, splitmix64};
 
 /// The scale `1 / sqrt(n)` of a column used by `n` rows, as float32.
 #[inline]
 pub fn scale_for_count(n: u64) -> f32 {
     (1.0f64 / (n as f64).sqrt()) as f32
-}
-
-/// Checks the sizes of a projection of `total` rows (`D`) onto `d` columns:
-/// `1 <= d <= D` and `d <= 2^32`.
-pub fn check_dims(total: u64, d: u64) -> Result<()> {
-    if d == 0 {
-        return Err(CoreError::InvalidArgument(
-            "d (the trainable vector length) must be at least 1, got 0".into(),
-        ));
-    }
-    if total == 0 {
-        return Err(CoreError::InvalidArgument(
-            "the total size D of all reconstructed matrices must be at least 1, got 0".into(),
-        ));
-    }
-    if d > total {
-        return Err(CoreError::InvalidArgument(format!(
-            "d = {d} is larger than the total size D = {total} of the reconstructed \
-             matrices; d must satisfy 1 <= d <= D"
-        )));
-    }
-    if d > u64::from(u32::MAX) + 1 {
-        return Err(CoreError::InvalidArgument(format!(
-            "d = {d} exceeds the limit of 2^32 columns"
-        )));
-    }
-    Ok(())
 }
 
 /// A seeded projection of `total` rows onto `d` columns.

@@ -1,11 +1,14 @@
-//! The projection an adapter uses (its `projection` key), and the one place that
-//! dispatches on it.
+//! The projections that map `theta_d` to `theta_D`, and the one place that dispatches
+//! on an adapter's `projection` key ([`Projector`]):
 //!
 //! * `sparse` (the default, spec v1): the balanced one-non-zero-per-row map of
-//!   [`crate::projection`], computed from the seed.
-//! * `fastfood` (spec v2): the dense Fastfood map of [`crate::fastfood`], from the seed.
+//!   [`sparse`], computed from the seed (its Feistel network in [`feistel`], the
+//!   multiply-high division in [`fastdiv`], the CPU gather and backward kernels in
+//!   [`kernel`], the parallel forward and backward over many matrices in
+//!   [`reconstruct`](mod@reconstruct));
+//! * `fastfood` (spec v2): the dense Fastfood map of [`fastfood`], from the seed;
 //! * `explicit` (spec v2): a map stored in the adapter file, one column and one float32
-//!   scale per row of `theta_D` ([`ExplicitMap`]).
+//!   scale per row of `theta_D` ([`ExplicitMap`]);
 //! * `peft-numpy` (spec v2): the map of PEFT's Uni-LoRA tuner, which numpy's generator
 //!   produces; it is regenerated on load by a [`ForeignGenerator`] that the host
 //!   registers (the Python package does, with numpy).
@@ -13,112 +16,30 @@
 //! Explicit and regenerated maps are bound to the adapter by the SHA-256 of the map
 //! ([`ExplicitMap::sha256`]), recorded in the config and checked on every load, so a
 //! generator whose stream changed is detected instead of giving another model.
+//! [`shapes`] holds the size checks they all share.
 
-use std::sync::{Arc, RwLock};
+pub mod explicit;
+pub mod fastdiv;
+pub mod fastfood;
+pub mod feistel;
+pub mod kernel;
+pub mod reconstruct;
+pub mod shapes;
+pub mod sparse;
 
-use rayon::prelude::*;
-use sha2::{Digest, Sha256};
+pub use explicit::{ExplicitMap, ForeignGenerator, map_sha256, set_foreign_generator};
+pub use fastfood::Fastfood;
+pub use feistel::{ROUNDS, mix32, splitmix64};
+pub use reconstruct::{BACKWARD_T_CHUNK, reconstruct, reconstruct_backward, reconstruct_into};
+pub use shapes::{check_vector, total_size};
+pub use sparse::Projection;
+
+use explicit::foreign_map;
+use shapes::{check_dims, check_outputs, zeroed_outputs};
 
 use crate::error::{CoreError, Result};
-use crate::fastfood::Fastfood;
 use crate::format::config::AdapterConfig;
 use crate::format::kind::ProjectionKind;
-use crate::parallel;
-use crate::reconstruct::{self, check_vector, cut_pieces, total_size};
-
-/// A projection given row by row: `theta_D[i] = theta_d[indices[i]] * scales[i]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ExplicitMap {
-    indices: Vec<u32>,
-    scales: Vec<f32>,
-    sha256: String,
-}
-
-impl ExplicitMap {
-    /// Checks and wraps a map onto `d` columns: equal lengths, indices below `d`,
-    /// finite scales.
-    pub fn new(indices: Vec<u32>, scales: Vec<f32>, d: u64) -> Result<Self> {
-        if indices.len() != scales.len() {
-            return Err(CoreError::InvalidArgument(format!(
-                "the map has {} indices but {} scales",
-                indices.len(),
-                scales.len()
-            )));
-        }
-        if let Some(pos) = indices.iter().position(|&j| u64::from(j) >= d) {
-            return Err(CoreError::InvalidArgument(format!(
-                "map index {} at row {pos} is not below d = {d}",
-                indices[pos]
-            )));
-        }
-        if let Some(pos) = scales.iter().position(|s| !s.is_finite()) {
-            return Err(CoreError::InvalidArgument(format!(
-                "map scale {} at row {pos} is not finite",
-                scales[pos]
-            )));
-        }
-        let sha256 = map_sha256(&indices, &scales);
-        Ok(ExplicitMap {
-            indices,
-            scales,
-            sha256,
-        })
-    }
-
-    /// The column of every row.
-    pub fn indices(&self) -> &[u32] {
-        &self.indices
-    }
-
-    /// The scale of every row.
-    pub fn scales(&self) -> &[f32] {
-        &self.scales
-    }
-
-    /// `"sha256:"` + the hex SHA-256 of the indices (little-endian u32) followed by the
-    /// scales (little-endian binary32): the checksum of docs/SPEC.md section 1.5.
-    pub fn sha256(&self) -> &str {
-        &self.sha256
-    }
-}
-
-/// The SHA-256 of a map, as [`ExplicitMap::sha256`] gives it.
-pub fn map_sha256(indices: &[u32], scales: &[f32]) -> String {
-    let mut h = Sha256::new();
-    for chunk in indices.chunks(1 << 14) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|j| j.to_le_bytes()).collect();
-        h.update(&bytes);
-    }
-    for chunk in scales.chunks(1 << 14) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
-        h.update(&bytes);
-    }
-    crate::format::fingerprint::hex_digest(&h.finalize())
-}
-
-/// Regenerates the map of a foreign generator (`peft-numpy`) for a checked config.
-pub type ForeignGenerator = dyn Fn(&AdapterConfig) -> Result<ExplicitMap> + Send + Sync;
-
-static FOREIGN: RwLock<Option<Arc<ForeignGenerator>>> = RwLock::new(None);
-
-/// Registers the generator of foreign maps (the Python package registers numpy's).
-pub fn set_foreign_generator(generator: Arc<ForeignGenerator>) {
-    *FOREIGN.write().unwrap_or_else(|e| e.into_inner()) = Some(generator);
-}
-
-/// The map of a `peft-numpy` config, from the registered generator.
-fn foreign_map(config: &AdapterConfig) -> Result<ExplicitMap> {
-    let generator = FOREIGN.read().unwrap_or_else(|e| e.into_inner()).clone();
-    match generator {
-        Some(generate) => generate(config),
-        None => Err(CoreError::InvalidArgument(format!(
-            "projection {:?} is regenerated with numpy by the unilora_rs Python package, and \
-             this program has no such generator; use unilora_rs from Python, or convert the \
-             PEFT adapter with `unilora convert-peft --explicit` to keep the map in the file",
-            config.projection.name()
-        ))),
-    }
-}
 
 /// A projection ready to rebuild `theta_D`.
 #[derive(Clone, Debug)]
@@ -140,7 +61,7 @@ impl Projector {
     pub fn generated(kind: ProjectionKind, seed: u64, total: u64, d: u64) -> Result<Self> {
         match kind {
             ProjectionKind::Sparse => {
-                crate::projection::check_dims(total, d)?;
+                check_dims(total, d)?;
                 Ok(Projector::Sparse { seed })
             }
             ProjectionKind::Fastfood => Ok(Projector::Fastfood(Fastfood::new(seed, total, d)?)),
@@ -185,47 +106,21 @@ impl Projector {
                 reconstruct::reconstruct_into(vector, *seed, shapes, outs)
             }
             Projector::Fastfood(ff) => {
-                self.check_total(shapes, ff.total())?;
-                reconstruct::check_outputs(shapes, outs)?;
+                check_rows(shapes, ff.total())?;
+                check_outputs(shapes, outs)?;
                 ff.reconstruct_into(vector, outs)
             }
             Projector::Explicit(map) => {
-                self.check_total(shapes, map.indices.len() as u64)?;
-                reconstruct::check_outputs(shapes, outs)?;
-                check_vector(vector, vector.len() as u64)?;
-                if let Some(&j) = map
-                    .indices
-                    .iter()
-                    .max()
-                    .filter(|&&j| j as usize >= vector.len())
-                {
-                    return Err(CoreError::Vector(format!(
-                        "the map uses column {j}, but the vector has length {}",
-                        vector.len()
-                    )));
-                }
-                let mut pieces = cut_pieces(outs, 1 << 16);
-                parallel::install(|| {
-                    pieces.par_iter_mut().for_each(|(start, buf)| {
-                        let rows = *start as usize..*start as usize + buf.len();
-                        let (idx, scale) = (&map.indices[rows.clone()], &map.scales[rows]);
-                        for ((o, &j), &s) in buf.iter_mut().zip(idx).zip(scale) {
-                            *o = vector[j as usize] * s;
-                        }
-                    });
-                });
-                Ok(())
+                check_rows(shapes, map.indices().len() as u64)?;
+                check_outputs(shapes, outs)?;
+                map.reconstruct_into(vector, outs)
             }
         }
     }
 
     /// Every matrix of `shapes`, rebuilt from `vector`.
     pub fn reconstruct(&self, vector: &[f32], shapes: &[(u64, u64)]) -> Result<Vec<Vec<f32>>> {
-        total_size(shapes)?;
-        let mut outs: Vec<Vec<f32>> = shapes
-            .iter()
-            .map(|&(r, c)| CoreError::try_zeroed(r * c, "the reconstructed matrices"))
-            .collect::<Result<_>>()?;
+        let mut outs = zeroed_outputs(shapes)?;
         {
             let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
             self.reconstruct_into(vector, shapes, &mut views)?;
@@ -249,28 +144,22 @@ impl Projector {
                 ff.backward(grad)
             }
             Projector::Explicit(map) => {
-                self.check_total(&[(grad.len() as u64, 1)], map.indices.len() as u64)?;
-                let mut acc: Vec<f32> = CoreError::try_zeroed(d, "the gradient of theta_d")?;
-                for ((&g, &j), &s) in grad.iter().zip(&map.indices).zip(&map.scales) {
-                    let slot = acc.get_mut(j as usize).ok_or_else(|| {
-                        CoreError::InvalidArgument(format!("the map uses column {j}, d = {d}"))
-                    })?;
-                    *slot += g * s;
-                }
-                Ok(acc)
+                check_rows(&[(grad.len() as u64, 1)], map.indices().len() as u64)?;
+                map.backward(grad, d)
             }
         }
     }
+}
 
-    fn check_total(&self, shapes: &[(u64, u64)], rows: u64) -> Result<()> {
-        let total = total_size(shapes)?;
-        if total != rows {
-            return Err(CoreError::InvalidArgument(format!(
-                "the shapes hold D = {total} values, the projection has {rows} rows"
-            )));
-        }
-        Ok(())
+/// Checks that `shapes` hold as many values as the projection has rows.
+fn check_rows(shapes: &[(u64, u64)], rows: u64) -> Result<()> {
+    let total = total_size(shapes)?;
+    if total != rows {
+        return Err(CoreError::InvalidArgument(format!(
+            "the shapes hold D = {total} values, the projection has {rows} rows"
+        )));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::{BLOCK, Ctx32, Modulus};
-use crate::feistel::low_mask;
+use crate::projection::feistel::low_mask;
 
 struct Consts {
     /// `K[r] ^ (K[r] >> 16)`: the key folded into the first xor-shift of `mix32`.
