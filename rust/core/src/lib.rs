@@ -19,8 +19,8 @@
 //! * [`merge`](mod@merge): the streaming, tiled merge of an adapter into a safetensors checkpoint
 //!   (also of several adapters: one output each in one pass over the base, or their
 //!   weighted sum; bitsandbytes-quantized bases are dequantised).
-//! * [`export`]: exact export as a standard PEFT LoRA adapter; [`export_peft`]: export
-//!   in the format of PEFT's Uni-LoRA tuner (saved indices and scales).
+//! * [`export`]: exact export as a standard PEFT LoRA adapter, or in the format of
+//!   PEFT's Uni-LoRA tuner (saved indices and scales).
 
 #![deny(missing_docs)]
 
@@ -29,7 +29,6 @@ pub mod codec;
 pub mod control;
 pub mod error;
 pub mod export;
-pub mod export_peft;
 pub mod format;
 pub mod io;
 pub mod merge;
@@ -39,8 +38,9 @@ pub mod safetensors;
 
 pub use adapter::Adapter;
 pub use error::{CoreError, Result};
-pub use export::{ExportOptions, ExportReport, SavedModules, export_lora};
-pub use export_peft::{PeftExportReport, export_peft};
+pub use export::{
+    ExportOptions, ExportReport, PeftExportReport, SavedModules, export_lora, export_peft,
+};
 pub use format::fingerprint::fingerprint;
 pub use format::{AdapterConfig, ProjectionKind, SPEC_VERSION};
 pub use merge::{

@@ -23,11 +23,10 @@
 
 use serde_json::{Value, json};
 
+use super::write::{export_folder, saved_tensors, write_safetensors};
+use super::{ExportOptions, ExportReport, PEFT_PREFIX};
 use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
-use crate::export::{
-    ExportOptions, ExportReport, PEFT_PREFIX, export_folder, saved_tensors, write_safetensors,
-};
 use crate::format::ModuleKind;
 use crate::projection::{Projection, Projector};
 use crate::safetensors::Dtype;
