@@ -10,23 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::write::{Scratch, Target, Writer, finish_folder, grow, open_output};
-use super::{
-    Action, Control, Inputs, MergeOptions, MergeReport, MultiMergeOptions, Plan, Targets,
-    check_options, new_report, open_all, plan_shards, prepare_all, rel_string, stage, terms_of,
-};
+use super::finish::finish_folder;
+use super::inputs::{Inputs, check_options, open_all};
+use super::options::{MergeOptions, MultiMergeOptions};
+use super::report::{EachReport, MergeReport};
+use super::types::{Action, Plan, Targets};
+use super::write::{Scratch, Target, Writer, grow, open_output};
+use super::{Control, new_report, plan_shards, prepare_all, rel_string, stage, terms_of};
 use crate::error::{CoreError, Result};
 use crate::parallel;
-
-/// What [`merge_each`] did.
-#[derive(Clone, Debug, Default)]
-pub struct EachReport {
-    /// One report per adapter, in the order given (`bytes_read` counts only what
-    /// that output read from its adapter).
-    pub reports: Vec<MergeReport>,
-    /// Bytes of tensor data read from the base (each byte once) and the adapters.
-    pub bytes_read: u64,
-}
 
 /// The output path of each adapter in `out_dir`: the adapter folder's name, plus
 /// `.safetensors` when the base is a single file.

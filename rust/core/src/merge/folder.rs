@@ -1,13 +1,13 @@
 //! What a model folder holds: the weights transformers loads from it, the shard
 //! index, and the other weights files (left out of a merge's output).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{INDEX_NAME, SINGLE_NAME, Shard, rel_string};
+use super::{INDEX_NAME, SINGLE_NAME, rel_string};
 use crate::error::{CoreError, Result};
 use crate::io::fs::{check_relative_name, read_regular};
 
@@ -181,20 +181,4 @@ fn read_index(path: &Path) -> Result<(Vec<PathBuf>, Value)> {
         return Err(CoreError::format(path, "\"weight_map\" is empty"));
     }
     Ok((names.into_iter().collect(), value))
-}
-
-/// Every tensor the index maps to a shard is in that shard.
-pub(super) fn check_index(shards: &[Shard], index_path: &Path, value: &Value) -> Result<()> {
-    let by_rel: HashMap<&Path, &Shard> = shards.iter().map(|s| (s.rel.as_path(), s)).collect();
-    for (tensor, shard) in value["weight_map"].as_object().into_iter().flatten() {
-        let rel = check_relative_name(shard.as_str().unwrap_or_default(), index_path)?;
-        let file = by_rel[rel.as_path()];
-        if file.header.get(tensor).is_none() && !file.quant.dropped.contains(tensor) {
-            return Err(CoreError::format(
-                index_path,
-                format!("weight_map maps {tensor:?} to {shard} but that file has no such tensor"),
-            ));
-        }
-    }
-    Ok(())
 }

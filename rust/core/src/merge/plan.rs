@@ -3,7 +3,11 @@
 
 use std::collections::HashMap;
 
-use super::{Action, COPY_CHUNK, MergeOptions, MergeReport, OutTensor, Plan, Shard, Work};
+use super::COPY_CHUNK;
+use super::inputs::Shard;
+use super::options::MergeOptions;
+use super::report::MergeReport;
+use super::types::{Action, OutTensor, Plan, Work};
 use crate::error::Result;
 use crate::safetensors::{Dtype, TensorInfo, build_header};
 

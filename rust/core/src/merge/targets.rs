@@ -5,7 +5,10 @@ use std::collections::HashMap;
 
 use serde_json::Map;
 
-use super::{Action, Extra, Inputs, MergedTensor, Shard, Targets, Term, rel_string};
+use super::inputs::{Inputs, Shard};
+use super::rel_string;
+use super::report::MergedTensor;
+use super::types::{Action, Extra, Targets, Term};
 use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
 use crate::format::{AdapterModule, ModuleKind};
