@@ -176,6 +176,15 @@ impl Adapter {
 
 /// Checks the weights file against its config; returns the `theta_d` entry.
 fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Result<TensorInfo> {
+    check_recorded_fingerprint(weights, path, config)?;
+    check_map_tensors(weights, path, config)?;
+    check_saved_tensors(weights, path, config)?;
+    check_new_tensors(weights, path, config)?;
+    vector_entry(weights, path, config)
+}
+
+/// The fingerprint in the file's metadata, when it records one, is the config's.
+fn check_recorded_fingerprint(weights: &Header, path: &Path, config: &AdapterConfig) -> Result<()> {
     let recorded = weights
         .metadata
         .as_ref()
@@ -189,6 +198,11 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
             config.fingerprint
         )));
     }
+    Ok(())
+}
+
+/// The explicit map's tensors are there exactly when the projection is `explicit`.
+fn check_map_tensors(weights: &Header, path: &Path, config: &AdapterConfig) -> Result<()> {
     let explicit = config.projection == ProjectionKind::Explicit;
     for key in [MAP_INDICES_KEY, MAP_SCALES_KEY] {
         match (weights.get(key).is_some(), explicit) {
@@ -212,6 +226,11 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Every tensor other than `theta_d` and its map belongs to a `modules_to_save` module.
+fn check_saved_tensors(weights: &Header, path: &Path, config: &AdapterConfig) -> Result<()> {
     for t in weights
         .tensors
         .iter()
@@ -233,19 +252,30 @@ fn check_weights(weights: &Header, path: &Path, config: &AdapterConfig) -> Resul
             ));
         }
     }
-    if let Some(task) = &config.task {
-        for name in &task.new_tensors {
-            if is_vector_tensor(name) || weights.get(name).is_none() {
-                return Err(CoreError::format(
-                    path,
-                    format!(
-                        "task.new_tensors names {name:?}, which is not a modules_to_save tensor \
-                         of the weights file"
-                    ),
-                ));
-            }
+    Ok(())
+}
+
+/// The `task`'s new tensors are `modules_to_save` tensors of the file.
+fn check_new_tensors(weights: &Header, path: &Path, config: &AdapterConfig) -> Result<()> {
+    let Some(task) = &config.task else {
+        return Ok(());
+    };
+    for name in &task.new_tensors {
+        if is_vector_tensor(name) || weights.get(name).is_none() {
+            return Err(CoreError::format(
+                path,
+                format!(
+                    "task.new_tensors names {name:?}, which is not a modules_to_save tensor \
+                     of the weights file"
+                ),
+            ));
         }
     }
+    Ok(())
+}
+
+/// The `theta_d` entry: float32 of shape `[d]`.
+fn vector_entry(weights: &Header, path: &Path, config: &AdapterConfig) -> Result<TensorInfo> {
     let info = weights
         .get(VECTOR_KEY)
         .ok_or_else(|| CoreError::format(path, format!("no {VECTOR_KEY:?} tensor")))?;

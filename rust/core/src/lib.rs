@@ -13,8 +13,8 @@
 //!   dispatches on them ([`Projector`]): the frozen, portable sparse generator (spec v1:
 //!   an exactly balanced, isometric map with O(1) random access and an enumerable
 //!   inverse, its Feistel network and CPU kernels), the paper's dense Fastfood map
-//!   (spec v2) and explicit maps bound by their SHA-256; [`reconstruct`](fn@reconstruct) rebuilds LoRA
-//!   matrices in parallel without materialising an index array.
+//!   (spec v2) and explicit maps bound by their SHA-256; [`reconstruct`](fn@reconstruct)
+//!   rebuilds LoRA matrices in parallel without materialising an index array.
 //! * [`adapter`]: reading and verifying an adapter directory.
 //! * [`merge`](mod@merge): the streaming, tiled merge of an adapter into a safetensors checkpoint
 //!   (also of several adapters: one output each in one pass over the base, or their

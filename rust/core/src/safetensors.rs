@@ -13,7 +13,7 @@
 //! process yields an I/O error rather than a `SIGBUS`, and resident memory stays
 //! bounded by the working buffers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -240,6 +240,9 @@ pub struct Header {
     by_name: HashMap<String, usize>,
 }
 
+/// The `__metadata__` object of a header (all values are strings).
+type Metadata = Map<String, Value>;
+
 /// The header's top-level object with its keys in file order; duplicates are kept so
 /// that the caller can reject them.
 struct RawEntries(Vec<(String, Value)>);
@@ -322,66 +325,14 @@ impl Header {
         let RawEntries(entries) = serde_json::from_str(text.trim_end_matches(' '))
             .map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
         let data_len = file_len - 8 - raw.len() as u64;
-        let mut metadata = None;
-        let mut tensors = Vec::with_capacity(entries.len());
-        let mut by_name = HashMap::with_capacity(entries.len());
-        for (name, value) in entries {
-            if name == "__metadata__" {
-                if metadata.is_some() {
-                    return Err(bad("duplicate \"__metadata__\" entry".into()));
-                }
-                let Value::Object(map) = value else {
-                    return Err(bad("\"__metadata__\" must be an object of strings".into()));
-                };
-                if let Some((k, _)) = map.iter().find(|(_, v)| !v.is_string()) {
-                    return Err(bad(format!(
-                        "\"__metadata__\" value of {k:?} is not a string"
-                    )));
-                }
-                metadata = Some(map);
-                continue;
-            }
-            if by_name.contains_key(&name) {
-                return Err(bad(format!("tensor {name:?} is listed twice")));
-            }
-            let info =
-                parse_entry(&name, &value).map_err(|m| bad(format!("tensor {name:?}: {m}")))?;
-            if info.end > data_len {
-                return Err(bad(format!(
-                    "tensor {name:?}: data_offsets [{}, {}] run past the end of the data ({data_len} bytes): \
-                     truncated or corrupt",
-                    info.begin, info.end
-                )));
-            }
-            by_name.insert(name, tensors.len());
-            tensors.push(info);
-        }
+        let (metadata, mut tensors) = parse_entries(entries, data_len).map_err(bad)?;
         tensors.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
-        let mut expected = 0u64;
-        for t in &tensors {
-            if t.begin < expected {
-                return Err(bad(format!(
-                    "tensor {:?}: data_offsets [{}, {}] overlap the previous tensor (which ends at {expected})",
-                    t.name, t.begin, t.end
-                )));
-            }
-            if t.begin > expected {
-                return Err(bad(format!(
-                    "tensor {:?}: data_offsets start at {}, leaving a hole after byte {expected}",
-                    t.name, t.begin
-                )));
-            }
-            expected = t.end;
-        }
-        if expected != data_len {
-            return Err(bad(format!(
-                "the tensors cover {expected} bytes but the data buffer holds {data_len}: \
-                 truncated or trailing garbage"
-            )));
-        }
-        for (k, t) in tensors.iter().enumerate() {
-            by_name.insert(t.name.clone(), k);
-        }
+        check_layout(&tensors, data_len).map_err(bad)?;
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(k, t)| (t.name.clone(), k))
+            .collect();
         Ok(Header {
             path: path.to_path_buf(),
             raw,
@@ -424,6 +375,74 @@ impl Header {
             by_name,
         }
     }
+}
+
+/// The `__metadata__` object and the tensor entries of a header, each checked alone
+/// (unique names, data inside the `data_len` bytes of the data buffer).
+fn parse_entries(
+    entries: Vec<(String, Value)>,
+    data_len: u64,
+) -> std::result::Result<(Option<Metadata>, Vec<TensorInfo>), String> {
+    let mut metadata = None;
+    let mut tensors = Vec::with_capacity(entries.len());
+    let mut names = HashSet::with_capacity(entries.len());
+    for (name, value) in entries {
+        if name == "__metadata__" {
+            if metadata.is_some() {
+                return Err("duplicate \"__metadata__\" entry".into());
+            }
+            let Value::Object(map) = value else {
+                return Err("\"__metadata__\" must be an object of strings".into());
+            };
+            if let Some((k, _)) = map.iter().find(|(_, v)| !v.is_string()) {
+                return Err(format!("\"__metadata__\" value of {k:?} is not a string"));
+            }
+            metadata = Some(map);
+            continue;
+        }
+        if names.contains(&name) {
+            return Err(format!("tensor {name:?} is listed twice"));
+        }
+        let info = parse_entry(&name, &value).map_err(|m| format!("tensor {name:?}: {m}"))?;
+        if info.end > data_len {
+            return Err(format!(
+                "tensor {name:?}: data_offsets [{}, {}] run past the end of the data ({data_len} bytes): \
+                 truncated or corrupt",
+                info.begin, info.end
+            ));
+        }
+        names.insert(name);
+        tensors.push(info);
+    }
+    Ok((metadata, tensors))
+}
+
+/// The tensors (sorted by offset) fill the `data_len` bytes of the data buffer exactly:
+/// no overlap, no hole, nothing left over.
+fn check_layout(tensors: &[TensorInfo], data_len: u64) -> std::result::Result<(), String> {
+    let mut expected = 0u64;
+    for t in tensors {
+        if t.begin < expected {
+            return Err(format!(
+                "tensor {:?}: data_offsets [{}, {}] overlap the previous tensor (which ends at {expected})",
+                t.name, t.begin, t.end
+            ));
+        }
+        if t.begin > expected {
+            return Err(format!(
+                "tensor {:?}: data_offsets start at {}, leaving a hole after byte {expected}",
+                t.name, t.begin
+            ));
+        }
+        expected = t.end;
+    }
+    if expected != data_len {
+        return Err(format!(
+            "the tensors cover {expected} bytes but the data buffer holds {data_len}: \
+             truncated or trailing garbage"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorInfo, String> {

@@ -21,13 +21,16 @@
 //! * the `task` entry (architectures, labels) has no place in PEFT's config: load the
 //!   base with the matching head class.
 
+use std::ops::Range;
+use std::path::Path;
+
 use serde_json::{Value, json};
 
-use super::write::{export_folder, saved_tensors, write_safetensors};
+use super::write::{TensorSpec, export_folder, saved_tensors, write_safetensors};
 use super::{ExportOptions, ExportReport, PEFT_PREFIX};
 use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
-use crate::format::ModuleKind;
+use crate::format::{AdapterConfig, ModuleKind};
 use crate::projection::{Projection, Projector};
 use crate::safetensors::Dtype;
 
@@ -101,67 +104,91 @@ pub fn export_peft(opts: &ExportOptions) -> Result<PeftExportReport> {
             opts.dtype
         )));
     }
-    let mut notes = Vec::new();
     let (adapter, weights_bytes) = export_folder(opts, PEFT_OUTPUT_KIND, |adapter, dir| {
-        let config = &adapter.config;
-        let (idx, mut scales) = map_of(adapter)?;
-        let s = config.scaling();
-        let r = config.rank;
-        let mut tensors = vec![(PEFT_VECTOR_KEY.to_string(), Dtype::F32, vec![config.d])];
-        // Rows of theta_D per module: B (out x r) then A (r x in), as the map lists them.
-        let mut rows = Vec::with_capacity(4 * config.modules.len());
-        let mut offset = 0u64;
-        for m in &config.modules {
-            let b = offset..offset + m.out_features * r;
-            let a = b.end..b.end + r * m.in_features;
-            if s != 1.0 {
-                for x in &mut scales[b.start as usize..b.end as usize] {
-                    *x *= s;
-                }
-            }
-            let prefix = format!("{PEFT_PREFIX}{}.unilora_", m.name);
-            for (which, range, shape) in [
-                ("A", a.clone(), vec![r, m.in_features]),
-                ("B", b.clone(), vec![m.out_features, r]),
-            ] {
-                tensors.push((
-                    format!("{prefix}indices_{which}"),
-                    Dtype::I64,
-                    shape.clone(),
-                ));
-                rows.push((range.clone(), true));
-                tensors.push((format!("{prefix}scales_{which}"), Dtype::F32, shape));
-                rows.push((range, false));
-            }
-            offset = a.end;
-        }
-        let first_saved = tensors.len();
-        let extras = saved_tensors(adapter, &mut tensors);
-        let bytes = write_safetensors(
-            &dir.join("adapter_model.safetensors"),
-            &tensors,
-            |k, buf| {
-                if k == 0 {
-                    put_f32(buf, &adapter.theta);
-                } else if k < first_saved {
-                    let (range, is_index) = &rows[k - 1];
-                    let range = range.start as usize..range.end as usize;
-                    if *is_index {
-                        for (dst, &j) in buf.chunks_exact_mut(8).zip(&idx[range]) {
-                            dst.copy_from_slice(&(j as i64).to_le_bytes());
-                        }
-                    } else {
-                        put_f32(buf, &scales[range]);
-                    }
-                } else {
-                    adapter.read_weights(extras[k - first_saved].begin, buf)?;
-                }
-                Ok(())
-            },
-        )?;
+        let bytes = write_weights(adapter, &dir.join("adapter_model.safetensors"))?;
         Ok((bytes, peft_unilora_config(adapter)))
     })?;
+    Ok(PeftExportReport {
+        export: ExportReport::of(&adapter, &opts.out, weights_bytes),
+        notes: notes(&adapter.config),
+    })
+}
+
+/// Rows of `theta_D` that one tensor of PEFT's file holds, and whether it holds their
+/// indices (else their scales).
+type Rows = (Range<u64>, bool);
+
+/// Writes PEFT's `adapter_model.safetensors` to `path`: `theta_d`, every module's
+/// indices and scales of `A` and `B`, then the saved modules. Returns its size.
+fn write_weights(adapter: &Adapter, path: &Path) -> Result<u64> {
     let config = &adapter.config;
+    let (idx, mut scales) = map_of(adapter)?;
+    let mut tensors = vec![(PEFT_VECTOR_KEY.to_string(), Dtype::F32, vec![config.d])];
+    let rows = module_tensors(config, &mut scales, &mut tensors);
+    let first_saved = tensors.len();
+    let extras = saved_tensors(adapter, &mut tensors);
+    write_safetensors(path, &tensors, |k, buf| {
+        if k == 0 {
+            put_f32(buf, &adapter.theta);
+        } else if k < first_saved {
+            let (range, is_index) = &rows[k - 1];
+            let range = range.start as usize..range.end as usize;
+            if *is_index {
+                for (dst, &j) in buf.chunks_exact_mut(8).zip(&idx[range]) {
+                    dst.copy_from_slice(&(j as i64).to_le_bytes());
+                }
+            } else {
+                put_f32(buf, &scales[range]);
+            }
+        } else {
+            adapter.read_weights(extras[k - first_saved].begin, buf)?;
+        }
+        Ok(())
+    })
+}
+
+/// Appends every module's `unilora_indices_A`, `unilora_scales_A`, `unilora_indices_B`
+/// and `unilora_scales_B` to `tensors`, and returns the rows of `theta_D` each holds
+/// (per module `B` (`out x r`) then `A` (`r x in`), as the map lists them). A scaling
+/// `alpha / r` other than 1 is folded into the scales of `B`.
+fn module_tensors(
+    config: &AdapterConfig,
+    scales: &mut [f32],
+    tensors: &mut Vec<TensorSpec>,
+) -> Vec<Rows> {
+    let (s, r) = (config.scaling(), config.rank);
+    let mut rows = Vec::with_capacity(4 * config.modules.len());
+    let mut offset = 0u64;
+    for m in &config.modules {
+        let b = offset..offset + m.out_features * r;
+        let a = b.end..b.end + r * m.in_features;
+        if s != 1.0 {
+            for x in &mut scales[b.start as usize..b.end as usize] {
+                *x *= s;
+            }
+        }
+        let prefix = format!("{PEFT_PREFIX}{}.unilora_", m.name);
+        for (which, range, shape) in [
+            ("A", a.clone(), vec![r, m.in_features]),
+            ("B", b.clone(), vec![m.out_features, r]),
+        ] {
+            tensors.push((
+                format!("{prefix}indices_{which}"),
+                Dtype::I64,
+                shape.clone(),
+            ));
+            rows.push((range.clone(), true));
+            tensors.push((format!("{prefix}scales_{which}"), Dtype::F32, shape));
+            rows.push((range, false));
+        }
+        offset = a.end;
+    }
+    rows
+}
+
+/// What PEFT's format changes or leaves out for an adapter with `config`.
+fn notes(config: &AdapterConfig) -> Vec<String> {
+    let mut notes = Vec::new();
     if config.scaling() != 1.0 {
         notes.push(format!(
             "PEFT's Uni-LoRA has no alpha: alpha / r = {} is folded into the scales of B (one \
@@ -182,10 +209,7 @@ pub fn export_peft(opts: &ExportOptions) -> Result<PeftExportReport> {
                 .to_string(),
         );
     }
-    Ok(PeftExportReport {
-        export: ExportReport::of(&adapter, &opts.out, weights_bytes),
-        notes,
-    })
+    notes
 }
 
 fn put_f32(buf: &mut [u8], values: &[f32]) {

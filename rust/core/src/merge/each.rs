@@ -14,10 +14,13 @@ use super::finish::finish_folder;
 use super::inputs::{Inputs, check_options, open_all};
 use super::options::{MergeOptions, MultiMergeOptions};
 use super::report::{EachReport, MergeReport};
+use super::targets::resolve_targets;
 use super::types::{Action, Plan, Targets};
 use super::write::{Scratch, Target, Writer, grow, open_output};
 use super::{Control, new_report, plan_shards, prepare_all, rel_string, stage, terms_of};
+use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
+use crate::io::atomic::TempPath;
 use crate::parallel;
 
 /// The output path of each adapter in `out_dir`: the adapter folder's name, plus
@@ -75,26 +78,9 @@ pub fn merge_each(
     out_dir: &Path,
     control: &Control,
 ) -> Result<EachReport> {
-    let outs = outputs(opts, out_dir)?;
-    let mut singles = Vec::with_capacity(outs.len());
-    for (k, out) in outs.iter().enumerate() {
-        let single = opts.single(k, out.clone());
-        check_options(&single, &opts.adapters)?;
-        singles.push(single);
-    }
+    let singles = checked_options(opts, out_dir)?;
     let (adapters, inputs) = open_all(opts)?;
-    let mut outputs = Vec::with_capacity(adapters.len());
-    for (k, single) in singles.into_iter().enumerate() {
-        let targets = super::targets::resolve_targets(&inputs, &adapters[k..k + 1], &[1.0])?;
-        let mut report = new_report(&single, &inputs, &targets);
-        let plans = plan_shards(&single, &inputs, &targets, &mut report)?;
-        outputs.push(Output {
-            opts: single,
-            targets,
-            plans,
-            report,
-        });
-    }
+    let outputs = plan_outputs(singles, &inputs, &adapters)?;
     control.set_total(
         outputs
             .iter()
@@ -124,10 +110,10 @@ pub fn merge_each(
             read: &reads[k],
         })
         .collect();
-    let mut stagings = Vec::with_capacity(outputs.len());
-    for o in &outputs {
-        stagings.push(stage(&o.opts, inputs.is_dir)?);
-    }
+    let stagings = outputs
+        .iter()
+        .map(|o| stage(&o.opts, inputs.is_dir))
+        .collect::<Result<Vec<_>>>()?;
     let pass = Pass {
         inputs: &inputs,
         outputs: &outputs,
@@ -135,34 +121,8 @@ pub fn merge_each(
         base_read: &base_read,
         control,
     };
-    let mut written = vec![0u64; outputs.len()];
-    for s in 0..inputs.shards.len() {
-        if control.is_cancelled() {
-            return Err(CoreError::Interrupted);
-        }
-        let staged: Vec<&Path> = stagings.iter().map(|t| t.path()).collect();
-        for (k, n) in pass.write_shard(s, &staged)?.into_iter().enumerate() {
-            written[k] += n;
-        }
-    }
-    drop(writers);
-    let mut reports = Vec::with_capacity(outputs.len());
-    for (k, mut o) in outputs.into_iter().enumerate() {
-        o.report.bytes_written = written[k];
-        o.report.shards = inputs.shards.iter().map(|s| rel_string(&s.rel)).collect();
-        if inputs.is_dir && !control.is_cancelled() {
-            finish_folder(
-                &o.opts,
-                &inputs,
-                &o.targets,
-                &o.plans,
-                stagings[k].path(),
-                &mut o.report,
-            )?;
-        }
-        o.report.bytes_read = reads[k].load(Ordering::Relaxed);
-        reports.push(o.report);
-    }
+    let written = pass.write_all(&stagings)?;
+    let reports = finish_outputs(outputs, &inputs, &stagings, &written, &reads, control)?;
     if control.is_cancelled() {
         return Err(CoreError::Interrupted);
     }
@@ -175,6 +135,70 @@ pub fn merge_each(
         reports,
         bytes_read,
     })
+}
+
+/// The options of merging each adapter alone, each checked (output paths named after
+/// the adapters, see [`outputs`]).
+fn checked_options(opts: &MultiMergeOptions, out_dir: &Path) -> Result<Vec<MergeOptions>> {
+    let outs = outputs(opts, out_dir)?;
+    let mut singles = Vec::with_capacity(outs.len());
+    for (k, out) in outs.iter().enumerate() {
+        let single = opts.single(k, out.clone());
+        check_options(&single, &opts.adapters)?;
+        singles.push(single);
+    }
+    Ok(singles)
+}
+
+/// The targets, shard plans and initial report of each output (adapter `k` alone).
+fn plan_outputs<'a>(
+    singles: Vec<MergeOptions>,
+    inputs: &Inputs,
+    adapters: &'a [Adapter],
+) -> Result<Vec<Output<'a>>> {
+    let mut outputs = Vec::with_capacity(adapters.len());
+    for (k, single) in singles.into_iter().enumerate() {
+        let targets = resolve_targets(inputs, &adapters[k..k + 1], &[1.0])?;
+        let mut report = new_report(&single, inputs, &targets);
+        let plans = plan_shards(&single, inputs, &targets, &mut report)?;
+        outputs.push(Output {
+            opts: single,
+            targets,
+            plans,
+            report,
+        });
+    }
+    Ok(outputs)
+}
+
+/// Completes each output's report and, for a folder base, its folder (each staged in
+/// `stagings`, `written` bytes of safetensors files, `reads` bytes read).
+fn finish_outputs(
+    outputs: Vec<Output<'_>>,
+    inputs: &Inputs,
+    stagings: &[TempPath],
+    written: &[u64],
+    reads: &[AtomicU64],
+    control: &Control,
+) -> Result<Vec<MergeReport>> {
+    let mut reports = Vec::with_capacity(outputs.len());
+    for (k, mut o) in outputs.into_iter().enumerate() {
+        o.report.bytes_written = written[k];
+        o.report.shards = inputs.shards.iter().map(|s| rel_string(&s.rel)).collect();
+        if inputs.is_dir && !control.is_cancelled() {
+            finish_folder(
+                &o.opts,
+                inputs,
+                &o.targets,
+                &o.plans,
+                stagings[k].path(),
+                &mut o.report,
+            )?;
+        }
+        o.report.bytes_read = reads[k].load(Ordering::Relaxed);
+        reports.push(o.report);
+    }
+    Ok(reports)
 }
 
 /// A piece of the pass: elements `e0 .. e1` of base tensor `t` (whole rows of 2-D
@@ -203,6 +227,22 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    /// Writes every shard of every output into its staging output; returns each
+    /// output's bytes of safetensors files.
+    fn write_all(&self, stagings: &[TempPath]) -> Result<Vec<u64>> {
+        let mut written = vec![0u64; self.outputs.len()];
+        for s in 0..self.inputs.shards.len() {
+            if self.control.is_cancelled() {
+                return Err(CoreError::Interrupted);
+            }
+            let staged: Vec<&Path> = stagings.iter().map(|t| t.path()).collect();
+            for (k, n) in self.write_shard(s, &staged)?.into_iter().enumerate() {
+                written[k] += n;
+            }
+        }
+        Ok(written)
+    }
+
     /// Writes shard `s` of every output; returns each output file's size.
     fn write_shard(&self, s: usize, staged: &[&Path]) -> Result<Vec<u64>> {
         let shard = &self.inputs.shards[s];

@@ -55,8 +55,9 @@ impl MergeOptions {
     }
 }
 
-/// A merge of several adapters into one base: [`merge_each`](super::merge_each) (one output per adapter)
-/// or [`merge_weighted`](super::merge_weighted) (one output, a weighted sum of their updates).
+/// A merge of several adapters into one base: [`merge_each`](super::merge_each) (one
+/// output per adapter) or [`merge_weighted`](super::merge_weighted) (one output, a
+/// weighted sum of their updates).
 #[derive(Clone, Debug)]
 pub struct MultiMergeOptions {
     /// A `.safetensors` file, or a model folder.

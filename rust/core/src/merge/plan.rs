@@ -9,7 +9,7 @@ use super::options::MergeOptions;
 use super::report::MergeReport;
 use super::types::{Action, OutTensor, Plan, Work};
 use crate::error::Result;
-use crate::safetensors::{Dtype, TensorInfo, build_header};
+use crate::safetensors::{BuiltHeader, Dtype, TensorInfo, build_header};
 
 /// The output layout of shard `s` and its pieces of work; counts copies and casts into
 /// `report`. `added` are the adapter's new tensors (index into the extras, tensor)
@@ -27,21 +27,12 @@ pub(super) fn plan_shard(
         Some(dt) if dtype.is_float() => dt,
         _ => dtype,
     };
-    let dtypes: Vec<Dtype> = tensors.iter().map(|t| out_dtype(t.dtype)).collect();
-    let same = dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) && !shard.quant.any();
-    let (header, offsets) = if same && added.is_empty() {
-        let offsets = tensors.iter().map(|t| (t.begin, t.end)).collect();
-        (shard.header.raw.clone(), offsets)
-    } else {
-        let added_dtypes: Vec<Dtype> = added.iter().map(|(_, t)| out_dtype(t.dtype)).collect();
-        let spec: Vec<(&str, Dtype, &[u64])> = tensors
-            .iter()
-            .zip(&dtypes)
-            .chain(added.iter().map(|(_, t)| *t).zip(&added_dtypes))
-            .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
-            .collect();
-        build_header(&spec, shard.header.metadata.as_ref())?
-    };
+    let dtypes: Vec<Dtype> = tensors
+        .iter()
+        .chain(added.iter().map(|(_, t)| *t))
+        .map(|t| out_dtype(t.dtype))
+        .collect();
+    let (header, offsets) = shard_header(shard, &dtypes, added)?;
     let mut plan = Plan {
         data_len: offsets.last().map_or(0, |o| o.1),
         outs: Vec::with_capacity(tensors.len()),
@@ -63,26 +54,7 @@ pub(super) fn plan_shard(
             begin: offsets[t].0,
             action,
         };
-        match action {
-            Action::Copy => {
-                report.copied += 1;
-                let src = shard.header.data_start() + info.begin;
-                let dst = plan.header.len() as u64 + 8 + out.begin;
-                push_copy(&mut plan.work, src, dst, info.nbytes());
-            }
-            Action::Cast => {
-                report.cast += 1;
-                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile());
-            }
-            Action::Merge(_) => {
-                let cols = info.shape[1];
-                let step = (opts.tile() / cols).max(1) * cols;
-                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), step);
-            }
-            Action::Replace(_) | Action::Add(_) => {
-                push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile())
-            }
-        }
+        push_work(&mut plan, shard, info, &out, opts.tile(), report);
         plan.outs.push(out);
     }
     for (j, &(k, info)) in added.iter().enumerate() {
@@ -90,7 +62,7 @@ pub(super) fn plan_shard(
         push_tiles(&mut plan.work, plan.outs.len(), info.numel(), opts.tile());
         plan.outs.push(OutTensor {
             src: usize::MAX,
-            dtype: out_dtype(info.dtype),
+            dtype: dtypes[t],
             begin: offsets[t].0,
             action: Action::Add(k),
         });
@@ -98,6 +70,61 @@ pub(super) fn plan_shard(
     report.tensors += tensors.len() + added.len();
     plan.work = split_copies(plan.work);
     Ok(plan)
+}
+
+/// The output header of `shard` with its tensors in `dtypes` (the shard's, then the
+/// `added` ones) and each tensor's data offsets: the input header byte for byte when
+/// nothing changes, else a new one.
+fn shard_header(
+    shard: &Shard,
+    dtypes: &[Dtype],
+    added: &[(usize, &TensorInfo)],
+) -> Result<BuiltHeader> {
+    let tensors = &shard.header.tensors;
+    let same = dtypes.iter().zip(tensors).all(|(d, t)| *d == t.dtype) && !shard.quant.any();
+    if same && added.is_empty() {
+        let offsets = tensors.iter().map(|t| (t.begin, t.end)).collect();
+        return Ok((shard.header.raw.clone(), offsets));
+    }
+    let spec: Vec<(&str, Dtype, &[u64])> = tensors
+        .iter()
+        .chain(added.iter().map(|(_, t)| *t))
+        .zip(dtypes)
+        .map(|(t, d)| (t.name.as_str(), *d, t.shape.as_slice()))
+        .collect();
+    build_header(&spec, shard.header.metadata.as_ref())
+}
+
+/// The pieces of work that write base tensor `info` of `shard` as `out` says (a byte
+/// copy, or tiles of `tile` elements, whole rows for a merged weight); counts copies
+/// and casts into `report`.
+fn push_work(
+    plan: &mut Plan,
+    shard: &Shard,
+    info: &TensorInfo,
+    out: &OutTensor,
+    tile: u64,
+    report: &mut MergeReport,
+) {
+    let t = plan.outs.len();
+    match out.action {
+        Action::Copy => {
+            report.copied += 1;
+            let src = shard.header.data_start() + info.begin;
+            let dst = plan.header.len() as u64 + 8 + out.begin;
+            push_copy(&mut plan.work, src, dst, info.nbytes());
+        }
+        Action::Cast => {
+            report.cast += 1;
+            push_tiles(&mut plan.work, t, info.numel(), tile);
+        }
+        Action::Merge(_) => {
+            let cols = info.shape[1];
+            let step = (tile / cols).max(1) * cols;
+            push_tiles(&mut plan.work, t, info.numel(), step);
+        }
+        Action::Replace(_) | Action::Add(_) => push_tiles(&mut plan.work, t, info.numel(), tile),
+    }
 }
 
 /// A byte copy, joined with the previous one when both ranges continue it.

@@ -78,110 +78,24 @@ fn read_bytes(file: &File, header: &Header, info: &TensorInfo) -> Result<Vec<u8>
     Ok(raw)
 }
 
+/// A weight as a merge sees it: its real shape and how to read it dequantised.
+type Logical = (Vec<u64>, Source);
+
 /// The shard's header as a merge sees it (every quantized weight a float32 tensor of
 /// its real shape, the state tensors gone) and how to read the quantized weights.
 pub(super) fn dequantized_view(file: &File, header: &Header) -> Result<(Header, Quantized)> {
-    let bad = |msg: String| CoreError::format(&header.path, msg);
     let mut quant = Quantized::default();
-    let mut logical: HashMap<String, (Vec<u64>, Source)> = HashMap::new();
+    let mut logical: HashMap<String, Logical> = HashMap::new();
     for t in &header.tensors {
         if let Some(prefix) = t.name.strip_suffix(".SCB") {
             let name = format!("{prefix}.weight");
-            let Some(w) = header.get(&name).filter(|w| w.dtype == Dtype::I8) else {
-                continue;
-            };
-            let [rows, cols] = w.shape[..] else {
-                return Err(bad(format!("8-bit weight {name:?} is not 2-D")));
-            };
-            let scb = read_f32s(file, header, t)?;
-            if scb.len() as u64 != rows {
-                return Err(bad(format!(
-                    "{:?} has {} scales for {rows} rows of {name:?}",
-                    t.name,
-                    scb.len()
-                )));
+            if let Some(weight) = int8_weight(file, header, t, &name, &mut quant.dropped)? {
+                quant.dropped.insert(format!("{prefix}.weight_format"));
+                logical.insert(name, weight);
             }
-            quant.dropped.insert(t.name.clone());
-            quant.dropped.insert(format!("{prefix}.weight_format"));
-            let data = header.data_start() + w.begin;
-            logical.insert(name, (vec![rows, cols], Source::Int8 { data, cols, scb }));
-        } else if let Some((name, kind)) = t
-            .name
-            .rsplit_once(".quant_state.bitsandbytes__")
-            .map(|(n, k)| (n.to_string(), k.to_string()))
-        {
-            let state: Value = serde_json::from_slice(&read_bytes(file, header, t)?)
-                .map_err(|e| bad(format!("{:?} is not JSON ({e})", t.name)))?;
-            let Some(w) = header.get(&name).filter(|w| w.dtype == Dtype::U8) else {
-                return Err(bad(format!("{:?} has no packed weight {name:?}", t.name)));
-            };
-            let shape: Vec<u64> = state["shape"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                .unwrap_or_default();
-            let blocksize = state["blocksize"].as_u64().unwrap_or(0);
-            let numel: u64 = shape.iter().product();
-            if shape.len() != 2 || blocksize == 0 || w.nbytes() * 2 < numel {
-                return Err(bad(format!(
-                    "4-bit ({kind}) weight {name:?}: unusable quant state (shape {shape:?}, \
-                     blocksize {blocksize}, {} packed bytes)",
-                    w.nbytes()
-                )));
-            }
-            let part = |suffix: &str| -> Result<&TensorInfo> {
-                let n = format!("{name}.{suffix}");
-                header
-                    .get(&n)
-                    .ok_or_else(|| bad(format!("4-bit weight {name:?} lacks {n:?}")))
-            };
-            let map_v = read_f32s(file, header, part("quant_map")?)?;
-            let map: [f32; 16] = map_v
-                .try_into()
-                .map_err(|_| bad(format!("{name:?}: the 4-bit code book must hold 16 values")))?;
-            let absmax_info = part("absmax")?;
-            let absmax = if absmax_info.dtype == Dtype::F32 {
-                read_f32s(file, header, absmax_info)?
-            } else {
-                let codes = read_bytes(file, header, absmax_info)?;
-                let nested_absmax = read_f32s(file, header, part("nested_absmax")?)?;
-                let nested_map = read_f32s(file, header, part("nested_quant_map")?)?;
-                let nested_block = state["nested_blocksize"].as_u64().unwrap_or(0) as usize;
-                let offset = state["nested_offset"].as_f64().unwrap_or(0.0) as f32;
-                if nested_block == 0 || nested_map.len() < 256 {
-                    return Err(bad(format!("{name:?}: unusable nested absmax state")));
-                }
-                let mut out = Vec::with_capacity(codes.len());
-                for (i, &c) in codes.iter().enumerate() {
-                    let scale = *nested_absmax
-                        .get(i / nested_block)
-                        .ok_or_else(|| bad(format!("{name:?}: too few nested absmax values")))?;
-                    out.push(nested_map[c as usize] * scale + offset);
-                }
-                for suffix in ["nested_absmax", "nested_quant_map"] {
-                    quant.dropped.insert(format!("{name}.{suffix}"));
-                }
-                out
-            };
-            if (absmax.len() as u64) < numel.div_ceil(blocksize) {
-                return Err(bad(format!("{name:?}: too few absmax values")));
-            }
-            for suffix in ["absmax", "quant_map"] {
-                quant.dropped.insert(format!("{name}.{suffix}"));
-            }
-            quant.dropped.insert(t.name.clone());
-            let data = header.data_start() + w.begin;
-            logical.insert(
-                name,
-                (
-                    shape,
-                    Source::FourBit {
-                        data,
-                        blocksize,
-                        absmax,
-                        map,
-                    },
-                ),
-            );
+        } else if let Some((name, kind)) = t.name.rsplit_once(".quant_state.bitsandbytes__") {
+            let weight = four_bit_weight(file, header, t, name, kind, &mut quant.dropped)?;
+            logical.insert(name.to_string(), weight);
         }
     }
     if logical.is_empty() {
@@ -207,6 +121,139 @@ pub(super) fn dequantized_view(file: &File, header: &Header) -> Result<(Header, 
         }
     }
     Ok((header.with_tensors(tensors), quant))
+}
+
+/// The LLM.int8 weight `name` whose row scales are `scb` (`None` when `name` is not an
+/// int8 tensor); the scales join `dropped`.
+fn int8_weight(
+    file: &File,
+    header: &Header,
+    scb: &TensorInfo,
+    name: &str,
+    dropped: &mut HashSet<String>,
+) -> Result<Option<Logical>> {
+    let bad = |msg: String| CoreError::format(&header.path, msg);
+    let Some(w) = header.get(name).filter(|w| w.dtype == Dtype::I8) else {
+        return Ok(None);
+    };
+    let [rows, cols] = w.shape[..] else {
+        return Err(bad(format!("8-bit weight {name:?} is not 2-D")));
+    };
+    let scales = read_f32s(file, header, scb)?;
+    if scales.len() as u64 != rows {
+        return Err(bad(format!(
+            "{:?} has {} scales for {rows} rows of {name:?}",
+            scb.name,
+            scales.len()
+        )));
+    }
+    dropped.insert(scb.name.clone());
+    let data = header.data_start() + w.begin;
+    let source = Source::Int8 {
+        data,
+        cols,
+        scb: scales,
+    };
+    Ok(Some((vec![rows, cols], source)))
+}
+
+/// The 4-bit (`kind`: nf4 or fp4) weight `name` described by its quant state tensor
+/// `state`; the state tensors join `dropped`.
+fn four_bit_weight(
+    file: &File,
+    header: &Header,
+    state: &TensorInfo,
+    name: &str,
+    kind: &str,
+    dropped: &mut HashSet<String>,
+) -> Result<Logical> {
+    let bad = |msg: String| CoreError::format(&header.path, msg);
+    let info = state;
+    let state: Value = serde_json::from_slice(&read_bytes(file, header, info)?)
+        .map_err(|e| bad(format!("{:?} is not JSON ({e})", info.name)))?;
+    let Some(w) = header.get(name).filter(|w| w.dtype == Dtype::U8) else {
+        return Err(bad(format!(
+            "{:?} has no packed weight {name:?}",
+            info.name
+        )));
+    };
+    let shape: Vec<u64> = state["shape"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let blocksize = state["blocksize"].as_u64().unwrap_or(0);
+    let numel: u64 = shape.iter().product();
+    if shape.len() != 2 || blocksize == 0 || w.nbytes() * 2 < numel {
+        return Err(bad(format!(
+            "4-bit ({kind}) weight {name:?}: unusable quant state (shape {shape:?}, \
+             blocksize {blocksize}, {} packed bytes)",
+            w.nbytes()
+        )));
+    }
+    let map_v = read_f32s(file, header, state_part(header, name, "quant_map")?)?;
+    let map: [f32; 16] = map_v
+        .try_into()
+        .map_err(|_| bad(format!("{name:?}: the 4-bit code book must hold 16 values")))?;
+    let absmax = absmax(file, header, name, &state, dropped)?;
+    if (absmax.len() as u64) < numel.div_ceil(blocksize) {
+        return Err(bad(format!("{name:?}: too few absmax values")));
+    }
+    for suffix in ["absmax", "quant_map"] {
+        dropped.insert(format!("{name}.{suffix}"));
+    }
+    dropped.insert(info.name.clone());
+    let data = header.data_start() + w.begin;
+    let source = Source::FourBit {
+        data,
+        blocksize,
+        absmax,
+        map,
+    };
+    Ok((shape, source))
+}
+
+/// The state tensor `<name>.<suffix>` of the 4-bit weight `name`.
+fn state_part<'h>(header: &'h Header, name: &str, suffix: &str) -> Result<&'h TensorInfo> {
+    let n = format!("{name}.{suffix}");
+    header.get(&n).ok_or_else(|| {
+        CoreError::format(&header.path, format!("4-bit weight {name:?} lacks {n:?}"))
+    })
+}
+
+/// The float32 absmax of every block of the 4-bit weight `name`: stored as is, or
+/// itself 8-bit quantised (`nested_absmax`, `nested_quant_map` and the `state`'s
+/// nested block size and offset; those tensors join `dropped`).
+fn absmax(
+    file: &File,
+    header: &Header,
+    name: &str,
+    state: &Value,
+    dropped: &mut HashSet<String>,
+) -> Result<Vec<f32>> {
+    let bad = |msg: String| CoreError::format(&header.path, msg);
+    let absmax_info = state_part(header, name, "absmax")?;
+    if absmax_info.dtype == Dtype::F32 {
+        return read_f32s(file, header, absmax_info);
+    }
+    let codes = read_bytes(file, header, absmax_info)?;
+    let nested_absmax = read_f32s(file, header, state_part(header, name, "nested_absmax")?)?;
+    let nested_map = read_f32s(file, header, state_part(header, name, "nested_quant_map")?)?;
+    let nested_block = state["nested_blocksize"].as_u64().unwrap_or(0) as usize;
+    let offset = state["nested_offset"].as_f64().unwrap_or(0.0) as f32;
+    if nested_block == 0 || nested_map.len() < 256 {
+        return Err(bad(format!("{name:?}: unusable nested absmax state")));
+    }
+    let mut out = Vec::with_capacity(codes.len());
+    for (i, &c) in codes.iter().enumerate() {
+        let scale = *nested_absmax
+            .get(i / nested_block)
+            .ok_or_else(|| bad(format!("{name:?}: too few nested absmax values")))?;
+        out.push(nested_map[c as usize] * scale + offset);
+    }
+    for suffix in ["nested_absmax", "nested_quant_map"] {
+        dropped.insert(format!("{name}.{suffix}"));
+    }
+    Ok(out)
 }
 
 impl Source {

@@ -96,14 +96,9 @@ pub(super) fn resolve_targets<'a>(
     adapters: &'a [Adapter],
     weights: &[f32],
 ) -> Result<Targets<'a>> {
-    let index = TensorIndex::new(&inputs.shards);
-    let several = adapters.len() > 1;
-    let label = |i: usize| {
-        if several {
-            format!("adapter {}: ", adapters[i].dir.display())
-        } else {
-            String::new()
-        }
+    let resolver = Resolver {
+        index: TensorIndex::new(&inputs.shards),
+        adapters,
     };
     let mut targets = Targets {
         actions: HashMap::new(),
@@ -116,17 +111,57 @@ pub(super) fn resolve_targets<'a>(
     };
     let mut prepared = 0;
     for (i, adapter) in adapters.iter().enumerate() {
-        let coef = weights[i] * adapter.config.scaling();
+        resolver.modules(i, weights[i], prepared, &mut targets)?;
+        prepared += adapter.config.modules.len();
+    }
+    for (i, adapter) in adapters.iter().enumerate() {
+        for extra in adapter.extra_tensors() {
+            resolver.extra(i, extra, &mut targets)?;
+        }
+        resolver.task_config(i, &mut targets)?;
+    }
+    Ok(targets)
+}
+
+/// The base's tensors and the adapters whose entries are resolved against them.
+struct Resolver<'a, 'b> {
+    index: TensorIndex<'b>,
+    adapters: &'a [Adapter],
+}
+
+impl<'a> Resolver<'a, '_> {
+    /// `adapter <dir>: ` before the messages about adapter `i` when there are several.
+    fn label(&self, i: usize) -> String {
+        if self.adapters.len() > 1 {
+            format!("adapter {}: ", self.adapters[i].dir.display())
+        } else {
+            String::new()
+        }
+    }
+
+    /// The base tensor of every module of adapter `i`, each merged with the term of
+    /// coefficient `weight * alpha / r` (its factors being `prepared + k` for module `k`).
+    fn modules(
+        &self,
+        i: usize,
+        weight: f32,
+        prepared: usize,
+        targets: &mut Targets<'a>,
+    ) -> Result<()> {
+        let adapter = &self.adapters[i];
+        let coef = weight * adapter.config.scaling();
         let mut own: HashMap<(usize, usize), usize> = HashMap::new();
         for (k, module) in adapter.config.modules.iter().enumerate() {
-            let what = format!("{}adapted module {:?}", label(i), module.name);
-            let hit = index.find(&what, &format!("{}.weight", module.name), ".weight")?;
-            let info = index.info(hit);
+            let what = format!("{}adapted module {:?}", self.label(i), module.name);
+            let hit = self
+                .index
+                .find(&what, &format!("{}.weight", module.name), ".weight")?;
+            let info = self.index.info(hit);
             check_module_target(module, info)?;
             if let Some(j) = own.insert(hit, k) {
                 return Err(CoreError::Mismatch(format!(
                     "{}adapted modules {:?} and {:?} both resolve to base tensor {:?}",
-                    label(i),
+                    self.label(i),
                     adapter.config.modules[j].name,
                     module.name,
                     info.name
@@ -148,92 +183,114 @@ pub(super) fn resolve_targets<'a>(
             targets.merged.push(MergedTensor {
                 module: module.name.clone(),
                 tensor: info.name.clone(),
-                file: rel_string(&inputs.shards[hit.0].rel),
+                file: rel_string(&self.index.shards[hit.0].rel),
             });
         }
-        prepared += adapter.config.modules.len();
+        Ok(())
     }
-    for (i, adapter) in adapters.iter().enumerate() {
-        let task = adapter.config.task.as_ref();
-        for extra in adapter.extra_tensors() {
-            let k = targets.extras.len();
-            targets.extras.push(Extra {
-                adapter: i,
-                info: extra,
-            });
-            let what = format!("{}modules_to_save tensor {:?}", label(i), extra.name);
-            let new = task.is_some_and(|t| t.is_new(&extra.name));
-            if new && index.lookup(&extra.name, "").is_empty() {
-                if !extra.dtype.is_float() {
-                    return Err(CoreError::Dtype(format!(
-                        "{what} is {}; only floating tensors can be added",
-                        extra.dtype
-                    )));
-                }
-                if let Some(&j) = targets
-                    .added
-                    .iter()
-                    .find(|&&j| targets.extras[j].info.name == extra.name)
-                {
-                    let other = &adapters[targets.extras[j].adapter].dir;
-                    return Err(CoreError::InvalidArgument(format!(
-                        "{what}: adapter {} adds a tensor of the same name; a weighted merge \
-                         takes each new or saved tensor (a head) from one adapter only",
-                        other.display()
-                    )));
-                }
-                targets.added.push(k);
-                continue;
-            }
-            if index.lookup(&extra.name, "").is_empty() {
-                return Err(CoreError::Mismatch(format!(
-                    "{what}: the base has no tensor {:?} (nor one unique dotted-suffix match); a \
-                     tensor the base lacks, such as a newly trained head, is written only when the \
-                     adapter's task lists it in new_tensors (`unilora train` records it)",
-                    extra.name
-                )));
-            }
-            let hit = index.find(&what, &extra.name, "")?;
-            let info = index.info(hit);
-            if info.shape != extra.shape {
-                return Err(CoreError::Mismatch(format!(
-                    "{what}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
-                    extra.shape, info.name, info.shape
-                )));
-            }
-            if !info.dtype.is_float() || !extra.dtype.is_float() {
-                return Err(CoreError::Dtype(format!(
-                    "{what}: {} in the adapter, {} in the base; only floating tensors can be replaced",
-                    extra.dtype, info.dtype
-                )));
-            }
-            match targets.actions.insert(hit, Action::Replace(k)) {
-                Some(Action::Replace(j)) => {
-                    let other = &adapters[targets.extras[j].adapter].dir;
-                    return Err(CoreError::InvalidArgument(format!(
-                        "{what}: adapter {} also replaces base tensor {:?}; a weighted merge \
-                         takes each new or saved tensor (a head) from one adapter only",
-                        other.display(),
-                        info.name
-                    )));
-                }
-                Some(_) => {
-                    return Err(CoreError::Mismatch(format!(
-                        "base tensor {:?} is both an adapted module and a modules_to_save tensor",
-                        info.name
-                    )));
-                }
-                None => {}
-            }
-            targets.replaced.push(info.name.clone());
+
+    /// A `modules_to_save` tensor of adapter `i`: added when its task lists it as new
+    /// and the base lacks it, else written over the one base tensor it names.
+    fn extra(&self, i: usize, extra: &'a TensorInfo, targets: &mut Targets<'a>) -> Result<()> {
+        let k = targets.extras.len();
+        targets.extras.push(Extra {
+            adapter: i,
+            info: extra,
+        });
+        let what = format!("{}modules_to_save tensor {:?}", self.label(i), extra.name);
+        let task = self.adapters[i].config.task.as_ref();
+        let new = task.is_some_and(|t| t.is_new(&extra.name));
+        if new && self.index.lookup(&extra.name, "").is_empty() {
+            return self.add(&what, k, targets);
         }
+        if self.index.lookup(&extra.name, "").is_empty() {
+            return Err(CoreError::Mismatch(format!(
+                "{what}: the base has no tensor {:?} (nor one unique dotted-suffix match); a \
+                 tensor the base lacks, such as a newly trained head, is written only when the \
+                 adapter's task lists it in new_tensors (`unilora train` records it)",
+                extra.name
+            )));
+        }
+        self.replace(&what, k, targets)
+    }
+
+    /// Adds extra `k` (a new floating tensor) to the output, unless another adapter
+    /// adds one of the same name.
+    fn add(&self, what: &str, k: usize, targets: &mut Targets<'a>) -> Result<()> {
+        let extra = targets.extras[k].info;
+        if !extra.dtype.is_float() {
+            return Err(CoreError::Dtype(format!(
+                "{what} is {}; only floating tensors can be added",
+                extra.dtype
+            )));
+        }
+        if let Some(&j) = targets
+            .added
+            .iter()
+            .find(|&&j| targets.extras[j].info.name == extra.name)
+        {
+            let other = &self.adapters[targets.extras[j].adapter].dir;
+            return Err(CoreError::InvalidArgument(format!(
+                "{what}: adapter {} adds a tensor of the same name; a weighted merge \
+                 takes each new or saved tensor (a head) from one adapter only",
+                other.display()
+            )));
+        }
+        targets.added.push(k);
+        Ok(())
+    }
+
+    /// Writes extra `k` over the base tensor it names (same shape, both floating),
+    /// which no other adapter replaces and no module adapts.
+    fn replace(&self, what: &str, k: usize, targets: &mut Targets<'a>) -> Result<()> {
+        let extra = targets.extras[k].info;
+        let hit = self.index.find(what, &extra.name, "")?;
+        let info = self.index.info(hit);
+        if info.shape != extra.shape {
+            return Err(CoreError::Mismatch(format!(
+                "{what}: the adapter holds shape {:?}, base tensor {:?} has {:?}",
+                extra.shape, info.name, info.shape
+            )));
+        }
+        if !info.dtype.is_float() || !extra.dtype.is_float() {
+            return Err(CoreError::Dtype(format!(
+                "{what}: {} in the adapter, {} in the base; only floating tensors can be replaced",
+                extra.dtype, info.dtype
+            )));
+        }
+        match targets.actions.insert(hit, Action::Replace(k)) {
+            Some(Action::Replace(j)) => {
+                let other = &self.adapters[targets.extras[j].adapter].dir;
+                return Err(CoreError::InvalidArgument(format!(
+                    "{what}: adapter {} also replaces base tensor {:?}; a weighted merge \
+                     takes each new or saved tensor (a head) from one adapter only",
+                    other.display(),
+                    info.name
+                )));
+            }
+            Some(_) => {
+                return Err(CoreError::Mismatch(format!(
+                    "base tensor {:?} is both an adapted module and a modules_to_save tensor",
+                    info.name
+                )));
+            }
+            None => {}
+        }
+        targets.replaced.push(info.name.clone());
+        Ok(())
+    }
+
+    /// The `config.json` keys of adapter `i`'s task, which must agree with those of the
+    /// adapters before it.
+    fn task_config(&self, i: usize, targets: &mut Targets<'a>) -> Result<()> {
+        let task = self.adapters[i].config.task.as_ref();
         for (key, value) in task.map(|t| &t.config).into_iter().flatten() {
             match targets.config.get(key) {
                 Some(v) if v != value => {
                     return Err(CoreError::InvalidArgument(format!(
                         "{}task sets config.json key {key:?} to {value}, another adapter to {v}; \
                          a weighted merge needs the adapters' task records to agree",
-                        label(i)
+                        self.label(i)
                     )));
                 }
                 _ => {
@@ -241,8 +298,8 @@ pub(super) fn resolve_targets<'a>(
                 }
             }
         }
+        Ok(())
     }
-    Ok(targets)
 }
 
 fn check_module_target(module: &AdapterModule, info: &TensorInfo) -> Result<()> {

@@ -27,6 +27,8 @@ static PACK: [__m256i; 256] = {
     unsafe { std::mem::transmute::<[[i32; 8]; 256], [__m256i; 256]>(table) }
 };
 
+/// The vector constants of one projection: the Feistel network's keys and masks, the
+/// walk's bound, and the column (`y mod d`) constants.
 struct Consts {
     keys: [__m256i; 4],
     wr: __m128i,
@@ -36,6 +38,36 @@ struct Consts {
     last_b: __m256i,
     c1: __m256i,
     c2: __m256i,
+    /// `Some(d - 1)` for a power-of-two `d`.
+    mask_d: Option<__m256i>,
+    magic: __m256i,
+    shift2: __m128i,
+    d: __m256i,
+}
+
+impl Consts {
+    #[target_feature(enable = "avx2")]
+    fn new(ctx: &Ctx32) -> Self {
+        let (wl, wr) = ctx.f.widths();
+        let (mask_d, magic, shift2, d) = match ctx.modulus {
+            Modulus::Mask(m) => (Some(_mm256_set1_epi32(m as i32)), 0, 0, 0),
+            Modulus::Magic { div, d } => (None, div.magic, div.shift2, d),
+        };
+        Consts {
+            keys: ctx.f.keys().map(|k| _mm256_set1_epi32(k as i32)),
+            wr: _mm_cvtsi32_si128(wr as i32),
+            mask_l: _mm256_set1_epi32(super::low_mask(wl) as i32),
+            mask_r: _mm256_set1_epi32(super::low_mask(wr) as i32),
+            bias: _mm256_set1_epi32(i32::MIN),
+            last_b: _mm256_set1_epi32((ctx.last ^ 0x8000_0000) as i32),
+            c1: _mm256_set1_epi32(0x21F0_AAADu32 as i32),
+            c2: _mm256_set1_epi32(0xD35A_2D97u32 as i32),
+            mask_d,
+            magic: _mm256_set1_epi32(magic as i32),
+            shift2: _mm_cvtsi32_si128(shift2 as i32),
+            d: _mm256_set1_epi32(d as i32),
+        }
+    }
 }
 
 #[inline]
@@ -84,6 +116,16 @@ fn div(y: __m256i, magic: __m256i, shift: __m128i) -> __m256i {
     _mm256_srl_epi32(t, shift)
 }
 
+/// `y mod d` for 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn column(y: __m256i, c: &Consts) -> __m256i {
+    match c.mask_d {
+        Some(mk) => _mm256_and_si256(y, mk),
+        None => _mm256_sub_epi32(y, _mm256_mullo_epi32(div(y, c.magic, c.shift2), c.d)),
+    }
+}
+
 /// Appends the lanes of `bits` of `y` (values) and `p` (positions) to `walk` and `pos`
 /// at index `at`, in lane order (branch-free, through the permutation table); returns
 /// how many.
@@ -120,108 +162,135 @@ unsafe fn append(
 /// asserted by the caller.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn gather(ctx: &Ctx32, vector: &[f32], start: u32, out: &mut [f32]) {
-    let (wl, wr) = ctx.f.widths();
-    let c = Consts {
-        keys: ctx.f.keys().map(|k| _mm256_set1_epi32(k as i32)),
-        wr: _mm_cvtsi32_si128(wr as i32),
-        mask_l: _mm256_set1_epi32(super::low_mask(wl) as i32),
-        mask_r: _mm256_set1_epi32(super::low_mask(wr) as i32),
-        bias: _mm256_set1_epi32(i32::MIN),
-        last_b: _mm256_set1_epi32((ctx.last ^ 0x8000_0000) as i32),
-        c1: _mm256_set1_epi32(0x21F0_AAADu32 as i32),
-        c2: _mm256_set1_epi32(0xD35A_2D97u32 as i32),
-    };
-    let (mask, magic, shift, dv) = match ctx.modulus {
-        Modulus::Mask(m) => (
-            Some(_mm256_set1_epi32(m as i32)),
-            _mm256_setzero_si256(),
-            _mm_setzero_si128(),
-            0,
-        ),
-        Modulus::Magic { div, d } => (
-            None,
-            _mm256_set1_epi32(div.magic as i32),
-            _mm_cvtsi32_si128(div.shift2 as i32),
-            d as i32,
-        ),
-    };
-    let dvec = _mm256_set1_epi32(dv);
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-
+    let c = Consts::new(ctx);
     let mut buf = [0u32; BLOCK];
     let mut walk = [0u32; BLOCK + 8];
     let mut pos = [0u32; BLOCK + 8];
-    let vec_ptr = vector.as_ptr();
     for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
         let base = start.wrapping_add((b * BLOCK) as u32);
         let n = chunk.len();
-        let nv = n.div_ceil(8);
-        // 1. Encrypt every row once; left-pack (branch-free) the lanes that must
-        //    walk on, with their positions.
-        let mut m = 0usize;
-        for v in 0..nv {
-            let x = _mm256_add_epi32(
-                _mm256_set1_epi32(base.wrapping_add((v * 8) as u32) as i32),
-                lane,
-            );
-            let y = encrypt(x, &c);
-            let bits = out_of_range(y, &c) as usize;
-            let p = _mm256_add_epi32(_mm256_set1_epi32((v * 8) as i32), lane);
-            // SAFETY: buf has BLOCK (a multiple of 8) slots and v * 8 + 8 <= BLOCK;
-            // walk/pos have BLOCK + 8 slots and m <= v * 8.
-            unsafe {
-                _mm256_storeu_si256(buf.as_mut_ptr().add(v * 8).cast(), y);
-                m += append(&mut walk, &mut pos, m, bits, y, p);
-            }
+        // SAFETY: `chunks_mut(BLOCK)` gives n <= BLOCK; every column is below d (the
+        // caller's contract: vector.len() == d).
+        unsafe {
+            let m = encrypt_block(&c, base, n, &mut buf, &mut walk, &mut pos);
+            walk_block(&c, m, &mut buf, &mut walk, &mut pos);
+            gather_block(ctx, &c, vector, &mut buf[..n], chunk);
         }
-        // Rows of the last, partial vector beyond `n` must not walk.
-        while m > 0 && pos[m - 1] as usize >= n {
-            m -= 1;
-        }
-        // 2. Walk the packed values until all lie in [0, D), 8 at a time; each pass
-        //    scatters its results back and re-packs those still outside.
-        while m > 0 {
-            let mut k = 0usize;
-            for s in (0..m).step_by(8) {
-                // SAFETY: walk/pos have BLOCK + 8 slots, s < m <= BLOCK, and k <= s.
-                unsafe {
-                    let y = encrypt(_mm256_loadu_si256(walk.as_ptr().add(s).cast()), &c);
-                    let p = _mm256_loadu_si256(pos.as_ptr().add(s).cast());
-                    _mm256_storeu_si256(walk.as_mut_ptr().add(s).cast(), y);
-                    let live = if m - s >= 8 {
-                        0xFF
-                    } else {
-                        (1usize << (m - s)) - 1
-                    };
-                    let bits = out_of_range(y, &c) as usize & live;
-                    for lane in 0..(m - s).min(8) {
-                        *buf.get_unchecked_mut(*pos.get_unchecked(s + lane) as usize) =
-                            *walk.get_unchecked(s + lane);
-                    }
-                    k += append(&mut walk, &mut pos, k, bits, y, p);
-                }
-            }
-            m = k;
-        }
-        // 3. Columns (vectorised modulus), then gather and scale. Scalar loads
-        //    keep more cache misses in flight than vpgatherdd does.
-        let full = n / 8;
-        for v in 0..full {
-            // SAFETY: v * 8 + 8 <= n <= BLOCK.
-            let p = unsafe { buf.as_mut_ptr().add(v * 8).cast::<__m256i>() };
-            let y = unsafe { _mm256_loadu_si256(p) };
-            let j = match mask {
-                Some(mk) => _mm256_and_si256(y, mk),
-                None => _mm256_sub_epi32(y, _mm256_mullo_epi32(div(y, magic, shift), dvec)),
-            };
-            unsafe { _mm256_storeu_si256(p, j) };
-        }
-        for (o, &j) in chunk[..full * 8].iter_mut().zip(&buf[..full * 8]) {
-            let s = if j < ctx.rem { ctx.hi } else { ctx.lo };
-            // SAFETY: every j < d == vector.len().
-            *o = unsafe { *vec_ptr.add(j as usize) } * s;
-        }
-        let tail = full * 8;
-        super::write_block(ctx, vector, &buf[tail..n], &mut chunk[tail..]);
     }
+}
+
+/// Pass 1 of a block: encrypts rows `base .. base + n` once into `buf`; left-packs
+/// (branch-free) the lanes that must walk on, with their positions, into `walk` and
+/// `pos`. Returns how many.
+///
+/// # Safety
+/// `n <= BLOCK`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn encrypt_block(
+    c: &Consts,
+    base: u32,
+    n: usize,
+    buf: &mut [u32; BLOCK],
+    walk: &mut [u32; BLOCK + 8],
+    pos: &mut [u32; BLOCK + 8],
+) -> usize {
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut m = 0usize;
+    for v in 0..n.div_ceil(8) {
+        let x = _mm256_add_epi32(
+            _mm256_set1_epi32(base.wrapping_add((v * 8) as u32) as i32),
+            lane,
+        );
+        let y = encrypt(x, c);
+        let bits = out_of_range(y, c) as usize;
+        let p = _mm256_add_epi32(_mm256_set1_epi32((v * 8) as i32), lane);
+        // SAFETY: buf has BLOCK (a multiple of 8) slots and v * 8 + 8 <= BLOCK (n <=
+        // BLOCK); walk/pos have BLOCK + 8 slots and m <= v * 8.
+        unsafe {
+            _mm256_storeu_si256(buf.as_mut_ptr().add(v * 8).cast(), y);
+            m += append(walk, pos, m, bits, y, p);
+        }
+    }
+    // Rows of the last, partial vector beyond `n` must not walk.
+    while m > 0 && pos[m - 1] as usize >= n {
+        m -= 1;
+    }
+    m
+}
+
+/// Pass 2 of a block: walks the `m` packed values until all lie in [0, D), 8 at a time; each pass
+/// scatters its results back into `buf` and re-packs those still outside.
+///
+/// # Safety
+/// `m <= BLOCK`, and the first `m` positions are rows of `buf` (as
+/// [`encrypt_block`] leaves them).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn walk_block(
+    c: &Consts,
+    mut m: usize,
+    buf: &mut [u32; BLOCK],
+    walk: &mut [u32; BLOCK + 8],
+    pos: &mut [u32; BLOCK + 8],
+) {
+    while m > 0 {
+        let mut k = 0usize;
+        for s in (0..m).step_by(8) {
+            // SAFETY: walk/pos have BLOCK + 8 slots, s < m <= BLOCK, and k <= s; the
+            // positions are rows of buf (the caller's contract).
+            unsafe {
+                let y = encrypt(_mm256_loadu_si256(walk.as_ptr().add(s).cast()), c);
+                let p = _mm256_loadu_si256(pos.as_ptr().add(s).cast());
+                _mm256_storeu_si256(walk.as_mut_ptr().add(s).cast(), y);
+                let live = if m - s >= 8 {
+                    0xFF
+                } else {
+                    (1usize << (m - s)) - 1
+                };
+                let bits = out_of_range(y, c) as usize & live;
+                for lane in 0..(m - s).min(8) {
+                    *buf.get_unchecked_mut(*pos.get_unchecked(s + lane) as usize) =
+                        *walk.get_unchecked(s + lane);
+                }
+                k += append(walk, pos, k, bits, y, p);
+            }
+        }
+        m = k;
+    }
+}
+
+/// Pass 3 of a block: the columns (vectorised modulus) of the rows in `buf`, then
+/// gather and scale into `chunk`. Scalar loads keep more cache misses in flight than
+/// vpgatherdd does.
+///
+/// # Safety
+/// `buf.len() == chunk.len()`, and every value of `buf` lies in `[0, D)` (so its
+/// column is below `d == vector.len()`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_block(
+    ctx: &Ctx32,
+    c: &Consts,
+    vector: &[f32],
+    buf: &mut [u32],
+    chunk: &mut [f32],
+) {
+    let n = chunk.len();
+    let full = n / 8;
+    let vec_ptr = vector.as_ptr();
+    for v in 0..full {
+        // SAFETY: v * 8 + 8 <= n == buf.len().
+        let p = unsafe { buf.as_mut_ptr().add(v * 8).cast::<__m256i>() };
+        let y = unsafe { _mm256_loadu_si256(p) };
+        let j = column(y, c);
+        unsafe { _mm256_storeu_si256(p, j) };
+    }
+    for (o, &j) in chunk[..full * 8].iter_mut().zip(&buf[..full * 8]) {
+        let s = if j < ctx.rem { ctx.hi } else { ctx.lo };
+        // SAFETY: every j < d == vector.len().
+        *o = unsafe { *vec_ptr.add(j as usize) } * s;
+    }
+    let tail = full * 8;
+    super::write_block(ctx, vector, &buf[tail..n], &mut chunk[tail..]);
 }
