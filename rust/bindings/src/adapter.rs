@@ -8,17 +8,17 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use unilora_core::adapter::{Adapter, Verify};
-use unilora_core::format::{AdapterModule, CONFIG_NAME};
+use unilora_core::format::{AdapterModule, CONFIG_NAME, ConfigError};
 use unilora_core::{AdapterConfig, CoreError};
 
 use crate::errors::IntoPyResult;
 use crate::json::{to_json, to_py};
 
 /// A validator message as the error of a file (`source`) or of an argument.
-fn config_error(msg: String, source: Option<&Path>) -> CoreError {
+fn config_error(msg: impl ToString, source: Option<&Path>) -> CoreError {
     match source {
-        Some(path) => CoreError::format(path, msg),
-        None => CoreError::InvalidArgument(msg),
+        Some(path) => CoreError::format(path, msg.to_string()),
+        None => CoreError::InvalidArgument(msg.to_string()),
     }
 }
 
@@ -76,9 +76,7 @@ pub fn check_adapter_config<'py>(
         .py()?;
     if checked.fingerprint.is_empty() {
         if source.is_some() {
-            let msg = "no fingerprint: an adapter config records the fingerprint that binds \
-                       theta_d to its seed, d and module list";
-            return Err(config_error(msg.into(), source)).py();
+            return Err(config_error(ConfigError::NoFingerprint, source)).py();
         }
         checked.fingerprint = checked.expected_fingerprint();
     }
@@ -103,7 +101,7 @@ pub fn check_adapter_module<'py>(
         .map_err(CoreError::InvalidArgument)
         .py()?;
     let module = AdapterModule::from_value(&value, "module")
-        .map_err(CoreError::InvalidArgument)
+        .map_err(|e| CoreError::InvalidArgument(e.to_string()))
         .py()?;
     to_py(py, &module.to_value())
 }

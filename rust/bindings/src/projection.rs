@@ -36,7 +36,7 @@ fn projection_of(
 /// A generated projection (`"sparse"` or `"fastfood"`) of `total` rows onto `d` columns.
 fn generated(projection: &str, seed: u64, total: u64, d: u64) -> PyResult<Projector> {
     let kind = ProjectionKind::parse(projection)
-        .map_err(invalid)
+        .map_err(|e| invalid(e.to_string()))
         .and_then(|k| match k {
             ProjectionKind::Sparse | ProjectionKind::Fastfood => Ok(k),
             other => Err(invalid(format!(

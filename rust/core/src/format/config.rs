@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
+use super::error::ConfigError;
 use super::fingerprint::{canonical_text_v2, fingerprint, hash_text};
 use super::json::{finite, parse_json, shown, uint};
 use super::kind::{MAX_D, MAX_MAP_D, ProjectionKind};
@@ -117,20 +118,21 @@ pub struct AdapterConfig {
 
 impl AdapterConfig {
     /// Checks a parsed `adapter_config.json` (everything but the fingerprint match).
-    pub fn from_value(value: &Value) -> std::result::Result<Self, String> {
+    pub fn from_value(value: &Value) -> std::result::Result<Self, ConfigError> {
         let Some(obj) = value.as_object() else {
-            return Err(format!(
-                "not a unilora_rs adapter config: expected a JSON object, got {value}"
-            ));
+            return Err(ConfigError::NotAnObject {
+                got: value.to_string(),
+            });
         };
         check_format(obj)?;
         let projection = match obj.get("projection") {
             None | Some(Value::Null) => ProjectionKind::Sparse,
             Some(Value::String(name)) => ProjectionKind::parse(name)?,
             Some(other) => {
-                return Err(format!(
-                    "projection must be one of {}, got {other}",
-                    ProjectionKind::names()
+                return Err(ConfigError::invalid(
+                    "projection",
+                    format!("one of {}", ProjectionKind::names()),
+                    other.to_string(),
                 ));
             }
         };
@@ -139,21 +141,21 @@ impl AdapterConfig {
             format_version: match obj.get("format_version") {
                 None | Some(Value::Null) => 0,
                 v => uint(v, 0, u64::MAX).map_err(|got| {
-                    format!("format_version must be a non-negative integer, got {got}")
+                    ConfigError::invalid("format_version", "a non-negative integer", got)
                 })?,
             },
             spec_version: projection.spec_version(),
             projection,
             map_sha256: map_sha256(obj.get("map_sha256"), projection)?,
             seed: uint(obj.get("seed"), 0, u64::MAX)
-                .map_err(|got| format!("seed must be an integer in [0, 2^64 - 1], got {got}"))?,
+                .map_err(|got| ConfigError::invalid("seed", "an integer in [0, 2^64 - 1]", got))?,
             d: uint(obj.get("vector_length"), 1, MAX_D).map_err(|got| {
-                format!("vector_length (d) must be an integer in [1, 2^32], got {got}")
+                ConfigError::invalid("vector_length (d)", "an integer in [1, 2^32]", got)
             })?,
             rank: uint(obj.get("rank"), 1, u64::MAX)
-                .map_err(|got| format!("rank must be a positive integer, got {got}"))?,
+                .map_err(|got| ConfigError::invalid("rank", "a positive integer", got))?,
             alpha: finite(obj.get("alpha"))
-                .map_err(|got| format!("alpha must be a finite number, got {got}"))?,
+                .map_err(|got| ConfigError::invalid("alpha", "a finite number", got))?,
             modules: parse_modules(obj.get("modules"))?,
             modules_to_save: string_list(obj.get("modules_to_save"))?,
             target_modules: rule(obj, "target_modules")?,
@@ -163,7 +165,13 @@ impl AdapterConfig {
             fingerprint: match obj.get("fingerprint") {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(s)) => s.clone(),
-                Some(other) => return Err(format!("fingerprint must be a string, got {other}")),
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        "fingerprint",
+                        "a string",
+                        other.to_string(),
+                    ));
+                }
             },
             library_version: optional_string(obj, "library_version")?,
             task: Task::from_value(obj.get("task"))?,
@@ -174,18 +182,16 @@ impl AdapterConfig {
                 .collect(),
         };
         if config.format_version > FORMAT_VERSION {
-            return Err(format!(
-                "format_version {} is newer than this unilora_rs ({FORMAT_VERSION}); upgrade unilora_rs",
-                config.format_version
-            ));
+            return Err(ConfigError::NewerFormat {
+                version: config.format_version,
+                newest: FORMAT_VERSION,
+            });
         }
         if projection.has_map() && config.d > MAX_MAP_D {
-            return Err(format!(
-                "vector_length (d) = {} is larger than 2^31, the limit of projection {:?} \
-                 (its indices are int32)",
-                config.d,
-                projection.name()
-            ));
+            return Err(ConfigError::MapTooLarge {
+                d: config.d,
+                projection: projection.name(),
+            });
         }
         config.check_sizes()?;
         Ok(config)
@@ -199,12 +205,11 @@ impl AdapterConfig {
         let text = read_regular(&config_path)?;
         let value = parse_json(&text).map_err(|msg| CoreError::format(&config_path, msg))?;
         let config = AdapterConfig::from_value(&value)
-            .map_err(|msg| CoreError::format(&config_path, msg))?;
+            .map_err(|e| CoreError::format(&config_path, e.to_string()))?;
         if config.fingerprint.is_empty() {
             return Err(CoreError::format(
                 &config_path,
-                "no fingerprint: an adapter config records the fingerprint that binds theta_d \
-                 to its seed, d and module list",
+                ConfigError::NoFingerprint.to_string(),
             ));
         }
         Ok((config, dir))
@@ -319,32 +324,28 @@ impl AdapterConfig {
     }
 
     /// Rank against every layer, `D` in 64 bits, `d <= D`.
-    fn check_sizes(&self) -> std::result::Result<(), String> {
+    fn check_sizes(&self) -> std::result::Result<(), ConfigError> {
         let mut total = 0u64;
         for m in &self.modules {
             let smaller = m.in_features.min(m.out_features);
             if self.rank > smaller {
-                return Err(format!(
-                    "rank {} is larger than module {:?} (in_features {}, out_features {}): \
-                     B @ A has rank at most {smaller}; choose rank <= {smaller} or leave the module out",
-                    self.rank, m.name, m.in_features, m.out_features
-                ));
+                return Err(ConfigError::RankAboveModule {
+                    rank: self.rank,
+                    module: m.name.clone(),
+                    in_features: m.in_features,
+                    out_features: m.out_features,
+                    smaller,
+                });
             }
             total = m
                 .in_features
                 .checked_add(m.out_features)
                 .and_then(|n| n.checked_mul(self.rank))
                 .and_then(|n| n.checked_add(total))
-                .ok_or_else(|| {
-                    "the LoRA parameter count D of the listed modules does not fit in 64 bits"
-                        .to_string()
-                })?;
+                .ok_or(ConfigError::TotalOverflow)?;
         }
         if self.d > total {
-            return Err(format!(
-                "d = {} is larger than D = {total} (the LoRA parameter count of the listed modules)",
-                self.d
-            ));
+            return Err(ConfigError::DAboveTotal { d: self.d, total });
         }
         Ok(())
     }
@@ -371,13 +372,13 @@ fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
     Err(CoreError::io(path, std::io::ErrorKind::NotFound.into()))
 }
 
-fn check_format(obj: &Map<String, Value>) -> std::result::Result<(), String> {
+fn check_format(obj: &Map<String, Value>) -> std::result::Result<(), ConfigError> {
     let fmt = obj.get("format");
     if fmt.and_then(Value::as_str) != Some(FORMAT_NAME) {
-        return Err(format!(
-            "not a unilora_rs adapter (format = {}, expected {FORMAT_NAME:?})",
-            shown(fmt)
-        ));
+        return Err(ConfigError::NotUnilora {
+            got: shown(fmt),
+            expected: FORMAT_NAME,
+        });
     }
     Ok(())
 }
@@ -386,20 +387,19 @@ fn check_format(obj: &Map<String, Value>) -> std::result::Result<(), String> {
 fn check_spec_version(
     value: Option<&Value>,
     projection: ProjectionKind,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), ConfigError> {
     let want = projection.spec_version();
     match value.and_then(Value::as_u64) {
         Some(v) if v == want => Ok(()),
-        Some(v @ 1..=ADAPTER_SPEC_VERSION) => Err(format!(
-            "unsupported generator spec_version {v} for projection {:?}, which is spec_version \
-             {want} (sparse adapters are spec_version 1, the other projections 2)",
-            projection.name()
-        )),
-        _ => Err(format!(
-            "unsupported generator spec_version {} (this unilora_rs reads spec_version 1 and \
-             {ADAPTER_SPEC_VERSION})",
-            shown(value)
-        )),
+        Some(v @ 1..=ADAPTER_SPEC_VERSION) => Err(ConfigError::SpecVersionMismatch {
+            got: v,
+            projection: projection.name(),
+            want,
+        }),
+        _ => Err(ConfigError::UnsupportedSpecVersion {
+            got: shown(value),
+            newest: ADAPTER_SPEC_VERSION,
+        }),
     }
 }
 
@@ -407,7 +407,7 @@ fn check_spec_version(
 fn map_sha256(
     value: Option<&Value>,
     projection: ProjectionKind,
-) -> std::result::Result<Option<String>, String> {
+) -> std::result::Result<Option<String>, ConfigError> {
     let digest = |s: &str| {
         s.strip_prefix("sha256:").is_some_and(|h| {
             h.len() == 64
@@ -418,47 +418,51 @@ fn map_sha256(
     match (value, projection.has_map()) {
         (None | Some(Value::Null), false) => Ok(None),
         (Some(Value::String(s)), true) if digest(s) => Ok(Some(s.clone())),
-        (_, true) => Err(format!(
-            "map_sha256 must be \"sha256:\" followed by 64 lower-case hex digits for projection \
-             {:?} (the map's checksum, recorded when it was made), got {}",
-            projection.name(),
-            shown(value)
+        (_, true) => Err(ConfigError::invalid(
+            "map_sha256",
+            format!(
+                "\"sha256:\" followed by 64 lower-case hex digits for projection {:?} (the \
+                 map's checksum, recorded when it was made)",
+                projection.name()
+            ),
+            shown(value),
         )),
-        (Some(other), false) => Err(format!(
-            "map_sha256 ({other}) belongs to the map projections (explicit, peft-numpy), not to \
-             projection {:?}",
-            projection.name()
-        )),
+        (Some(other), false) => Err(ConfigError::StrayMapSha256 {
+            got: other.to_string(),
+            projection: projection.name(),
+        }),
     }
 }
 
-fn parse_modules(value: Option<&Value>) -> std::result::Result<Vec<AdapterModule>, String> {
+fn parse_modules(value: Option<&Value>) -> std::result::Result<Vec<AdapterModule>, ConfigError> {
     let Some(Value::Array(items)) = value else {
-        return Err(format!(
-            "modules must be a list of module objects, got {}",
-            shown(value)
+        return Err(ConfigError::invalid(
+            "modules",
+            "a list of module objects",
+            shown(value),
         ));
     };
     if items.is_empty() {
-        return Err("an adapter needs at least one module (modules is empty)".into());
+        return Err(ConfigError::NoModules);
     }
     let mut seen = HashSet::with_capacity(items.len());
     let mut modules = Vec::with_capacity(items.len());
     for (k, item) in items.iter().enumerate() {
         let module = AdapterModule::from_value(item, &format!("modules[{k}]"))?;
         if !seen.insert(module.name.clone()) {
-            return Err(format!("module {:?} is listed twice", module.name));
+            return Err(ConfigError::DuplicateModule { name: module.name });
         }
         modules.push(module);
     }
     Ok(modules)
 }
 
-fn string_list(value: Option<&Value>) -> std::result::Result<Vec<String>, String> {
+fn string_list(value: Option<&Value>) -> std::result::Result<Vec<String>, ConfigError> {
     let bad = || {
-        format!(
-            "modules_to_save must be a list of non-empty strings, got {}",
-            shown(value)
+        ConfigError::invalid(
+            "modules_to_save",
+            "a list of non-empty strings",
+            shown(value),
         )
     };
     match value {
@@ -474,35 +478,43 @@ fn string_list(value: Option<&Value>) -> std::result::Result<Vec<String>, String
     }
 }
 
-fn rule(obj: &Map<String, Value>, key: &str) -> std::result::Result<Value, String> {
+fn rule(obj: &Map<String, Value>, key: &'static str) -> std::result::Result<Value, ConfigError> {
     match obj.get(key) {
         None => Ok(Value::Null),
         Some(v @ (Value::Null | Value::String(_))) => Ok(v.clone()),
         Some(v @ Value::Array(items)) if items.iter().all(Value::is_string) => Ok(v.clone()),
-        Some(other) => Err(format!(
-            "{key} must be null, a string or a list of strings, got {other}"
+        Some(other) => Err(ConfigError::invalid(
+            key,
+            "null, a string or a list of strings",
+            other.to_string(),
         )),
     }
 }
 
 fn optional_string(
     obj: &Map<String, Value>,
-    key: &str,
-) -> std::result::Result<Option<String>, String> {
+    key: &'static str,
+) -> std::result::Result<Option<String>, ConfigError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(format!("{key} must be a string or null, got {other}")),
+        Some(other) => Err(ConfigError::invalid(
+            key,
+            "a string or null",
+            other.to_string(),
+        )),
     }
 }
 
-fn init_range(value: Option<&Value>) -> std::result::Result<f64, String> {
+fn init_range(value: Option<&Value>) -> std::result::Result<f64, ConfigError> {
     match value {
         None | Some(Value::Null) => Ok(DEFAULT_INIT_RANGE),
         Some(v) => match finite(Some(v)) {
             Ok(x) if x > 0.0 => Ok(x),
-            _ => Err(format!(
-                "init_range must be a positive finite number, got {v}"
+            _ => Err(ConfigError::invalid(
+                "init_range",
+                "a positive finite number",
+                v.to_string(),
             )),
         },
     }
@@ -532,7 +544,7 @@ mod tests {
     }
 
     fn err(v: &Value) -> String {
-        AdapterConfig::from_value(v).unwrap_err()
+        AdapterConfig::from_value(v).unwrap_err().to_string()
     }
 
     #[test]
@@ -563,6 +575,7 @@ mod tests {
         assert!(
             AdapterConfig::from_value(&g)
                 .unwrap_err()
+                .to_string()
                 .contains("task.type")
         );
         assert_eq!(AdapterConfig::from_value(&back).unwrap(), c);
@@ -642,6 +655,22 @@ mod tests {
             let got = err(&value);
             assert!(got.contains(want), "{got:?} does not contain {want:?}");
         }
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        let rank = AdapterConfig::from_value(&with("rank", json!(9))).unwrap_err();
+        assert!(matches!(
+            rank,
+            ConfigError::RankAboveModule { smaller: 8, ref module, .. } if module == "a.c"
+        ));
+        let bad = json!([{"name": "a.q", "in_features": 0, "out_features": 24}]);
+        let module = AdapterConfig::from_value(&with("modules", bad)).unwrap_err();
+        let ConfigError::In { at, error } = &module else {
+            panic!("{module:?}");
+        };
+        assert_eq!(at, "modules[0] (\"a.q\")");
+        assert!(matches!(**error, ConfigError::Invalid { ref key, .. } if key == "in_features"));
     }
 
     #[test]

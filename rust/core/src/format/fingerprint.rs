@@ -9,6 +9,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::error::ConfigError;
 use super::kind::SPEC_VERSION;
 
 /// The canonical UTF-8 text that is hashed (see `docs/SPEC.md`).
@@ -64,12 +65,9 @@ pub fn hex_digest(digest: &[u8]) -> String {
 
 /// Refuses a name holding a control character (U+0000 to U+001F, U+007F: tab and line
 /// breaks among them), which would make the fingerprint text ambiguous.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), ConfigError> {
     match name.chars().find(|c| c.is_ascii_control()) {
-        Some(c) => Err(format!(
-            "the name holds the control character {c:?}, which the fingerprint cannot encode \
-             unambiguously; module names are free of tabs, line breaks and other control characters"
-        )),
+        Some(c) => Err(ConfigError::ControlCharacter(c)),
         None => Ok(()),
     }
 }
@@ -82,7 +80,10 @@ mod tests {
     fn control_characters_are_refused() {
         for bad in ["a\tb", "a\nb", "a\rb", "\u{0}", "x\u{7f}"] {
             assert!(
-                check_name(bad).unwrap_err().contains("control character"),
+                check_name(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("control character"),
                 "{bad:?}"
             );
         }

@@ -1,6 +1,8 @@
 //! Which projection an adapter uses (its `projection` key) and the limits of the
 //! generators: the names, spec versions and sizes that a config is checked against.
 
+use super::error::ConfigError;
+
 /// Version of the generator specification of the sparse projection (docs/SPEC.md): the
 /// spec version of sparse adapters and of their fingerprint text.
 pub const SPEC_VERSION: u32 = 1;
@@ -41,11 +43,14 @@ impl ProjectionKind {
     }
 
     /// The kind named `name`; the error lists the valid names.
-    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+    pub fn parse(name: &str) -> std::result::Result<Self, ConfigError> {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == name)
-            .ok_or_else(|| format!("projection {name:?} is not one of {}", Self::names()))
+            .ok_or_else(|| ConfigError::UnknownProjection {
+                name: name.to_string(),
+                known: Self::names(),
+            })
     }
 
     /// `"sparse", "fastfood", "explicit", "peft-numpy"`.
@@ -86,6 +91,7 @@ mod tests {
         assert!(
             ProjectionKind::parse("dense")
                 .unwrap_err()
+                .to_string()
                 .contains("\"peft-numpy\"")
         );
     }

@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use super::error::ConfigError;
 use super::fingerprint::check_name;
 use super::json::{shown, uint};
 
@@ -51,32 +52,34 @@ impl AdapterModule {
 
     /// Parses and checks one entry of `modules` (`label` names it in messages, e.g.
     /// `modules[3]`).
-    pub fn from_value(value: &Value, label: &str) -> std::result::Result<Self, String> {
+    pub fn from_value(value: &Value, label: &str) -> std::result::Result<Self, ConfigError> {
         let Some(obj) = value.as_object() else {
-            return Err(format!(
-                "{label} must be an object {{name, in_features, out_features, kind}}, got {value}"
+            return Err(ConfigError::invalid(
+                label.to_string(),
+                "an object {name, in_features, out_features, kind}",
+                value.to_string(),
             ));
         };
         let name = match obj.get("name") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             other => {
-                return Err(format!(
-                    "{label}: name must be a non-empty string, got {}",
-                    shown(other)
-                ));
+                let error = ConfigError::invalid("name", "a non-empty string", shown(other));
+                return Err(error.at(label));
             }
         };
         let label = format!("{label} ({name:?})");
-        check_name(&name).map_err(|e| format!("{label}: {e}"))?;
+        check_name(&name).map_err(|e| e.at(&label))?;
         if let Some(key) = obj.keys().find(|k| !MODULE_KEYS.contains(&k.as_str())) {
-            return Err(format!(
-                "{label}: unknown key {key:?} (a module has {})",
-                MODULE_KEYS.join(", ")
-            ));
+            let known = &MODULE_KEYS;
+            return Err(ConfigError::UnknownModuleKey {
+                key: key.clone(),
+                known,
+            }
+            .at(label));
         }
-        let size = |key: &str| {
+        let size = |key: &'static str| {
             uint(obj.get(key), 1, u64::MAX).map_err(|got| {
-                format!("{label}: {key} must be an integer in [1, 2^64 - 1], got {got}")
+                ConfigError::invalid(key, "an integer in [1, 2^64 - 1]", got).at(&label)
             })
         };
         let (in_features, out_features) = (size("in_features")?, size("out_features")?);
@@ -85,9 +88,8 @@ impl AdapterModule {
             Some(Value::String(s)) if s == "linear" => ModuleKind::Linear,
             Some(Value::String(s)) if s == "conv1d" => ModuleKind::Conv1d,
             Some(other) => {
-                return Err(format!(
-                    "{label}: kind {other} is not one of \"linear\", \"conv1d\""
-                ));
+                let got = other.to_string();
+                return Err(ConfigError::UnknownModuleKind { got }.at(label));
             }
         };
         Ok(AdapterModule {

@@ -21,6 +21,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value, json};
 
+use super::error::ConfigError;
 use super::fingerprint::check_name;
 
 /// The task types an adapter may record.
@@ -41,60 +42,45 @@ pub struct Task {
 
 impl Task {
     /// Checks a `task` value; `Ok(None)` for an absent or null entry.
-    pub fn from_value(value: Option<&Value>) -> std::result::Result<Option<Task>, String> {
+    pub fn from_value(value: Option<&Value>) -> std::result::Result<Option<Task>, ConfigError> {
         let obj = match value {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(obj)) => obj,
-            Some(other) => return Err(format!("task must be an object, got {other}")),
+            Some(other) => {
+                return Err(ConfigError::invalid("task", "an object", other.to_string()));
+            }
         };
         if let Some(key) = obj.keys().find(|k| !TASK_KEYS.contains(&k.as_str())) {
-            return Err(format!(
-                "task: unknown key {key:?} (the keys are {})",
-                TASK_KEYS.join(", ")
-            ));
+            return Err(ConfigError::UnknownTaskKey {
+                key: key.clone(),
+                known: &TASK_KEYS,
+            });
         }
         let kind = match obj.get("type") {
             Some(Value::String(s)) if TASK_TYPES.contains(&s.as_str()) => s.clone(),
             other => {
-                return Err(format!(
-                    "task.type must be one of {}, got {}",
-                    TASK_TYPES.join(", "),
-                    other.map_or_else(|| "nothing".to_string(), Value::to_string)
+                return Err(ConfigError::invalid(
+                    "task.type",
+                    format!("one of {}", TASK_TYPES.join(", ")),
+                    other.map_or_else(|| "nothing".to_string(), Value::to_string),
                 ));
             }
         };
         let config = match obj.get("config") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(map)) => map.clone(),
-            Some(other) => return Err(format!("task.config must be an object, got {other}")),
-        };
-        let new_tensors = match obj.get("new_tensors") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => {
-                let mut seen = HashSet::new();
-                let mut names = Vec::with_capacity(items.len());
-                for item in items {
-                    let Some(name) = item.as_str().filter(|s| !s.is_empty()) else {
-                        return Err(format!(
-                            "task.new_tensors must hold non-empty strings, got {item}"
-                        ));
-                    };
-                    check_name(name).map_err(|e| format!("task.new_tensors: {e}"))?;
-                    if !seen.insert(name) {
-                        return Err(format!("task.new_tensors lists {name:?} twice"));
-                    }
-                    names.push(name.to_string());
-                }
-                names
-            }
             Some(other) => {
-                return Err(format!("task.new_tensors must be a list, got {other}"));
+                return Err(ConfigError::invalid(
+                    "task.config",
+                    "an object",
+                    other.to_string(),
+                ));
             }
         };
         Ok(Some(Task {
             kind,
             config,
-            new_tensors,
+            new_tensors: new_tensors(obj.get("new_tensors"))?,
         }))
     }
 
@@ -113,12 +99,43 @@ impl Task {
     }
 }
 
+/// `new_tensors`: distinct non-empty names free of control characters.
+fn new_tensors(value: Option<&Value>) -> std::result::Result<Vec<String>, ConfigError> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "task.new_tensors",
+                "a list",
+                other.to_string(),
+            ));
+        }
+    };
+    let mut seen = HashSet::new();
+    let mut names = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(name) = item.as_str().filter(|s| !s.is_empty()) else {
+            return Err(ConfigError::NewTensorName {
+                got: item.to_string(),
+            });
+        };
+        check_name(name).map_err(|e| e.at("task.new_tensors"))?;
+        if !seen.insert(name) {
+            let name = name.to_string();
+            return Err(ConfigError::DuplicateNewTensor { name });
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(v: Value) -> std::result::Result<Option<Task>, String> {
-        Task::from_value(Some(&v))
+        Task::from_value(Some(&v)).map_err(|e| e.to_string())
     }
 
     #[test]
