@@ -64,7 +64,7 @@ NO_FSYNC_SCRIPT = """
 import sys
 from unilora_rs import _core
 r = _core.merge(sys.argv[1], sys.argv[2], sys.argv[3], fsync=False)
-print(len(r["merged"]))
+print(len(r.merged))
 """
 
 FSYNC_SCRIPT = """

@@ -2,14 +2,21 @@
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 __all__ = [
     "MAX_THREADS",
     "SPEC_VERSION",
+    "ExportResult",
+    "MergeEachResult",
+    "MergeResult",
+    "MergedTensor",
+    "PeftExportResult",
     "__version__",
     "check_adapter_config",
     "check_adapter_module",
@@ -39,6 +46,100 @@ __all__ = [
 __version__: str
 SPEC_VERSION: int
 MAX_THREADS: int
+
+@final
+class MergedTensor:
+    """One adapted module and the base tensor it was merged into."""
+
+    @property
+    def module(self) -> str: ...
+    @property
+    def tensor(self) -> str: ...
+    @property
+    def file(self) -> str: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class MergeResult:
+    """What a merge did."""
+
+    @property
+    def out(self) -> Path: ...
+    @property
+    def merged(self) -> list[MergedTensor]: ...
+    @property
+    def replaced(self) -> list[str]: ...
+    @property
+    def added(self) -> list[str]: ...
+    @property
+    def config_keys(self) -> list[str]: ...
+    @property
+    def cast(self) -> int: ...
+    @property
+    def copied(self) -> int: ...
+    @property
+    def tensors(self) -> int: ...
+    @property
+    def shards(self) -> list[str]: ...
+    @property
+    def other_files(self) -> list[str]: ...
+    @property
+    def left_out(self) -> list[str]: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def largest_tensor_bytes(self) -> int: ...
+    @property
+    def bytes_read(self) -> int: ...
+    @property
+    def dequantized(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def merged_count(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+
+@final
+class MergeEachResult:
+    """What merge_each did."""
+
+    @property
+    def results(self) -> list[MergeResult]: ...
+    @property
+    def bytes_read(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    def __eq__(self, value: object, /) -> bool: ...
+
+@disjoint_base
+class ExportResult:
+    """What an export wrote."""
+
+    @property
+    def out(self) -> Path: ...
+    @property
+    def modules(self) -> int: ...
+    @property
+    def saved_tensors(self) -> int: ...
+    @property
+    def lora_parameters(self) -> int: ...
+    @property
+    def weights_bytes(self) -> int: ...
+    @property
+    def saved_file(self) -> Path | None: ...
+    @property
+    def seconds(self) -> float: ...
+    def __eq__(self, value: object, /) -> bool: ...
+
+@final
+class PeftExportResult(ExportResult):
+    """What an export to PEFT's Uni-LoRA format wrote."""
+
+    @property
+    def notes(self) -> list[str]: ...
 
 _Shapes = Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]]
 _Out = Sequence[npt.NDArray[np.float32]] | Mapping[str, npt.NDArray[np.float32]]
@@ -74,7 +175,7 @@ def merge(
     progress: Callable[[int, int], object] | None = None,
     tile_elems: int = 0,
     fsync: bool = True,
-) -> dict[str, Any]: ...
+) -> MergeResult: ...
 def merge_each(
     base: str | os.PathLike[str],
     adapters: Sequence[str | os.PathLike[str]],
@@ -85,7 +186,7 @@ def merge_each(
     progress: Callable[[int, int], object] | None = None,
     tile_elems: int = 0,
     fsync: bool = True,
-) -> tuple[list[dict[str, Any]], int]: ...
+) -> MergeEachResult: ...
 def merge_weighted(
     base: str | os.PathLike[str],
     adapters: Sequence[str | os.PathLike[str]],
@@ -97,7 +198,7 @@ def merge_weighted(
     progress: Callable[[int, int], object] | None = None,
     tile_elems: int = 0,
     fsync: bool = True,
-) -> dict[str, Any]: ...
+) -> MergeResult: ...
 def export_lora(
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -105,10 +206,10 @@ def export_lora(
     dtype: str = "f32",
     overwrite: bool = False,
     saved_modules: str = "error",
-) -> dict[str, Any]: ...
+) -> ExportResult: ...
 def export_peft(
     adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
-) -> dict[str, Any]: ...
+) -> PeftExportResult: ...
 def staging_folder(
     out: str | os.PathLike[str], kind: str, *, overwrite: bool = False
 ) -> os.PathLike[str]: ...

@@ -20,7 +20,7 @@ from typing import TypeVar
 from . import _core
 from ._util import PathArg, as_path, dtype_name, with_progress
 from .errors import InvalidArgumentError, UniLoraWarning
-from .reports import MergeEachResult, MergeResult, merge_result
+from .reports import MergeEachResult, MergeResult
 
 __all__ = [
     "merge",
@@ -37,15 +37,16 @@ def _run(
     dtype: object,
     show_progress: bool,
     overwrite: bool,
-) -> tuple[T, float]:
+) -> T:
     """``call(*args)`` of the core with the merge options, under a progress bar when
-    asked: its report and the seconds it took."""
+    asked: its report (which records the seconds the merge took)."""
     dt = dtype_name(dtype, allow_none=True)
-    return with_progress(
+    report, _seconds = with_progress(
         show_progress,
         lambda cb: call(*args, dtype=dt, overwrite=bool(overwrite), progress=cb),
         desc="merge",
     )
+    return report
 
 
 def _warn(messages: list[str]) -> None:
@@ -108,9 +109,9 @@ def merge(
     for a minute).
     """
     paths = as_path("base", base), as_path("adapter", adapter), as_path("out", out)
-    raw, seconds = _run(_core.merge, paths, dtype, show_progress, overwrite)
-    _warn(raw["warnings"])
-    return merge_result(raw, seconds)
+    result: MergeResult = _run(_core.merge, paths, dtype, show_progress, overwrite)
+    _warn(result.warnings)
+    return result
 
 
 def _adapter_list(adapters: object) -> list[Path]:
@@ -140,11 +141,11 @@ def merge_each(
     """
     base_p, out_p = as_path("base", base), as_path("out_dir", out_dir)
     paths = _adapter_list(adapters)
-    (raws, bytes_read), seconds = _run(
+    each: MergeEachResult = _run(
         _core.merge_each, (base_p, paths, out_p), dtype, show_progress, overwrite
     )
-    _warn(raws[0]["warnings"] if raws else [])
-    return MergeEachResult([merge_result(raw, seconds) for raw in raws], bytes_read, seconds)
+    _warn(each.results[0].warnings if each.results else [])
+    return each
 
 
 def merge_weighted(
@@ -168,8 +169,8 @@ def merge_weighted(
     base_p, out_p = as_path("base", base), as_path("out", out)
     paths = _adapter_list(adapters)
     ws = [float(w) for w in weights]
-    raw, seconds = _run(
+    result: MergeResult = _run(
         _core.merge_weighted, (base_p, paths, ws, out_p), dtype, show_progress, overwrite
     )
-    _warn(raw["warnings"])
-    return merge_result(raw, seconds)
+    _warn(result.warnings)
+    return result

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import time
-
 from .. import _core
 from .._util import PathArg, as_path, dtype_name
 from ..reports import ExportResult
@@ -48,8 +46,6 @@ def export_lora(
     """
     adapter_p, out_p = as_path("adapter", adapter), as_path("out", out)
     dt = dtype_name(dtype, allow_none=False)
-    t0 = time.perf_counter()
-    raw = _core.export_lora(
+    return _core.export_lora(
         adapter_p, out_p, dtype=dt, overwrite=bool(overwrite), saved_modules=saved_modules
     )
-    return ExportResult._from_core(raw, time.perf_counter() - t0)

@@ -7,7 +7,6 @@ The other direction, a PEFT adapter converted into ours, is
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from .. import _core
@@ -27,9 +26,4 @@ def export_peft(adapter: PathArg, out: PathArg, *, overwrite: bool = False) -> P
     :attr:`PeftExportResult.notes` for what else differs. Runs in the Rust core (no
     torch); the folder appears atomically.
     """
-    t0 = time.perf_counter()
-    raw = _core.export_peft(Path(adapter), Path(out), overwrite=bool(overwrite))
-    result: PeftExportResult = PeftExportResult._from_core(
-        raw, time.perf_counter() - t0, notes=list(raw["notes"])
-    )
-    return result
+    return _core.export_peft(Path(adapter), Path(out), overwrite=bool(overwrite))

@@ -32,6 +32,12 @@ mod _core {
     use crate::peft::{commit_folder, export_peft, staging_folder};
 
     #[pymodule_export]
+    use unilora_core::merge::{EachReport, MergeReport, MergedTensor};
+
+    #[pymodule_export]
+    use unilora_core::export::{ExportReport, PeftExportReport};
+
+    #[pymodule_export]
     use crate::adapter::{
         check_adapter_config, check_adapter_module, load_adapter, lora_factors, read_adapter_config,
     };

@@ -8,11 +8,11 @@
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 use unilora_core::control::{Control, run_watched, wait_a_poll};
-use unilora_core::merge::{MergeOptions, MergeReport, MultiMergeOptions};
+use unilora_core::merge::{EachReport, MergeOptions, MergeReport, MultiMergeOptions};
 use unilora_core::safetensors::{Dtype, Header};
-use unilora_core::{CoreError, ExportOptions, SavedModules};
+use unilora_core::{CoreError, ExportOptions, ExportReport, SavedModules};
 
 use crate::errors::IntoPyResult;
 
@@ -56,10 +56,7 @@ fn run_with_signals<T: Send>(
 
 /// Merges the adapter into a safetensors file or model folder, writing `out`.
 ///
-/// Returns a dict with the merged tensors (`merged`: list of dicts with `module`,
-/// `tensor`, `file`), `replaced`, `added`, `config_keys`, `cast`, `copied`, `tensors`,
-/// `shards`, `other_files`, `left_out`, `warnings`, `bytes_written`,
-/// `largest_tensor_bytes`, `bytes_read` and `dequantized`.
+/// Returns the report (a `MergeResult`).
 #[pyfunction]
 #[pyo3(signature = (base, adapter, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
 #[allow(clippy::too_many_arguments)]
@@ -73,47 +70,16 @@ pub fn merge<'py>(
     progress: Option<Bound<'py, PyAny>>,
     tile_elems: usize,
     fsync: bool,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<MergeReport> {
     let mut opts = MergeOptions::new(base, adapter, out);
     opts.dtype = parse_dtype(dtype)?;
     opts.overwrite = overwrite;
     opts.tile_elems = tile_elems;
     opts.fsync = fsync;
     let control = Control::new();
-    let report = run_with_signals(py, &control, progress.as_ref(), || {
+    run_with_signals(py, &control, progress.as_ref(), || {
         unilora_core::merge(&opts, &control)
-    })?;
-    report_dict(py, &report)
-}
-
-/// A merge report as a dict (the keys [`merge`] documents).
-fn report_dict<'py>(py: Python<'py>, report: &MergeReport) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("out", &report.out)?;
-    let merged = PyList::empty(py);
-    for m in &report.merged {
-        let item = PyDict::new(py);
-        item.set_item("module", &m.module)?;
-        item.set_item("tensor", &m.tensor)?;
-        item.set_item("file", &m.file)?;
-        merged.append(item)?;
-    }
-    d.set_item("merged", merged)?;
-    d.set_item("replaced", &report.replaced)?;
-    d.set_item("added", &report.added)?;
-    d.set_item("config_keys", &report.config_keys)?;
-    d.set_item("cast", report.cast)?;
-    d.set_item("copied", report.copied)?;
-    d.set_item("tensors", report.tensors)?;
-    d.set_item("shards", &report.shards)?;
-    d.set_item("other_files", &report.other_files)?;
-    d.set_item("left_out", &report.left_out)?;
-    d.set_item("warnings", &report.warnings)?;
-    d.set_item("bytes_written", report.bytes_written)?;
-    d.set_item("largest_tensor_bytes", report.largest_tensor_bytes)?;
-    d.set_item("bytes_read", report.bytes_read)?;
-    d.set_item("dequantized", report.dequantized)?;
-    Ok(d)
+    })
 }
 
 fn multi_options(
@@ -135,8 +101,8 @@ fn multi_options(
 /// Merges each adapter alone into the base in one pass over it, writing
 /// `out_dir/<adapter folder name>` (plus `.safetensors` for a file base) for each.
 ///
-/// Returns `(reports, bytes_read)`: one dict per adapter as [`merge`] returns, and the
-/// bytes of tensor data read from the base (once) and the adapters.
+/// Returns the report of the pass (a `MergeEachResult`: one `MergeResult` per adapter,
+/// and the bytes of tensor data read from the base, once, and the adapters).
 #[pyfunction]
 #[pyo3(signature = (base, adapters, out_dir, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
 #[allow(clippy::too_many_arguments)]
@@ -150,22 +116,17 @@ pub fn merge_each<'py>(
     progress: Option<Bound<'py, PyAny>>,
     tile_elems: usize,
     fsync: bool,
-) -> PyResult<(Bound<'py, PyList>, u64)> {
+) -> PyResult<EachReport> {
     let opts = multi_options(base, adapters, dtype, overwrite, tile_elems, fsync)?;
     let control = Control::new();
-    let report = run_with_signals(py, &control, progress.as_ref(), || {
+    run_with_signals(py, &control, progress.as_ref(), || {
         unilora_core::merge_each(&opts, &out_dir, &control)
-    })?;
-    let list = PyList::empty(py);
-    for r in &report.reports {
-        list.append(report_dict(py, r)?)?;
-    }
-    Ok((list, report.bytes_read))
+    })
 }
 
 /// Merges several adapters into one checkpoint `out`: `W + sum_i w_i * dW_i`.
 ///
-/// Returns a dict as [`merge`] does.
+/// Returns the report (a `MergeResult`).
 #[pyfunction]
 #[pyo3(signature = (base, adapters, weights, out, *, dtype=None, overwrite=false, progress=None, tile_elems=0, fsync=true))]
 #[allow(clippy::too_many_arguments)]
@@ -180,52 +141,33 @@ pub fn merge_weighted<'py>(
     progress: Option<Bound<'py, PyAny>>,
     tile_elems: usize,
     fsync: bool,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<MergeReport> {
     let opts = multi_options(base, adapters, dtype, overwrite, tile_elems, fsync)?;
     let control = Control::new();
-    let report = run_with_signals(py, &control, progress.as_ref(), || {
+    run_with_signals(py, &control, progress.as_ref(), || {
         unilora_core::merge_weighted(&opts, &weights, &out, &control)
-    })?;
-    report_dict(py, &report)
+    })
 }
 
 /// Writes the exact PEFT LoRA equivalent of the adapter into the folder `out`.
 ///
 /// `saved_modules` (`"error"`, `"keep"`, `"drop"` or `"separate"`) says what to do with
-/// the adapter's `modules_to_save` tensors. Returns a dict with `out`, `modules`,
-/// `saved_tensors`, `lora_parameters`, `weights_bytes` and `saved_file`.
+/// the adapter's `modules_to_save` tensors. Returns the report (an `ExportResult`).
 #[pyfunction]
 #[pyo3(signature = (adapter, out, *, dtype="f32", overwrite=false, saved_modules="error"))]
-pub fn export_lora<'py>(
-    py: Python<'py>,
+pub fn export_lora(
+    py: Python<'_>,
     adapter: PathBuf,
     out: PathBuf,
     dtype: &str,
     overwrite: bool,
     saved_modules: &str,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<ExportReport> {
     let mut opts = ExportOptions::new(adapter, out);
     opts.dtype = Dtype::parse_target(dtype).py()?;
     opts.overwrite = overwrite;
     opts.saved_modules = SavedModules::parse(saved_modules).py()?;
-    let report = py.detach(|| unilora_core::export_lora(&opts)).py()?;
-    export_dict(py, &report)
-}
-
-/// An export's report as a dict: `out`, `modules`, `saved_tensors`, `lora_parameters`,
-/// `weights_bytes`.
-pub(crate) fn export_dict<'py>(
-    py: Python<'py>,
-    report: &unilora_core::ExportReport,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("out", &report.out)?;
-    d.set_item("modules", report.modules)?;
-    d.set_item("saved_tensors", report.saved_tensors)?;
-    d.set_item("lora_parameters", report.lora_parameters)?;
-    d.set_item("weights_bytes", report.weights_bytes)?;
-    d.set_item("saved_file", &report.saved_file)?;
-    Ok(d)
+    py.detach(|| unilora_core::export_lora(&opts)).py()
 }
 
 /// Reads and validates a safetensors header without loading any tensor.

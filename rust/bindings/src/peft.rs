@@ -5,12 +5,10 @@
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use unilora_core::io::atomic::{self, TempPath};
-use unilora_core::{CoreError, ExportOptions};
+use unilora_core::{CoreError, ExportOptions, PeftExportReport};
 
 use crate::errors::IntoPyResult;
-use crate::merge::export_dict;
 
 /// The kinds of output folders written from Python.
 fn output_kind(kind: &str) -> PyResult<&'static str> {
@@ -26,22 +24,19 @@ fn output_kind(kind: &str) -> PyResult<&'static str> {
 /// Writes the adapter in the format of PEFT's Uni-LoRA tuner (saved indices and
 /// scales) into the folder `out`.
 ///
-/// Returns a dict with `out`, `modules`, `saved_tensors`, `lora_parameters`,
-/// `weights_bytes` and `notes` (what PEFT's format changes or leaves out).
+/// Returns the report (a `PeftExportResult`: an `ExportResult` with `notes`, what PEFT's
+/// format changes or leaves out).
 #[pyfunction]
 #[pyo3(signature = (adapter, out, *, overwrite=false))]
-pub fn export_peft<'py>(
-    py: Python<'py>,
+pub fn export_peft(
+    py: Python<'_>,
     adapter: PathBuf,
     out: PathBuf,
     overwrite: bool,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<PeftExportReport> {
     let mut opts = ExportOptions::new(adapter, out);
     opts.overwrite = overwrite;
-    let report = py.detach(|| unilora_core::export_peft(&opts)).py()?;
-    let d = export_dict(py, &report.export)?;
-    d.set_item("notes", report.notes)?;
-    Ok(d)
+    py.detach(|| unilora_core::export_peft(&opts)).py()
 }
 
 /// Checks that `out` may be written as an output folder of `kind` (it does not exist,

@@ -21,6 +21,11 @@
 //!   weighted sum; bitsandbytes-quantized bases are dequantised).
 //! * [`export`]: exact export as a standard PEFT LoRA adapter, or in the format of
 //!   PEFT's Uni-LoRA tuner (saved indices and scales).
+//!
+//! With the `python` feature, which only the binding crate enables, the reports of a
+//! merge and an export are also the Python classes the binding returns (`#[pyclass]`
+//! on the structs themselves, so each field list is written once); without it the
+//! crate has no pyo3 at all.
 
 #![deny(missing_docs)]
 
@@ -34,6 +39,8 @@ pub mod io;
 pub mod merge;
 pub mod parallel;
 pub mod projection;
+#[cfg(feature = "python")]
+mod python;
 pub mod safetensors;
 
 pub use adapter::Adapter;

@@ -14,6 +14,7 @@
 //! modules, PEFT loads them.
 
 use std::path::Path;
+use std::time::Instant;
 
 use serde_json::{Value, json};
 
@@ -73,6 +74,7 @@ pub fn peft_config(adapter: &Adapter, with_saved: bool) -> Value {
 
 /// Writes the PEFT LoRA equivalent of the adapter at `opts.adapter` into `opts.out`.
 pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
+    let started = Instant::now();
     if !matches!(opts.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
         return Err(CoreError::Dtype(format!(
             "export dtype {} is not one of bf16, f16, f32",
@@ -95,7 +97,7 @@ pub fn export_lora(opts: &ExportOptions) -> Result<ExportReport> {
         }
         Ok((bytes, peft_config(adapter, keep)))
     })?;
-    let mut report = ExportReport::of(&adapter, &opts.out, weights_bytes);
+    let mut report = ExportReport::of(&adapter, &opts.out, weights_bytes, started);
     match mode {
         SavedModules::Keep => {}
         SavedModules::Separate if report.saved_tensors > 0 => {

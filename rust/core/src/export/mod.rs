@@ -4,6 +4,7 @@
 //! they share: the options, the report and what to do with `modules_to_save` tensors.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::adapter::Adapter;
 use crate::error::{CoreError, Result};
@@ -107,8 +108,20 @@ impl ExportOptions {
     }
 }
 
-/// What an export wrote.
-#[derive(Clone, Debug, Default)]
+/// What an export wrote. With the `python` feature it is the Python class
+/// `ExportResult` (frozen, its fields read-only attributes).
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(
+        frozen,
+        get_all,
+        eq,
+        subclass,
+        name = "ExportResult",
+        module = "unilora_rs"
+    )
+)]
 pub struct ExportReport {
     /// The output folder.
     pub out: PathBuf,
@@ -122,12 +135,22 @@ pub struct ExportReport {
     pub weights_bytes: u64,
     /// The companion file of the saved modules ([`SavedModules::Separate`]).
     pub saved_file: Option<PathBuf>,
+    /// Seconds the export took.
+    pub seconds: f64,
+}
+
+#[cfg(feature = "python")]
+#[pyo3::pymethods]
+impl ExportReport {
+    fn __repr__(slf: &pyo3::Bound<'_, Self>) -> pyo3::PyResult<String> {
+        crate::python::repr(slf.as_any())
+    }
 }
 
 impl ExportReport {
     /// The report of an export of `adapter` into `out`, whose weights file has
-    /// `weights_bytes` bytes.
-    pub fn of(adapter: &Adapter, out: &Path, weights_bytes: u64) -> Self {
+    /// `weights_bytes` bytes, begun at `started`.
+    pub fn of(adapter: &Adapter, out: &Path, weights_bytes: u64, started: Instant) -> Self {
         ExportReport {
             out: out.to_path_buf(),
             modules: adapter.config.modules.len(),
@@ -135,6 +158,7 @@ impl ExportReport {
             lora_parameters: adapter.config.total_size(),
             weights_bytes,
             saved_file: None,
+            seconds: started.elapsed().as_secs_f64(),
         }
     }
 }

@@ -23,6 +23,7 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::time::Instant;
 
 use serde_json::{Value, json};
 
@@ -39,13 +40,52 @@ pub const PEFT_OUTPUT_KIND: &str = "export-peft";
 /// The name of `theta_d` in PEFT's Uni-LoRA file.
 pub const PEFT_VECTOR_KEY: &str = "base_model.unilora_theta_d";
 
-/// What an export to PEFT's Uni-LoRA format wrote.
-#[derive(Clone, Debug, Default)]
+/// What an export to PEFT's Uni-LoRA format wrote. With the `python` feature it is the
+/// Python class `PeftExportResult`, a subclass of `ExportResult` (whose fields are those
+/// of [`PeftExportReport::export`]) with `notes`.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(
+        frozen,
+        eq,
+        extends = ExportReport,
+        name = "PeftExportResult",
+        module = "unilora_rs"
+    )
+)]
 pub struct PeftExportReport {
     /// The folder, modules, saved tensors, `D` (the indices written) and file size.
     pub export: ExportReport,
     /// What PEFT's format changes or leaves out, one sentence each.
     pub notes: Vec<String>,
+}
+
+#[cfg(feature = "python")]
+#[pyo3::pymethods]
+impl PeftExportReport {
+    /// What PEFT's format changes or leaves out, one sentence each.
+    #[getter(notes)]
+    fn py_notes(&self) -> Vec<String> {
+        self.notes.clone()
+    }
+
+    fn __repr__(slf: &pyo3::Bound<'_, Self>) -> pyo3::PyResult<String> {
+        crate::python::repr(slf.as_any())
+    }
+}
+
+#[cfg(feature = "python")]
+impl<'py> pyo3::IntoPyObject<'py> for PeftExportReport {
+    type Target = PeftExportReport;
+    type Output = pyo3::Bound<'py, PeftExportReport>;
+    type Error = pyo3::PyErr;
+
+    /// A `PeftExportResult` whose `ExportResult` part is [`PeftExportReport::export`].
+    fn into_pyobject(self, py: pyo3::Python<'py>) -> pyo3::PyResult<Self::Output> {
+        let base = pyo3::PyClassInitializer::from(self.export.clone());
+        pyo3::Bound::new(py, base.add_subclass(self))
+    }
 }
 
 /// The map as PEFT needs it: one column and one scale per row of `theta_D`.
@@ -98,6 +138,7 @@ fn peft_unilora_config(adapter: &Adapter) -> Value {
 /// Writes the adapter at `opts.adapter` in PEFT's Uni-LoRA format into `opts.out`
 /// (float32; `opts.dtype` must be F32).
 pub fn export_peft(opts: &ExportOptions) -> Result<PeftExportReport> {
+    let started = Instant::now();
     if opts.dtype != Dtype::F32 {
         return Err(CoreError::Dtype(format!(
             "PEFT's Uni-LoRA format is float32 (theta_d and scales), got {}",
@@ -109,7 +150,7 @@ pub fn export_peft(opts: &ExportOptions) -> Result<PeftExportReport> {
         Ok((bytes, peft_unilora_config(adapter)))
     })?;
     Ok(PeftExportReport {
-        export: ExportReport::of(&adapter, &opts.out, weights_bytes),
+        export: ExportReport::of(&adapter, &opts.out, weights_bytes, started),
         notes: notes(&adapter.config),
     })
 }

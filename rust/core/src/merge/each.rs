@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -78,6 +79,7 @@ pub fn merge_each(
     out_dir: &Path,
     control: &Control,
 ) -> Result<EachReport> {
+    let started = Instant::now();
     let singles = checked_options(opts, out_dir)?;
     let (adapters, inputs) = open_all(opts)?;
     let outputs = plan_outputs(singles, &inputs, &adapters)?;
@@ -122,7 +124,7 @@ pub fn merge_each(
         control,
     };
     let written = pass.write_all(&stagings)?;
-    let reports = finish_outputs(outputs, &inputs, &stagings, &written, &reads, control)?;
+    let mut results = finish_outputs(outputs, &inputs, &stagings, &written, &reads, control)?;
     if control.is_cancelled() {
         return Err(CoreError::Interrupted);
     }
@@ -130,10 +132,15 @@ pub fn merge_each(
         staging.commit(opts.overwrite)?;
     }
     let bytes_read =
-        base_read.load(Ordering::Relaxed) + reports.iter().map(|r| r.bytes_read).sum::<u64>();
+        base_read.load(Ordering::Relaxed) + results.iter().map(|r| r.bytes_read).sum::<u64>();
+    let seconds = started.elapsed().as_secs_f64();
+    for result in &mut results {
+        result.seconds = seconds;
+    }
     Ok(EachReport {
-        reports,
+        results,
         bytes_read,
+        seconds,
     })
 }
 

@@ -43,6 +43,7 @@
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use crate::adapter::Adapter;
 pub use crate::control::Control;
@@ -96,10 +97,13 @@ const COPY_CHUNK: u64 = 64 << 20;
 /// mismatch, a corrupt file, an unsafe shard name, an output that overlaps an input,
 /// or an existing output without `overwrite` is an error, and nothing is written.
 pub fn merge(opts: &MergeOptions, control: &Control) -> Result<MergeReport> {
+    let started = Instant::now();
     check_options(opts, std::slice::from_ref(&opts.adapter))?;
     let adapters = [Adapter::open(&opts.adapter)?];
     let inputs = open_inputs(&opts.base)?;
-    merge_into(opts, &inputs, &adapters, &[1.0], control)
+    let mut report = merge_into(opts, &inputs, &adapters, &[1.0], control)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 /// Merges several adapters into one checkpoint `out`: every adapted weight becomes
@@ -123,6 +127,7 @@ pub fn merge_weighted(
     out: &Path,
     control: &Control,
 ) -> Result<MergeReport> {
+    let started = Instant::now();
     if weights.len() != opts.adapters.len() {
         return Err(CoreError::InvalidArgument(format!(
             "{} weights for {} adapters; give one weight per adapter",
@@ -139,7 +144,9 @@ pub fn merge_weighted(
     check_options(&single, &opts.adapters)?;
     let (adapters, inputs) = open_all(opts)?;
     let coefs: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
-    merge_into(&single, &inputs, &adapters, &coefs, control)
+    let mut report = merge_into(&single, &inputs, &adapters, &coefs, control)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 /// The steps of a merge into one output, for one adapter (weight 1) or several.

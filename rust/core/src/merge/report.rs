@@ -1,10 +1,15 @@
 //! What a merge did: the report of one output, and of a pass with one output per
-//! adapter.
+//! adapter. With the `python` feature they are the Python classes `MergeResult`,
+//! `MergedTensor` and `MergeEachResult` (frozen, their fields read-only attributes).
 
 use std::path::PathBuf;
 
 /// One adapted module and the base tensor it was merged into.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, eq, hash, module = "unilora_rs")
+)]
 pub struct MergedTensor {
     /// The adapter's module name.
     pub module: String,
@@ -14,8 +19,20 @@ pub struct MergedTensor {
     pub file: String,
 }
 
+#[cfg(feature = "python")]
+#[pyo3::pymethods]
+impl MergedTensor {
+    fn __repr__(slf: &pyo3::Bound<'_, Self>) -> pyo3::PyResult<String> {
+        crate::python::repr(slf.as_any())
+    }
+}
+
 /// What a merge did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, eq, name = "MergeResult", module = "unilora_rs")
+)]
 pub struct MergeReport {
     /// The output path.
     pub out: PathBuf,
@@ -52,14 +69,51 @@ pub struct MergeReport {
     pub bytes_read: u64,
     /// Quantized base weights (bitsandbytes 8-bit / 4-bit) written dequantised.
     pub dequantized: usize,
+    /// Seconds the merge took.
+    pub seconds: f64,
+}
+
+impl MergeReport {
+    /// Number of base tensors that received a LoRA update.
+    pub fn merged_count(&self) -> usize {
+        self.merged.len()
+    }
+}
+
+#[cfg(feature = "python")]
+#[pyo3::pymethods]
+impl MergeReport {
+    /// Number of base tensors that received a LoRA update.
+    #[getter(merged_count)]
+    fn py_merged_count(&self) -> usize {
+        self.merged_count()
+    }
+
+    fn __repr__(slf: &pyo3::Bound<'_, Self>) -> pyo3::PyResult<String> {
+        crate::python::repr(slf.as_any())
+    }
 }
 
 /// What [`merge_each`](super::merge_each) did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, eq, name = "MergeEachResult", module = "unilora_rs")
+)]
 pub struct EachReport {
     /// One report per adapter, in the order given (`bytes_read` counts only what
     /// that output read from its adapter).
-    pub reports: Vec<MergeReport>,
+    pub results: Vec<MergeReport>,
     /// Bytes of tensor data read from the base (each byte once) and the adapters.
     pub bytes_read: u64,
+    /// Seconds the pass took (every result records it too).
+    pub seconds: f64,
+}
+
+#[cfg(feature = "python")]
+#[pyo3::pymethods]
+impl EachReport {
+    fn __repr__(slf: &pyo3::Bound<'_, Self>) -> pyo3::PyResult<String> {
+        crate::python::repr(slf.as_any())
+    }
 }
