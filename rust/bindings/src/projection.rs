@@ -1,13 +1,15 @@
-//! Bindings of the projection generators, `reconstruct`, its backward and `fingerprint`.
+//! Bindings of the projections: the sparse generator's map and constants, the Fastfood
+//! constants, `reconstruct` and its backward with a generated projection, and the
+//! SHA-256 of an explicit map.
 
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use unilora_core::projection::fastfood::{Fastfood, WORDS_PER_BLOCK};
-use unilora_core::{BACKWARD_T_CHUNK, Projection, ProjectionKind, Projector, parallel};
+use unilora_core::{BACKWARD_T_CHUNK, Projection, ProjectionKind, Projector};
 
-use crate::convert::{Shapes, invalid, outputs, uint, vector};
+use crate::args::{Shapes, invalid, outputs, uint, vector};
 use crate::errors::IntoPyResult;
 
 /// `(seed, total, d)` given as Python integers.
@@ -157,6 +159,26 @@ pub fn reconstruct<'py>(
     shapes.arrange(py, arrays)
 }
 
+/// The backward pass of `reconstruct`: `P^T grad` for the flattened gradient of
+/// `theta_D` (float32, length `D`; float64 is converted); returns float32 `[d]`.
+/// Deterministic (a fixed summation order), GIL released.
+#[pyfunction]
+#[pyo3(signature = (grad, seed, d, *, projection = "sparse"))]
+pub fn reconstruct_backward<'py>(
+    py: Python<'py>,
+    grad: &Bound<'py, PyAny>,
+    seed: &Bound<'py, PyAny>,
+    d: &Bound<'py, PyAny>,
+    projection: &str,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let (seed, d) = (uint(seed, "seed", 0)?, uint(d, "d", 0)?);
+    let grad = vector(grad, "grad")?;
+    let slice = grad.as_slice();
+    let projector = generated(projection, seed, slice.len() as u64, d)?;
+    let out = py.detach(|| projector.backward(slice, d)).py()?;
+    Ok(out.into_pyarray(py))
+}
+
 /// The constants of a Fastfood projection that a kernel needs, as a dict: `n` (the block
 /// length), `bits` (`log2 n`), `blocks`, `keys` (uint32 `[blocks, 11]`: per block the
 /// four round keys of `Π`, the sign key and the six Gaussian keys) and `scales`
@@ -186,62 +208,6 @@ pub fn fastfood_params<'py>(
     out.set_item("keys", keys.into_pyarray(py))?;
     out.set_item("scales", scales.into_pyarray(py))?;
     Ok(out)
-}
-
-/// The adapter fingerprint over the spec version, `seed`, `d` and the shapes (named by
-/// a dict's keys, or `"0"`, `"1"`, ... for a list).
-#[pyfunction]
-#[pyo3(signature = (seed, d, shapes))]
-pub fn fingerprint(
-    seed: &Bound<'_, PyAny>,
-    d: &Bound<'_, PyAny>,
-    shapes: &Bound<'_, PyAny>,
-) -> PyResult<String> {
-    let (seed, d) = (uint(seed, "seed", 0)?, uint(d, "d", 1)?);
-    let shapes = Shapes::extract(shapes)?;
-    let labels = shapes.labels();
-    let named: Vec<(&str, u64, u64)> = labels
-        .iter()
-        .zip(&shapes.dims)
-        .map(|(n, &(r, c))| (n.as_str(), r, c))
-        .collect();
-    Ok(unilora_core::fingerprint(seed, d, &named))
-}
-
-/// Sets the number of worker threads (0 restores the default); at most
-/// `max(256, CPU count)`.
-#[pyfunction]
-pub fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
-    let n = parallel::check_num_threads(usize::try_from(uint(n, "n", 0)?).unwrap_or(usize::MAX))
-        .py()?;
-    parallel::set_num_threads(n);
-    Ok(())
-}
-
-/// The number of worker threads the next parallel call will use.
-#[pyfunction]
-pub fn get_num_threads() -> usize {
-    parallel::num_threads()
-}
-
-/// The backward pass of `reconstruct`: `P^T grad` for the flattened gradient of
-/// `theta_D` (float32, length `D`; float64 is converted); returns float32 `[d]`.
-/// Deterministic (a fixed summation order), GIL released.
-#[pyfunction]
-#[pyo3(signature = (grad, seed, d, *, projection = "sparse"))]
-pub fn reconstruct_backward<'py>(
-    py: Python<'py>,
-    grad: &Bound<'py, PyAny>,
-    seed: &Bound<'py, PyAny>,
-    d: &Bound<'py, PyAny>,
-    projection: &str,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let (seed, d) = (uint(seed, "seed", 0)?, uint(d, "d", 0)?);
-    let grad = vector(grad, "grad")?;
-    let slice = grad.as_slice();
-    let projector = generated(projection, seed, slice.len() as u64, d)?;
-    let out = py.detach(|| projector.backward(slice, d)).py()?;
-    Ok(out.into_pyarray(py))
 }
 
 /// The SHA-256 of an explicit map (`"sha256:<hex>"`): the indices (int32, as

@@ -1,12 +1,12 @@
-//! Bindings of the export to PEFT's Uni-LoRA format and of the staging folders that the
-//! Python conversion from PEFT writes into (created, checked and committed here, with
-//! the same rules as every other output folder).
+//! Bindings of the atomic output folders that the Python conversion from PEFT writes
+//! into (created, checked and committed here, with the same rules as every other
+//! output folder).
 
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
+use unilora_core::CoreError;
 use unilora_core::io::atomic::{self, TempPath};
-use unilora_core::{CoreError, ExportOptions, PeftExportReport};
 
 use crate::errors::IntoPyResult;
 
@@ -19,24 +19,6 @@ fn output_kind(kind: &str) -> PyResult<&'static str> {
         )))
         .py(),
     }
-}
-
-/// Writes the adapter in the format of PEFT's Uni-LoRA tuner (saved indices and
-/// scales) into the folder `out`.
-///
-/// Returns the report (a `PeftExportResult`: an `ExportResult` with `notes`, what PEFT's
-/// format changes or leaves out).
-#[pyfunction]
-#[pyo3(signature = (adapter, out, *, overwrite=false))]
-pub fn export_peft(
-    py: Python<'_>,
-    adapter: PathBuf,
-    out: PathBuf,
-    overwrite: bool,
-) -> PyResult<PeftExportReport> {
-    let mut opts = ExportOptions::new(adapter, out);
-    opts.overwrite = overwrite;
-    py.detach(|| unilora_core::export_peft(&opts)).py()
 }
 
 /// Checks that `out` may be written as an output folder of `kind` (it does not exist,

@@ -10,9 +10,11 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyMapping, PySequence, PyString};
 use unilora_core::CoreError;
+use unilora_core::safetensors::Dtype;
 
-use crate::errors::to_pyerr;
+use crate::errors::{IntoPyResult, to_pyerr};
 
+/// An `InvalidArgumentError` with `msg`.
 pub(crate) fn invalid(msg: String) -> PyErr {
     to_pyerr(CoreError::InvalidArgument(msg))
 }
@@ -297,4 +299,9 @@ pub(crate) fn outputs<'py>(obj: &Bound<'py, PyAny>, shapes: &Shapes) -> PyResult
         views.push(rw);
     }
     Ok((items, views))
+}
+
+/// An output dtype (`bf16`, `f16`, `f32` or an alias), or `None` to keep each tensor's.
+pub(crate) fn output_dtype(dtype: Option<&str>) -> PyResult<Option<Dtype>> {
+    dtype.map(Dtype::parse_target).transpose().py()
 }
