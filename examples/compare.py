@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_common import plot as draw
 from compare_common import summarize, sweep_and_seeds, sweep_lines, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,53 +294,18 @@ def report_markdown(summary: dict[str, Any], text: str) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     styles = {
         "unilora": ("Uni-LoRA (ours)", "o", "C3"),
         "peft-unilora": ("PEFT Uni-LoRA", "s", "C1"),
         "peft-lora": ("PEFT LoRA r=1,2,4,8", "^", "C0"),
         "peft-vera": ("PEFT VeRA r=256", "D", "C2"),
     }
-    for method, (name, marker, color) in styles.items():
-        rows = sorted(
-            (r for r in summary["rows"] if r["method"] == method),
-            key=lambda r: r["trainable_adapter"],
-        )
-        if not rows:
-            continue
-        ax.errorbar(
-            [r["trainable_adapter"] for r in rows],
-            [r["mean"] for r in rows],
-            yerr=[r["std"] for r in rows],
-            marker=marker,
-            color=color,
-            label=name,
-            capsize=3,
-            linestyle="-" if len(rows) > 1 else "none",
-        )
-    head = [r for r in summary["rows"] if r["method"] == "head-only"]
-    if head:
-        ax.axhline(
-            head[0]["mean"],
-            color="grey",
-            linestyle="--",
-            label=f"frozen model + head ({head[0]['mean']:.3f})",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (without the classification head)")
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title("all-MiniLM-L6-v2, sentence sentiment, q+v adapted, 188 steps")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    labels = (
+        "trainable parameters (without the classification head)",
+        "test accuracy (mean ± std over seeds)",
+        "all-MiniLM-L6-v2, sentence sentiment, q+v adapted, 188 steps",
+    )
+    draw(summary, path, styles, ("head-only", "frozen model + head"), labels)
 
 
 def main() -> int:

@@ -165,3 +165,51 @@ def sweep_and_seeds(
             spec = {"method": method, "variant": variant, "lr": lr, "seed": seed, **extra}
             results.append(run_cached(spec, runs_dir, quick, script))
     return results
+
+
+def plot(
+    summary: dict[str, Any],
+    path: Path,
+    styles: dict[str, tuple[str, str, str]],
+    baseline: tuple[str, str],
+    labels: tuple[str, str, str],
+) -> None:
+    """Accuracy against trainable parameters (log scale), one line per method in
+    ``styles`` (method -> name, marker, colour); the ``baseline`` method (method, name)
+    as a dashed line; ``labels`` = (x label, y label, title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for method, (name, marker, color) in styles.items():
+        rows = sorted(
+            (r for r in summary["rows"] if r["method"] == method),
+            key=lambda r: r["trainable_adapter"],
+        )
+        if rows:
+            ax.errorbar(
+                [r["trainable_adapter"] for r in rows],
+                [r["mean"] for r in rows],
+                yerr=[r["std"] for r in rows],
+                marker=marker,
+                color=color,
+                label=name,
+                capsize=3,
+                linestyle="-" if len(rows) > 1 else "none",
+            )
+    base = [r for r in summary["rows"] if r["method"] == baseline[0]]
+    if base:
+        mean = base[0]["mean"]
+        ax.axhline(mean, color="grey", linestyle="--", label=f"{baseline[1]} ({mean:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)

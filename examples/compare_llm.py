@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_common import plot as draw
 from compare_common import summarize, sweep_and_seeds, sweep_lines, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,52 +249,18 @@ def report_markdown(summary: dict[str, Any], text: str) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     styles = {
         "unilora": ("Uni-LoRA (ours)", "o", "C3"),
         "peft-unilora": ("PEFT Uni-LoRA", "s", "C1"),
         "peft-lora": ("PEFT LoRA r=1,4,8", "^", "C0"),
         "peft-vera": ("PEFT VeRA r=256", "D", "C2"),
     }
-    for method, (name, marker, color) in styles.items():
-        rows = sorted(
-            (r for r in summary["rows"] if r["method"] == method),
-            key=lambda r: r["trainable_adapter"],
-        )
-        if rows:
-            ax.errorbar(
-                [r["trainable_adapter"] for r in rows],
-                [r["mean"] for r in rows],
-                yerr=[r["std"] for r in rows],
-                marker=marker,
-                color=color,
-                label=name,
-                capsize=3,
-                linestyle="-" if len(rows) > 1 else "none",
-            )
-    zero = [r for r in summary["rows"] if r["method"] == "zero-shot"]
-    if zero:
-        ax.axhline(
-            zero[0]["mean"],
-            color="grey",
-            linestyle="--",
-            label=f"zero-shot ({zero[0]['mean']:.3f})",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test exact match (mean ± std over seeds)")
-    ax.set_title("SmolLM2-135M-Instruct, one-word sentiment answers, all-linear, 125 steps")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    labels = (
+        "trainable parameters",
+        "test exact match (mean ± std over seeds)",
+        "SmolLM2-135M-Instruct, one-word sentiment answers, all-linear, 125 steps",
+    )
+    draw(summary, path, styles, ("zero-shot", "zero-shot"), labels)
 
 
 def _timing(args: argparse.Namespace) -> dict[str, float]:
