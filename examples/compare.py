@@ -33,12 +33,15 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_common import plot as draw
+from compare_common import summarize, sweep_and_seeds, sweep_lines, table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -267,103 +270,6 @@ def time_steps(threads: int, steps: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_key(spec: dict[str, Any]) -> str:
-    return f"{spec['method']}-{spec['variant']}-lr{spec['lr']:g}-s{spec['seed']}"
-
-
-def run_cached(spec: dict[str, Any], runs: Path, quick: bool) -> dict[str, Any]:
-    path = runs / f"{run_key(spec)}.json"
-    if path.exists() and not quick:
-        return json.loads(path.read_text())
-    cmd = [sys.executable, __file__, "--run-one", json.dumps(spec)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"run {run_key(spec)} failed")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - t0
-    if not quick:
-        runs.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
-    print(
-        f"  {run_key(spec):40s} val {result['val_accuracy']:.4f} test "
-        f"{result['test_accuracy']:.4f} ({result['wall_seconds']:.0f} s)",
-        flush=True,
-    )
-    return result
-
-
-def select(results: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """Per (method, variant): the learning rate with the best validation accuracy at
-    seed 0 (ties: the smaller learning rate)."""
-    best: dict[tuple[str, int], tuple[float, float]] = {}
-    for r in results:
-        if r["seed"] != 0:
-            continue
-        key = (r["method"], r["variant"])
-        cand = (r["val_accuracy"], -r["lr"])
-        if key not in best or cand > best[key]:
-            best[key] = cand
-    return {k: -v[1] for k, v in best.items()}
-
-
-def summarize(results: list[dict[str, Any]], timing: dict[str, float] | None) -> dict[str, Any]:
-    chosen = select(results)
-    rows = []
-    for (method, variant), lr in chosen.items():
-        runs = [r for r in results if (r["method"], r["variant"], r["lr"]) == (method, variant, lr)]
-        acc = [r["test_accuracy"] for r in runs]
-        sweep = {
-            f"{r['lr']:g}": r["val_accuracy"]
-            for r in results
-            if (r["method"], r["variant"], r["seed"]) == (method, variant, 0)
-        }
-        rows.append(
-            {
-                "method": method,
-                "variant": variant,
-                "label": label(method, variant),
-                "lr": lr,
-                "seeds": sorted(r["seed"] for r in runs),
-                "test_accuracy": acc,
-                "mean": statistics.mean(acc),
-                "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                "val_accuracy_by_lr": sweep,
-                "trainable_adapter": runs[0]["trainable_adapter"],
-                "trainable_head": runs[0]["trainable_head"],
-                "adapter_bytes": runs[0]["adapter_bytes"],
-                "seconds_per_step_runs": statistics.median(r["seconds_per_step"] for r in runs),
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            }
-        )
-    order = list(METHODS)
-    rows.sort(key=lambda r: (order.index(r["method"]), -r["variant"]))
-    return {"rows": rows, "step_seconds_interleaved": timing}
-
-
-def table(summary: dict[str, Any]) -> str:
-    timing = summary.get("step_seconds_interleaved") or {}
-    lines = [
-        "| method | test accuracy (mean ± std) | seeds | lr (chosen on validation) "
-        "| trainable params (no head) | adapter file bytes (with head) "
-        "| s / step (interleaved) | peak RSS MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in summary["rows"]:
-        inter = timing.get(r["label"])
-        acc = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if len(r["seeds"]) > 1 else "")
-        lines.append(
-            f"| {r['label']} | {acc} | {len(r['seeds'])} | {r['lr']:g} "
-            f"| {r['trainable_adapter']:,} | {r['adapter_bytes']:,} "
-            f"| {'' if inter is None else f'{inter:.3f}'} "
-            f"| {r['peak_rss_mb']:,.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def report_markdown(summary: dict[str, Any], text: str) -> str:
     """compare.md: the protocol, the table and every run of the learning-rate sweep."""
     p = summary["protocol"]
@@ -382,63 +288,24 @@ def report_markdown(summary: dict[str, Any], text: str) -> str:
         "",
         "Validation accuracy of every learning rate tried (seed 0):",
         "",
-        "| method | lr: validation accuracy |",
-        "| --- | --- |",
+        *sweep_lines(summary),
     ]
-    for r in summary["rows"]:
-        sweep = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in r["val_accuracy_by_lr"].items())
-        lines.append(f"| {r['label']} | {sweep} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     styles = {
         "unilora": ("Uni-LoRA (ours)", "o", "C3"),
         "peft-unilora": ("PEFT Uni-LoRA", "s", "C1"),
         "peft-lora": ("PEFT LoRA r=1,2,4,8", "^", "C0"),
         "peft-vera": ("PEFT VeRA r=256", "D", "C2"),
     }
-    for method, (name, marker, color) in styles.items():
-        rows = sorted(
-            (r for r in summary["rows"] if r["method"] == method),
-            key=lambda r: r["trainable_adapter"],
-        )
-        if not rows:
-            continue
-        ax.errorbar(
-            [r["trainable_adapter"] for r in rows],
-            [r["mean"] for r in rows],
-            yerr=[r["std"] for r in rows],
-            marker=marker,
-            color=color,
-            label=name,
-            capsize=3,
-            linestyle="-" if len(rows) > 1 else "none",
-        )
-    head = [r for r in summary["rows"] if r["method"] == "head-only"]
-    if head:
-        ax.axhline(
-            head[0]["mean"],
-            color="grey",
-            linestyle="--",
-            label=f"frozen model + head ({head[0]['mean']:.3f})",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (without the classification head)")
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title("all-MiniLM-L6-v2, sentence sentiment, q+v adapted, 188 steps")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    labels = (
+        "trainable parameters (without the classification head)",
+        "test accuracy (mean ± std over seeds)",
+        "all-MiniLM-L6-v2, sentence sentiment, q+v adapted, 188 steps",
+    )
+    draw(summary, path, styles, ("head-only", "frozen model + head"), labels)
 
 
 def main() -> int:
@@ -459,37 +326,13 @@ def main() -> int:
     sweep = SWEEP
     if args.quick:
         sweep = {k: lrs[:1] for k, lrs in SWEEP.items() if k[0] != "unilora" or k[1] == 5760}
-    results: list[dict[str, Any]] = []
     if args.report:
         results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     else:
-        extra = {"max_steps": 3} if args.quick else {}
-        print("phase 1: learning-rate sweep (seed 0, chosen on validation)", flush=True)
-        for (method, variant), lrs in sweep.items():
-            for lr in lrs:
-                spec = {
-                    "method": method,
-                    "variant": variant,
-                    "lr": lr,
-                    "seed": 0,
-                    "threads": args.threads,
-                    **extra,
-                }
-                results.append(run_cached(spec, runs_dir, args.quick))
-        print("phase 2: the chosen learning rates with more seeds", flush=True)
-        for (method, variant), lr in select(results).items():
-            if (method, variant) not in HEADLINE:
-                continue
-            for seed in SEEDS[1:] if not args.quick else ():
-                spec = {
-                    "method": method,
-                    "variant": variant,
-                    "lr": lr,
-                    "seed": seed,
-                    "threads": args.threads,
-                    **extra,
-                }
-                results.append(run_cached(spec, runs_dir, args.quick))
+        extra = {"threads": args.threads, **({"max_steps": 3} if args.quick else {})}
+        results = sweep_and_seeds(
+            sweep, HEADLINE, SEEDS, extra, runs_dir, args.quick, str(Path(__file__).resolve())
+        )
     timing_path = args.out / "compare_step_time.json"
     if args.report and timing_path.exists():
         timing = json.loads(timing_path.read_text())
@@ -498,7 +341,7 @@ def main() -> int:
         timing = time_steps(args.threads, 2 if args.quick else args.timing_steps)
         if not args.quick:
             timing_path.write_text(json.dumps(timing, indent=1) + "\n")
-    summary = summarize(results, timing)
+    summary = summarize(results, timing, label, METHODS)
     text = table(summary)
     print(text)
     if args.quick:

@@ -385,3 +385,29 @@ def test_messages_without_a_chat_template_give_one_line(tmp_path: Path) -> None:
     proc = _cli("train", "--task", "sft", "--model", str(folder), "--data", str(data),
                 "--out", str(tmp_path / "out"), "--no-progress")  # fmt: skip
     assert proc.returncode == 1 and "need a chat template" in proc.stderr
+
+
+def test_gradient_checkpointing_and_accumulation_flags_keep_the_result(
+    tmp_path: Path, tiny: Path
+) -> None:
+    """--gradient-checkpointing changes memory, not the trained vector; two batches of 4
+    accumulated equal one batch of 8."""
+    rows = [_chat(f"film number {i} " * (1 + i % 4), "positive") for i in range(16)]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    common = ["train", "--task", "sft", "--model", str(tiny), "--data", str(data),
+              "--eval-fraction", "0.25", "--max-steps", "1", "--generate-examples", "0",
+              "--no-progress", "--threads", "1"]  # fmt: skip
+    thetas = []
+    for i, extra in enumerate(
+        (["--batch-size", "8"], ["--batch-size", "8", "--gradient-checkpointing"],
+         ["--batch-size", "4", "--gradient-accumulation-steps", "2"],
+         ["--batch-size", "8", "--lr", "1e-12"])
+    ):  # fmt: skip
+        proc = _cli(*common, "--out", str(tmp_path / f"o{i}"), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        thetas.append(UniLoRAModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(str(tiny)), tmp_path / f"o{i}"
+        ).theta_d.detach())  # fmt: skip
+    assert torch.allclose(thetas[0], thetas[1], atol=1e-6, rtol=0)
+    assert torch.allclose(thetas[0], thetas[2], atol=1e-6, rtol=0)
+    assert not torch.allclose(thetas[0], thetas[3], atol=1e-4, rtol=0)  # the step moved it

@@ -153,12 +153,12 @@ def fit_max_length(requested: int, model: nn.Module) -> int:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recomputes the base model's activations in the backward pass (non-reentrant, so
     gradients reach theta_d through frozen layers); the generation cache is turned off."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is None:
         raise InvalidArgumentError(
             f"--gradient-checkpointing: {type(model).__name__} does not support it"
         )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
 
