@@ -17,7 +17,7 @@ PINS   := -c requirements/base.txt -c requirements/torch.txt
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all build demo lint test test-rust test-python bench clean
+.PHONY: all build demo lint test test-rust test-python smoke bench clean
 
 all: test
 
@@ -51,8 +51,8 @@ demo: $(VENV_STAMP)
 lint: $(TEST_STAMP) build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --all-features --release -- -D warnings
-	ruff check python tests benches examples
-	ruff format --check python tests benches examples
+	ruff check python tests benches examples .ci
+	ruff format --check python tests benches examples .ci
 	$(PY) -m mypy.stubtest unilora_rs._core
 
 test-rust:
@@ -62,6 +62,11 @@ test-python: $(TEST_STAMP) build
 	$(PY) -m pytest
 
 test: lint test-rust test-python
+
+# The abi3 wheel and the sdist, each installed into a clean venv and smoke-tested there
+# (.ci/smoke_installed.sh; README.md, "Install").
+smoke: $(VENV_STAMP)
+	bash .ci/smoke_installed.sh
 
 bench: $(TEST_STAMP) build
 	$(PY) benches/bench_reconstruct.py
