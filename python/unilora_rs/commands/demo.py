@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo.options import DEMOS, DemoArgs
+from ..extras import require
 from ..flags import add_flags, given_flags
 from ..train_options import FinetuneArgs
 
@@ -34,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     demo = DemoArgs(**given_flags(args, DemoArgs, "demo")).for_demo(args.which)
     training = given_flags(args, FinetuneArgs, "demo")
+    # every package, model and data the demo uses, checked before it starts
+    if args.which == "llm":
+        require("unilora demo llm")
+    else:
+        require("unilora demo" if demo.onnx else "unilora demo --no-onnx")
     if args.which == "llm":
         from ..demo import llm
 

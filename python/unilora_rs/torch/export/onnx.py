@@ -38,6 +38,7 @@ from torch import nn
 
 from ...adapter import CONFIG_NAME
 from ...errors import InvalidArgumentError, MismatchError
+from ...extras import require
 from ..model import UniLoRAModel
 
 __all__ = [
@@ -270,12 +271,9 @@ class _Files:
 
 
 def _onnxruntime() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ImportError(
-            "ONNX export needs onnx and onnxruntime: pip install 'unilora_rs[onnx]'"
-        ) from err
+    require("ONNX export")
+    import onnxruntime as ort
+
     return ort
 
 
