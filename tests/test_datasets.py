@@ -210,3 +210,38 @@ def test_long_csv_fields_are_read(tmp_path: Path) -> None:
     assert read_records(p)[0]["text"] == long
     p = _write(tmp_path / "d.tsv", f"text\tlabel\n{long}\t1\nb\t0\n")
     assert read_records(p)[0]["text"] == long
+
+
+def test_labels_that_are_not_finite_numbers() -> None:
+    """``nan``, ``inf`` and ``1e400`` written as labels are class names; a JSON number
+    that is not finite is refused with its row (it raised OverflowError)."""
+    rows = [{"text": t, "label": y} for t, y in [("a", "nan"), ("b", "inf"), ("c", "1e400")]]
+    ex, labels = classification_examples(rows)
+    assert labels.names == ("1e400", "inf", "nan") and [e.label for e in ex] == [2, 1, 0]
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match=r"row 2 has label .* class names or int"):
+            classification_examples([{"text": "a", "label": 1}, {"text": "b", "label": bad}])
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(["a", "b"], "a JSON list"), ({"a": 1}, "a JSON object"), (True, "true")]
+)
+def test_texts_and_labels_that_are_json_structures_are_refused(value: object, kind: str) -> None:
+    """A JSONL text that is a list or an object was silently turned into its repr."""
+    good = {"text": "fine", "label": 0}
+    with pytest.raises(InvalidArgumentError, match=f"row 2 holds {kind} in column 'text'"):
+        classification_examples([good, {"text": value, "label": 1}])
+    with pytest.raises(InvalidArgumentError, match=f"row 2 holds {kind} in column 'text'"):
+        text_examples([good, {"text": value}])
+    if not isinstance(value, bool):
+        with pytest.raises(InvalidArgumentError, match=f"row 2 holds {kind} in column 'label'"):
+            classification_examples([good, {"text": "b", "label": value}])
+
+
+def test_split_names_one_example_per_class() -> None:
+    ex = [Example(f"t{i}", i) for i in range(20)]
+    with pytest.raises(InvalidArgumentError, match="every one of the 20 classes has a single"):
+        split_examples(ex, 0.1, 0)
+    ex = [Example(f"t{i}", i % 5) for i in range(20)]  # 4 per class: 0.1 of 4 rounds to 0
+    with pytest.raises(InvalidArgumentError, match=r"at most 4 per class.* rounds to no example"):
+        split_examples(ex, 0.1, 0)

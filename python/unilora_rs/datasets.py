@@ -17,6 +17,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 from collections import Counter
@@ -277,11 +278,26 @@ def _column(rows: Sequence[Mapping[str, Any]], column: str, source: str, role: s
     return [r[column] for r in rows]
 
 
+def _kind(value: Any) -> str:
+    """What a JSON value is, for messages (``a list``, ``an object``, ``true``)."""
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON list"
+    return f"a {type(value).__name__}"  # pragma: no cover - JSON has no other kinds
+
+
 def _texts(values: Iterable[Any], source: str, column: str) -> list[str]:
     out = []
     for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and v != v):
             raise InvalidArgumentError(f"{source}: row {i + 1} has no text in column {column!r}")
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise InvalidArgumentError(
+                f"{source}: row {i + 1} holds {_kind(v)} in column {column!r}, not a text"
+            )
         s = str(v).strip()
         if not s:
             raise InvalidArgumentError(
@@ -302,13 +318,23 @@ def text_examples(
 
 def _label_key(value: Any, source: str, row: int, column: str) -> str | int:
     """A label as a hashable key: integers (also ``"3"``, ``3.0``) stay integers,
-    everything else is a non-empty string."""
+    everything else is a non-empty string (``"nan"`` and ``"inf"`` too: names, not
+    numbers); a real number is refused as a regression target."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
+    if isinstance(value, (list, dict)):
+        raise InvalidArgumentError(
+            f"{source}: row {row} holds {_kind(value)} in column {column!r}, not a label"
+        )
     if isinstance(value, float):
-        if value != value or value != int(value):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(
+                f"{source}: row {row} has label {value!r} in column {column!r}; labels must be "
+                "class names or integers"
+            )
+        if value != int(value):
             raise InvalidArgumentError(
                 f"{source}: row {row} has label {value!r} in column {column!r}; labels must be "
                 "class names or integers (a real number looks like a regression target, "
@@ -328,7 +354,9 @@ def _label_key(value: Any, source: str, row: int, column: str) -> str | int:
         f = float(s)
     except ValueError:
         return s
-    if f != f or f != int(f):
+    if not math.isfinite(f):  # "nan", "inf", "1e400": names, not numbers
+        return s
+    if f != int(f):
         raise InvalidArgumentError(
             f"{source}: row {row} has label {s!r} in column {column!r}; labels must be class "
             "names or integers (a real number looks like a regression target, which "
@@ -441,6 +469,20 @@ def split_examples(
     train = [ex for i, ex in enumerate(examples) if i not in held_set]
     test = [examples[i] for i in sorted(held_set)]
     if not train or not test:
+        largest = max((len(g) for g in groups.values()), default=0)
+        if stratify and len(groups) > 1 and largest == 1:
+            raise InvalidArgumentError(
+                f"every one of the {len(groups)} classes has a single example: a classifier "
+                "needs several examples per class, some to train on and some to hold out; "
+                "give more examples per class (or --eval-data)"
+            )
+        if stratify and len(groups) > 1 and not test:
+            raise InvalidArgumentError(
+                f"{len(examples)} examples in {len(groups)} classes, at most {largest} per "
+                f"class: a held-out share of {fraction} rounds to no example of any class "
+                "(the split keeps each class's share); give more examples per class, a "
+                "larger --eval-fraction or --eval-data"
+            )
         raise InvalidArgumentError(
             f"{len(examples)} examples are too few for a held-out fraction of {fraction}: "
             "give more data or --eval-data"
