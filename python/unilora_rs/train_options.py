@@ -77,7 +77,7 @@ class FinetuneArgs:
     )
     data: Path | None = flag(
         None,
-        "training data (.csv, .tsv, .jsonl, .json)",
+        "training data: .csv, .tsv / .tab, .jsonl / .ndjson or .json (a list of objects)",
         commands=_TRAIN,
         type=Path,
         required=True,

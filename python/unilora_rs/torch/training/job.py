@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -104,12 +105,19 @@ def _check_args(args: FinetuneArgs) -> None:
         raise InvalidArgumentError(
             f"generate-examples must be 0 or more, got {args.generate_examples}"
         )
+    for name in ("vector_length", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+    if not 0 <= args.seed < 2**64:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**64 - 1], got {args.seed}")
     _check_out(args.out, args.overwrite)  # type: ignore[arg-type]
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(17, "output path exists and is not a folder", str(out))
+    _check_writable(out)
     if out.is_dir() and any(out.iterdir()):
         ours = (out / METRICS_NAME).is_file() and (out / "adapter_config.json").is_file()
         if not overwrite:
@@ -125,6 +133,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
                 "refusing to write into it",
                 str(out),
             )
+
+
+def _check_writable(out: Path) -> None:
+    """Fails now, before any training, when ``out`` cannot be created or written: the
+    nearest existing folder on its path must take a new file (nothing is left there)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            20, f"the output folder cannot be created: {folder} is not a folder", str(out)
+        )
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise type(err)(
+            err.errno, f"the output folder is not writable ({err.strerror})", str(out)
+        ) from None
 
 
 def resolved(args: FinetuneArgs) -> FinetuneArgs:
