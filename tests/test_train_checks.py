@@ -118,3 +118,18 @@ def test_train_help_lists_every_data_format(capsys: pytest.CaptureFixture[str]) 
 def test_good_options_still_train(tmp_path: Path, tiny_bert: Path) -> None:
     assert train(tmp_path, tiny_bert, "--vector-length", "16", "--threads", "1") == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["vector_length"] == 16
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [("4", "the training loss became nan at step 2"), ("1", "the held-out loss became nan")],
+)
+def test_a_diverging_learning_rate_is_one_line(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str], steps: str, message: str
+) -> None:
+    """No torch warning before the error, and no adapter saved from a model that gives
+    NaN (one step at lr 1e30 trained, evaluated NaN and saved)."""
+    extra = ["--lr", "1e30", "--warmup-ratio", "0", "--max-steps", steps]
+    assert train(tmp_path, tiny_bert, *extra) == 1
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
