@@ -133,3 +133,21 @@ def test_a_diverging_learning_rate_is_one_line(
     assert train(tmp_path, tiny_bert, *extra) == 1
     assert message in one_line_error(capsys)
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers builds a tokenizer with only its special tokens from such a folder:
+    every word became [UNK] and training "succeeded" at chance."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert / name, bare / name)
+    assert train(tmp_path, bare) == 1
+    line = one_line_error(capsys)
+    assert "the tokenizer cannot encode the training text" in line
+    assert "has none of the tokenizer files (tokenizer.json, vocab.txt" in line
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ from .generation import generate_answers, judge, write_samples
 from .inputs import Examples, Prepared, load_examples, prepare
 from .loop import LoopOptions, evaluate, train_loop
 from .models import (
+    check_tokenizer,
     default_model_dir,
     default_vector_length,
     enable_gradient_checkpointing,
@@ -202,6 +203,7 @@ def _start(args: FinetuneArgs, train_rows: Any, eval_rows: Any) -> _Run:
     device = pick_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, tokenizer, new_tensors = load_task_model(args.model, args.task, data.labels, dtype=dtype)  # type: ignore[arg-type]
+    check_tokenizer(tokenizer, data.train, Path(args.model))  # type: ignore[arg-type]
     pad_set = pad_was_set(args.model, model)  # type: ignore[arg-type]
     max_length = fit_max_length(args.max_length, model)  # type: ignore[arg-type]
     stops = stop_token_ids(tokenizer, model) if args.task != "classification" else []
