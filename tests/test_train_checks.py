@@ -151,3 +151,33 @@ def test_a_model_folder_without_tokenizer_files_is_refused(
     assert "the tokenizer cannot encode the training text" in line
     assert "has none of the tokenizer files (tokenizer.json, vocab.txt" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_max_length_fits_a_roberta_style_position_offset(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RoBERTa counts positions from padding_idx + 1: a 40-position model padding with
+    id 0 takes 39 tokens (an input of 40 raised an internal IndexError)."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    cfg = transformers.RobertaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=0,
+    )
+    folder = tmp_path / "roberta"
+    transformers.RobertaModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = tmp_path / "long.csv"
+    with data.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows([[" ".join(WORDS * 10) + f" {i}", i % 2] for i in range(20)])
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(data), "--model", str(folder), "--out", str(out)]
+    assert main([*argv, "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 0
+    assert "more than the model's 39 positions; using 39" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["max_length"] == 39

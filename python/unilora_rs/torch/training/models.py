@@ -137,11 +137,27 @@ def packaged_llm_dir() -> Path:
     return folder
 
 
-def fit_max_length(requested: int, model: nn.Module) -> int:
-    """``requested``, or the model's ``max_position_embeddings`` when that is smaller
-    (with a note on stderr)."""
+def _position_limit(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes: ``max_position_embeddings``, less the positions
+    a RoBERTa-style model reserves below its first one (its position embedding has a
+    ``padding_idx`` and counts from ``padding_idx + 1``)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and 1 < limit < requested:
+    if not isinstance(limit, int):
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            if module.padding_idx is not None:
+                return min(limit, module.num_embeddings - module.padding_idx - 1)
+            break
+    return limit
+
+
+def fit_max_length(requested: int, model: nn.Module) -> int:
+    """``requested``, or the longest input the model takes when that is smaller (its
+    ``max_position_embeddings``, less a RoBERTa-style padding offset), with a note on
+    stderr."""
+    limit = _position_limit(model)
+    if limit is not None and 1 < limit < requested:
         print(
             f"unilora: note: --max-length {requested} is more than the model's "
             f"{limit} positions; using {limit}",
