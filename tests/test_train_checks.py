@@ -181,3 +181,20 @@ def test_max_length_fits_a_roberta_style_position_offset(
     assert main([*argv, "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 0
     assert "more than the model's 39 positions; using 39" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["max_length"] == 39
+
+
+def test_a_full_disk_leaves_no_half_written_run(tmp_path: Path, tiny_bert: Path) -> None:
+    """metrics.json was written in place after the adapter: a full disk left a run
+    folder with an adapter and a truncated metrics.json."""
+    from fault_helpers import cli_with_file_size_limit
+
+    data = write_data(tmp_path / "d.csv")
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(data), "--model", str(tiny_bert), "--out", str(out)]
+    argv += ["--max-steps", "8", "--eval-steps", "1", "--batch-size", "4", "--no-progress"]
+    proc = cli_with_file_size_limit(2048, *argv)  # the adapter's files fit, metrics do not
+    assert proc.returncode == 1, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("unilora: error")]
+    assert len(errors) == 1 and "File too large (nothing was kept)" in errors[0], proc.stderr
+    assert "metrics.json" in errors[0]
+    assert not out.exists()

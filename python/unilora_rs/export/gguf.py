@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._util import PathArg, as_path, write_atomic
+from .._util import PathArg, as_path, incomplete, write_atomic, write_bytes_atomic
 from ..adapter import AdapterConfig, adapter_directory, load_adapter, load_adapter_config
 from ..errors import FormatError, InvalidArgumentError, MismatchError
 
@@ -439,6 +439,23 @@ def _add_metadata(gguf: Any, writer: Any, plan: _Plan) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _check_written(tmp: Path, out: Path, tensors: int) -> None:
+    """Re-reads the written GGUF file: its header, and every tensor's data inside the
+    file (numpy's ``tofile``, which the gguf package writes with, can lose a failed
+    write on a full disk)."""
+    gguf = _gguf()
+    size = tmp.stat().st_size
+    try:
+        reader = gguf.GGUFReader(tmp)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        found = len(reader.tensors)
+        del reader
+    except Exception:  # a truncated file fails in many ways (ValueError, ...)
+        raise incomplete(out, f"{size:,} bytes, which do not read back as GGUF") from None
+    if found != tensors or end > size:
+        raise incomplete(out, f"{size:,} bytes, {found} of {tensors} tensors")
+
+
 def _write_files(
     writer: Any, out_p: Path, extra: dict[str, np.ndarray], overwrite: bool, show_progress: bool
 ) -> tuple[Path | None, int]:
@@ -447,12 +464,13 @@ def _write_files(
     companion's path and the GGUF file's size."""
     saved_file = None
     if extra:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         saved_file = _saved_companion(out_p)
         if saved_file.exists() and not overwrite:
             raise FileExistsError(f"{saved_file} exists (pass --overwrite to replace it)")
-        write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
+        write_bytes_atomic(saved_file, save(extra))
+    tensors = sum(len(shard) for shard in writer.tensors)
 
     def write(tmp: Path) -> None:
         writer.write_header_to_file(path=tmp)
@@ -461,7 +479,7 @@ def _write_files(
         writer.close()
 
     try:
-        size = write_atomic(out_p, write)
+        size = write_atomic(out_p, write, check=lambda tmp: _check_written(tmp, out_p, tensors))
     except BaseException:
         writer.close()
         if saved_file is not None:

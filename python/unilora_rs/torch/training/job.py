@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._util import write_bytes_atomic
 from ...datasets import LabelMap
 from ...errors import InvalidArgumentError
 from ...train_options import TASKS, FinetuneArgs
@@ -411,10 +412,34 @@ def _save(
     run: _Run, prep: Prepared, metrics: dict[str, Any], judged: Judged | None, base: Judged | None
 ) -> None:
     """Writes the adapter, then ``eval_samples.jsonl`` and ``metrics.json`` (once, with
-    the adapter's size)."""
+    the adapter's size), each atomically; when one fails (a full disk) the run's files
+    are removed, so that no half-written run is left."""
     out = run.args.out
     assert out is not None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_run(run, prep, metrics, judged, base, out)
+    except BaseException:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+#: The files a run writes into ``--out``.
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", SAMPLES_NAME, METRICS_NAME)
+
+
+def _write_run(
+    run: _Run,
+    prep: Prepared,
+    metrics: dict[str, Any],
+    judged: Judged | None,
+    base: Judged | None,
+    out: Path,
+) -> None:
     model = run.model
     model.adapter_config.task = task_record(
         run.args.task, model.base_model, run.data.labels, run.new_tensors, run.pad_set
@@ -426,7 +451,7 @@ def _save(
     if judged is not None and judged.answers:
         extra = {"base_generated": base.answers} if base is not None and base.answers else {}
         write_samples(out / SAMPLES_NAME, prep.prompts, judged.answers, **extra)
-    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_bytes_atomic(out / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
 
 
 def args_dict(args: FinetuneArgs) -> dict[str, Any]:
