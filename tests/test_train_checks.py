@@ -118,6 +118,11 @@ def test_train_help_lists_every_data_format(capsys: pytest.CaptureFixture[str]) 
 def test_good_options_still_train(tmp_path: Path, tiny_bert: Path) -> None:
     assert train(tmp_path, tiny_bert, "--vector-length", "16", "--threads", "1") == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["vector_length"] == 16
+    # every file gets the umask's mode, as open() gives (the adapter's files were 0600)
+    from unilora_rs._util import file_mode
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == dict.fromkeys(modes, file_mode()) and len(modes) == 3
 
 
 @pytest.mark.parametrize(

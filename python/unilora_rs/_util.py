@@ -23,7 +23,9 @@ __all__ = [
     "Progress",
     "as_path",
     "dtype_name",
+    "file_mode",
     "incomplete",
+    "umask",
     "with_progress",
     "write_atomic",
     "write_bytes_atomic",
@@ -78,12 +80,17 @@ def write_atomic(
     Before the rename the written file is validated: its size must be ``size`` when
     given, and ``check(temp)`` (which re-reads it) must not raise. A write that fails
     (a full disk) or leaves a short file raises :class:`OSError` naming ``target``, and
-    nothing is left behind. Returns the size written."""
+    nothing is left behind. The file gets the mode ``open()`` and ``cp`` give (``0o666``
+    less the umask), not the temporary's 0600. Returns the size written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, file_mode())  # mkstemp's 0600 -> what open() would give
+        finally:
+            os.close(fd)
         try:
             write(tmp)
         except OSError as err:
@@ -105,6 +112,26 @@ def write_atomic(
         tmp.unlink(missing_ok=True)
         raise
     return written
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the system tells it
+    (``/proc/self/status`` on Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()`` or ``cp``: ``0o666`` less the umask."""
+    return 0o666 & ~umask()
 
 
 def incomplete(target: Path, detail: str) -> OSError:
