@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from torch import nn
 from ..._util import write_bytes_atomic
 from ...datasets import LabelMap
 from ...errors import InvalidArgumentError
-from ...train_options import TASKS, FinetuneArgs
+from ...train_options import FinetuneArgs
 from ..config import UniLoRAConfig
 from ..model import UniLoRAModel, get_unilora_model
 from .data import Batch
@@ -85,34 +84,7 @@ class Judged:
 
 
 def _check_args(args: FinetuneArgs) -> None:
-    if args.task not in TASKS:
-        raise InvalidArgumentError(f"task {args.task!r} is not one of {', '.join(TASKS)}")
-    for name in ("epochs", "batch_size", "rank", "max_length", "gradient_accumulation_steps"):
-        v = getattr(args, name)
-        if v < 1:
-            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    for name in ("lr", "head_lr"):
-        v = getattr(args, name)
-        if not (v > 0 and math.isfinite(v)):
-            raise InvalidArgumentError(
-                f"{name.replace('_', '-')} must be a positive number, got {v}"
-            )
-    if not 0.0 <= args.warmup_ratio < 1.0:
-        raise InvalidArgumentError(f"warmup ratio must be in [0, 1), got {args.warmup_ratio}")
-    for name in ("max_steps", "eval_steps", "max_new_tokens"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    if args.generate_examples < 0:
-        raise InvalidArgumentError(
-            f"generate-examples must be 0 or more, got {args.generate_examples}"
-        )
-    for name in ("vector_length", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    if not 0 <= args.seed < 2**64:
-        raise InvalidArgumentError(f"seed must be an integer in [0, 2**64 - 1], got {args.seed}")
+    args.check()
     _check_out(args.out, args.overwrite)  # type: ignore[arg-type]
 
 
