@@ -147,3 +147,101 @@ def test_quoted_newlines_survive(tmp_path: Path) -> None:
         {"text": "line one\nline two", "label": "1"},
         {"text": "b", "label": "0"},
     ]
+
+
+def _reviews(n: int) -> list[str]:
+    return [f"review number {i} is fine" for i in range(n)]
+
+
+@pytest.mark.parametrize("quotes", [(3,), (3, 7)], ids=["one", "two"])
+def test_tsv_reads_stray_quotes_as_text(tmp_path: Path, quotes: tuple[int, ...]) -> None:
+    """A ``"`` in a TSV text is text: every line stays one example (the csv module
+    joined the lines between two stray quotes into one text with the last label)."""
+    texts = _reviews(12)
+    for i in quotes:
+        texts[i] = f'"so-called hero {i}' if i == quotes[0] else f'hero" {i}'
+    lines = [f"{t}\t{'pos' if i % 2 else 'neg'}" for i, t in enumerate(texts)]
+    rows = read_records(_write(tmp_path / "d.tsv", "text\tlabel\n" + "\n".join(lines) + "\n"))
+    assert [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == ["pos" if i % 2 else "neg" for i in range(12)]
+
+
+def test_tsv_keeps_quoted_fields_written_by_the_csv_module(tmp_path: Path) -> None:
+    import csv
+
+    want = [["a\ttab", "1"], ['a "quote"', "0"], ["two\nlines", "1"], ["plain", "0"]]
+    p = tmp_path / "d.tsv"
+    with p.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, delimiter="\t")
+        writer.writerow(["text", "label"])
+        writer.writerows(want)
+    assert [[r["text"], r["label"]] for r in read_records(p)] == want
+
+
+def test_tsv_errors_name_the_line_and_give_tsv_advice(tmp_path: Path) -> None:
+    p = _write(tmp_path / "d.tsv", 'text\tlabel\na\t1\n"b\t1\nc 1\nd\t0\n')
+    with pytest.raises(FormatError, match=r"line 4: 1 fields.*separated by tabs") as err:
+        read_records(p)
+    assert "quote" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        # the quote never closes: the error names its line, not the end of the file
+        ('a,1\n"so-called hero,0\nb,1\nc,0\n', r"line 3: a quote opened in this row is never"),
+        # a quote closes cleanly many rows later: refused, not joined
+        ('a,1\n"so-called hero,0\nb,1\nc,0\nthe end",1\nd,0\n', r"line 3: .*runs to line 6"),
+        # a closing quote followed by text
+        ('a,1\n"hero" of the day,0\nb,1\n', r"line 3: a closing quote is followed by text"),
+    ],
+)
+def test_csv_stray_quotes_are_refused_with_their_line(
+    tmp_path: Path, body: str, match: str
+) -> None:
+    with pytest.raises(FormatError, match=match) as err:
+        read_records(_write(tmp_path / "d.csv", "text,label\n" + body))
+    assert 'doubled ("")' in str(err.value)
+
+
+def test_long_csv_fields_are_read(tmp_path: Path) -> None:
+    long = "word " * 40_000  # 200,000 characters; the csv module stops at 131,072
+    p = _write(tmp_path / "d.csv", f"text,label\n{long},1\nb,0\n")
+    assert read_records(p)[0]["text"] == long
+    p = _write(tmp_path / "d.tsv", f"text\tlabel\n{long}\t1\nb\t0\n")
+    assert read_records(p)[0]["text"] == long
+
+
+def test_labels_that_are_not_finite_numbers() -> None:
+    """``nan``, ``inf`` and ``1e400`` written as labels are class names; a JSON number
+    that is not finite is refused with its row (it raised OverflowError)."""
+    rows = [{"text": t, "label": y} for t, y in [("a", "nan"), ("b", "inf"), ("c", "1e400")]]
+    ex, labels = classification_examples(rows)
+    assert labels.names == ("1e400", "inf", "nan") and [e.label for e in ex] == [2, 1, 0]
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match=r"row 2 has label .* class names or int"):
+            classification_examples([{"text": "a", "label": 1}, {"text": "b", "label": bad}])
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(["a", "b"], "a JSON list"), ({"a": 1}, "a JSON object"), (True, "true")]
+)
+def test_texts_and_labels_that_are_json_structures_are_refused(value: object, kind: str) -> None:
+    """A JSONL text that is a list or an object was silently turned into its repr."""
+    good = {"text": "fine", "label": 0}
+    with pytest.raises(InvalidArgumentError, match=f"row 2 holds {kind} in column 'text'"):
+        classification_examples([good, {"text": value, "label": 1}])
+    with pytest.raises(InvalidArgumentError, match=f"row 2 holds {kind} in column 'text'"):
+        text_examples([good, {"text": value}])
+    if not isinstance(value, bool):
+        with pytest.raises(InvalidArgumentError, match=f"row 2 holds {kind} in column 'label'"):
+            classification_examples([good, {"text": "b", "label": value}])
+
+
+def test_split_names_one_example_per_class() -> None:
+    ex = [Example(f"t{i}", i) for i in range(20)]
+    with pytest.raises(InvalidArgumentError, match="every one of the 20 classes has a single"):
+        split_examples(ex, 0.1, 0)
+    ex = [Example(f"t{i}", i % 5) for i in range(20)]  # 4 per class: 0.1 of 4 rounds to 0
+    with pytest.raises(InvalidArgumentError, match=r"at most 4 per class.* rounds to no example"):
+        split_examples(ex, 0.1, 0)

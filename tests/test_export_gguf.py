@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import unilora_rs as ur
+from fault_helpers import cli_with_file_size_limit
 from llamacpp_helpers import run_converter
 from merge_helpers import lora_factors, write_adapter
 from unilora_rs.adapter import AdapterConfig, ModuleSpec, ProjectionMap, save_adapter
@@ -294,3 +295,61 @@ def test_no_torch_import(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert (tmp_path / "o.gguf").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"num_attention_heads": 3}, ur.MismatchError, r"3 heads of two rotary halves"),
+        ({"num_attention_heads": 0}, ur.FormatError, r"num_attention_heads .* got 0"),
+        ({"num_attention_heads": "4"}, ur.FormatError, r"num_attention_heads .* got '4'"),
+        ({"num_key_value_heads": 0}, ur.FormatError, r"num_key_value_heads .* got 0"),
+        ({"hidden_size": 64}, ur.MismatchError, r"maps 32 -> 32 features .* hidden size 64"),
+        ({"num_hidden_layers": 1}, ur.MismatchError, r"is in layer 1, and .* has 1 layers"),
+        ({"num_hidden_layers": True}, ur.FormatError, r"num_hidden_layers .* got True"),
+    ],
+)
+def test_base_configs_that_do_not_fit_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict, error: type, match: str
+) -> None:
+    """Head counts 3 / 0 / "4" raised ValueError, ZeroDivisionError, TypeError; another
+    hidden size was written without a check; fewer layers said "no llama.cpp LoRA
+    tensor"."""
+    model = tiny_base("llama")
+    model.save_pretrained(tmp_path / "base")
+    write_adapter(tmp_path / "ad", adapted_modules(model), d=500)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, **change}))
+    out = tmp_path / "o.gguf"
+    with pytest.raises(error, match=match):
+        ur.export_gguf(tmp_path / "ad", out, base=tmp_path / "base")
+    capsys.readouterr()
+    assert (
+        main(["export-gguf", str(tmp_path / "ad"), str(out), "--base", str(tmp_path / "base")]) == 1
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["gguf", "saved-modules"])
+def test_a_full_disk_leaves_nothing_and_says_so(tmp_path: Path, saved: bool) -> None:
+    """The gguf package writes tensors with numpy's tofile, which lost the failed write:
+    success was printed over a truncated file; the saved-modules file raised an internal
+    SafetensorError."""
+    model = tiny_base("llama")
+    model.save_pretrained(tmp_path / "base")
+    extra = {"lm_head.weight": np.ones((64, 32), np.float32)} if saved else None
+    write_adapter(tmp_path / "ad", adapted_modules(model), d=500, extra=extra)
+    out = tmp_path / "o.gguf"
+    argv = ["export-gguf", str(tmp_path / "ad"), str(out), "--base", str(tmp_path / "base")]
+    if saved:
+        argv += ["--saved-modules", "separate"]
+    proc = cli_with_file_size_limit(4096, *argv, "--no-progress")
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr.count("\n") == 1 and "internal error" not in proc.stderr, proc.stderr
+    assert "File too large" in proc.stderr or "not written completely" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base"]
+    proc = cli_with_file_size_limit(1 << 30, *argv, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert len(gguf.GGUFReader(out).tensors) == 28

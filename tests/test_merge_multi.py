@@ -198,3 +198,34 @@ def test_cli_forms(tmp_path: Path) -> None:
     proc = _cli("merge", str(base), *adapters, "--weights", "1", str(tmp_path / "x"))
     assert proc.returncode == 1 and "one weight per adapter" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("weight", [1e39, -1e39, float("inf"), float("nan"), "x"])
+def test_weighted_merge_refuses_weights_that_are_not_finite_in_float32(
+    tmp_path: Path, weight: object
+) -> None:
+    """1e39 is a finite double that overflows float32: it wrote Inf/NaN tensors."""
+    base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors("f32"))
+    adapters = three_adapters(tmp_path)[:2]
+    with pytest.raises(InvalidArgumentError, match=r"weight 1 (is|is not a number)"):
+        ur.merge_weighted(base, adapters, [weight, 0.5], tmp_path / "o.st")  # type: ignore[list-item]
+    assert not (tmp_path / "o.st").exists()
+    ur.merge_weighted(base, adapters, [1e30, 0.0], tmp_path / "ok.st")  # finite in float32
+
+
+def test_cli_a_numeric_out_after_the_weights_is_named(tmp_path: Path) -> None:
+    from unilora_rs.cli import main
+
+    base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors("f32"))
+    adapters = [str(p) for p in three_adapters(tmp_path)[:2]]
+    argv = ["merge", str(base), *adapters, "--weights", "0.5", "0.5"]
+    proc = _cli(*argv, "1e3", "--no-progress")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "'1e3' after --weights is read as a weight; if it is OUT, write it as ./1e3" in (
+        proc.stderr
+    )
+    out = tmp_path / "1e3.safetensors"
+    assert main([*argv, f"{tmp_path}/1e3.safetensors", "--no-progress"]) == 0 and out.is_file()
+    proc = _cli("merge", str(base), *adapters, "--weights", "1e39", "0.5", str(tmp_path / "big"))
+    assert proc.returncode == 1 and "not a finite float32 number" in proc.stderr
+    assert not (tmp_path / "big").exists()

@@ -269,6 +269,47 @@ def test_convert_errors(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_convert_refuses_a_foreign_base_and_non_finite_scales(
+    bases: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A base config of another architecture raised an internal AttributeError; NaN in
+    PEFT's saved scales was converted into an adapter that merge and inspect refuse."""
+    saved = train_peft(bases["llama"], tmp_path / "saved", "llama", True)
+    capsys.readouterr()
+    assert (
+        main(["convert-peft", str(saved), str(tmp_path / "o"), "--base", str(bases["gpt2"])]) == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on a LlamaForCausalLM" in err[0], err
+    assert "describes a GPT2Config: is this the adapter's base model?" in err[0]
+    weights = saved / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if ".unilora_scales_A" in k)
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, weights)
+    assert main(["convert-peft", str(saved), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{key} holds NaN or Inf" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_prints_nothing_on_stderr(bases: dict[str, Path], tmp_path: Path) -> None:
+    """bitsandbytes (imported by peft) logged a missing CPU kernel on every run."""
+    import subprocess
+    import sys
+
+    peft_dir = train_peft(bases["llama"], tmp_path / "peft", "llama", False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "unilora_rs", "convert-peft", str(peft_dir), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("converted "), proc.stderr
+    assert proc.stderr == ""
+
+
 def test_peft_map_orders_b_before_a() -> None:
     idx, scales = peft_map(5, 16, 2, [(8, 4), (4, 6)])
     whole = peft_index(2 * (12 + 10), 16, 5)

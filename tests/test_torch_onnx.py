@@ -305,3 +305,17 @@ def test_cli_export_over_2gb_writes_external_data(big_dir: Path) -> None:
     assert out.stat().st_size < 2**20 and (outdir / "big.onnx.data").stat().st_size >= 2**31
     assert _locations(out) == {"big.onnx.data"}
     _check_against_adapter(out, adapter, base_dir, seed=7, vocab=BIG_VOCAB)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external-data"])
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path: Path, external: bool) -> None:
+    from fault_helpers import cli_with_file_size_limit
+
+    adapter, base = _adapter_pair(tmp_path)
+    out = tmp_path / "x.onnx"
+    argv = ["export-onnx", str(adapter), str(out), "--base", str(base), "--no-progress"]
+    proc = cli_with_file_size_limit(20_000, *argv, *(["--external-data"] * external))
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "writing the ONNX files failed" in proc.stderr and str(out) in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]

@@ -7,6 +7,7 @@ the merge and the exports) build on these.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -17,7 +18,18 @@ from typing import Any, Literal, TypeVar, overload
 
 from .errors import DtypeError, InvalidArgumentError
 
-__all__ = ["PathArg", "Progress", "as_path", "dtype_name", "with_progress", "write_atomic"]
+__all__ = [
+    "PathArg",
+    "Progress",
+    "as_path",
+    "dtype_name",
+    "file_mode",
+    "incomplete",
+    "umask",
+    "with_progress",
+    "write_atomic",
+    "write_bytes_atomic",
+]
 
 #: What the public functions accept as a path.
 PathArg = str | os.PathLike[str]
@@ -55,27 +67,86 @@ def dtype_name(value: object, *, allow_none: bool) -> str | None:
     raise DtypeError(f"dtype must be one of 'bf16', 'f16', 'f32' (or None), got {value!r}")
 
 
-def write_atomic(target: Path, write: Callable[[Path], Any]) -> int:
+def write_atomic(
+    target: Path,
+    write: Callable[[Path], Any],
+    *,
+    size: int | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> int:
     """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
     it to ``target``; the temporary is removed on any failure (Ctrl-C included).
-    Returns the size written."""
+
+    Before the rename the written file is validated: its size must be ``size`` when
+    given, and ``check(temp)`` (which re-reads it) must not raise. A write that fails
+    (a full disk) or leaves a short file raises :class:`OSError` naming ``target``, and
+    nothing is left behind. The file gets the mode ``open()`` and ``cp`` give (``0o666``
+    less the umask), not the temporary's 0600. Returns the size written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, file_mode())  # mkstemp's 0600 -> what open() would give
+        finally:
+            os.close(fd)
+        try:
+            write(tmp)
+        except OSError as err:
+            if err.filename is not None or err.errno is None:
+                raise
+            raise type(err)(err.errno, f"{err.strerror} (nothing was kept)", str(target)) from err
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        size = tmp.stat().st_size
+        written = tmp.stat().st_size
+        if size is not None and written != size:
+            raise incomplete(target, f"{written:,} of {size:,} bytes")
+        if check is not None:
+            check(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return size
+    return written
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the system tells it
+    (``/proc/self/status`` on Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()`` or ``cp``: ``0o666`` less the umask."""
+    return 0o666 & ~umask()
+
+
+def incomplete(target: Path, detail: str) -> OSError:
+    """The error of an output that was not written completely (a full disk, a file
+    size limit)."""
+    return OSError(
+        errno.EIO,
+        f"the file was not written completely ({detail}; is the disk full?); nothing was kept",
+        str(target),
+    )
+
+
+def write_bytes_atomic(target: Path, data: bytes) -> int:
+    """``data`` written to ``target`` atomically and size-checked (:func:`write_atomic`)."""
+    return write_atomic(target, lambda tmp: tmp.write_bytes(data), size=len(data))
 
 
 class Progress:

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._util import write_atomic
+from ._util import write_bytes_atomic
 from ._version import __version__
 from .errors import FormatError, InvalidArgumentError, VectorError
 
@@ -215,7 +215,7 @@ class ProjectionMap:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    write_bytes_atomic(path, data)
 
 
 def _check_theta(theta: npt.NDArray[Any], d: int, source: str) -> npt.NDArray[np.float32]:

@@ -12,14 +12,16 @@ Torch-free: the training code in :mod:`unilora_rs.torch.finetune` builds on it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,32 +87,155 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _read_json(p, text)
 
 
-def _read_delimited(p: Path, text: str, delimiter: str) -> list[dict[str, Any]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _parse_record(text: str, delimiter: str) -> tuple[list[str], int] | None:
+    """The first CSV record of ``text`` (quotes honoured, strictly) and the number of
+    lines it takes, or ``None`` when there is none (an unclosed quote, text after a
+    closing quote)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
-        header = next(reader)
-    except StopIteration:
-        raise InvalidArgumentError(f"{p}: the file is empty (expected a header row)") from None
-    except csv.Error as err:
-        raise FormatError(f"{p}: malformed header ({err})") from None
-    header = [h.strip() for h in header]
+        return next(reader), reader.line_num
+    except (csv.Error, StopIteration):
+        return None
+
+
+@contextlib.contextmanager
+def _field_limit(size: int) -> Iterator[None]:
+    """Lets the csv module read fields as long as the whole file (its default limit is
+    131,072 characters)."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, size + 1))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _header(p: Path, first: list[str]) -> list[str]:
+    header = [h.strip() for h in first]
     if len(set(header)) != len(header):
         dup = next(h for h in header if header.count(h) > 1)
         raise FormatError(f"{p}: column {dup!r} appears twice in the header")
+    return header
+
+
+def _blank(row: Sequence[str]) -> bool:
+    return all(not cell.strip() for cell in row)
+
+
+def _wrong_count(p: Path, line: int, got: int, header: list[str], advice: str) -> FormatError:
+    return FormatError(
+        f"{p}, line {line}: {got} fields, the header has {len(header)} "
+        f"({', '.join(header)}); {advice}"
+    )
+
+
+def _read_delimited(p: Path, text: str, delimiter: str) -> list[dict[str, Any]]:
+    """A CSV or TSV file with a header row; every record is checked against the header
+    and a malformed one is named by its first line."""
+    if not text.strip():
+        raise InvalidArgumentError(f"{p}: the file is empty (expected a header row)")
+    with _field_limit(len(text)):
+        if delimiter == "\t":
+            return _read_tsv(p, text)
+        return _read_csv(p, text)
+
+
+_QUOTE_ADVICE = 'a quote inside a text must be doubled ("") or the whole field quoted'
+
+
+def _read_csv(p: Path, text: str) -> list[dict[str, Any]]:
+    """CSV: quotes are CSV's (a quoted field may span lines), read strictly. A quoted
+    field that runs over lines which are each a row by themselves is refused: that is a
+    stray quote in a text, which would join those rows into one example."""
+    lines = list(io.StringIO(text, newline=""))  # the lines the csv module reads
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
     rows: list[dict[str, Any]] = []
-    try:
-        for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise FormatError(
-                    f"{p}, line {reader.line_num}: {len(row)} fields, the header has "
-                    f"{len(header)} ({', '.join(header)}); quote fields that hold the delimiter"
-                )
-            rows.append(dict(zip(header, row, strict=True)))
-    except csv.Error as err:
-        raise FormatError(f"{p}, line {reader.line_num}: {err}") from None
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise FormatError(f"{p}, line {start}: {_csv_error(err)}") from None
+        end = reader.line_num
+        if header is None:
+            if record:
+                header = _header(p, record)
+        elif record and not _blank(record):
+            _check_csv_record(p, record, header, lines[start : end - 1], (start, end))
+            rows.append(dict(zip(header, record, strict=True)))
+        start = end + 1
+    if header is None:  # pragma: no cover - text.strip() was not empty
+        raise InvalidArgumentError(f"{p}: the file is empty (expected a header row)")
     return rows
+
+
+def _csv_error(err: csv.Error) -> str:
+    if "end of data" in str(err):
+        return f"a quote opened in this row is never closed; {_QUOTE_ADVICE}"
+    if "expected after" in str(err):
+        return f"a closing quote is followed by text ({err}); {_QUOTE_ADVICE}"
+    return str(err)  # pragma: no cover - the csv module's other errors
+
+
+def _check_csv_record(
+    p: Path, record: list[str], header: list[str], inner: list[str], span: tuple[int, int]
+) -> None:
+    """``inner``: the lines strictly between the record's first and last line."""
+    start, end = span
+    if inner and all(len(next(csv.reader([line]), [])) == len(header) for line in inner):
+        raise FormatError(
+            f"{p}, line {start}: a quote opens a field that runs to line {end}, joining "
+            f"{end - start + 1} lines that each look like a row; {_QUOTE_ADVICE}"
+        )
+    if len(record) != len(header):
+        raise _wrong_count(p, start, len(record), header, "quote fields that hold the delimiter")
+
+
+def _read_tsv(p: Path, text: str) -> list[dict[str, Any]]:
+    """TSV is read line by line: a line is split on tabs, and a field wholly enclosed in
+    quotes (inner quotes doubled, as spreadsheets and Python's csv module write them) is
+    unquoted. A quote anywhere else is text, so a stray ``"`` never joins lines into one
+    example. Only a line that cannot be a row by itself (too few tabs) may open a quoted
+    field that spans lines, and that field must close cleanly."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    index = 0
+    while not lines[index].strip():
+        index += 1
+    first = _parse_record(lines[index], "\t")
+    header = _header(p, first[0] if first is not None else lines[index].split("\t"))
+    rows: list[dict[str, Any]] = []
+    index += 1
+    while index < len(lines):
+        row, used = _tsv_record(p, lines, index, header)
+        index += used
+        if row is not None:
+            rows.append(dict(zip(header, row, strict=True)))
+    return rows
+
+
+def _tsv_record(
+    p: Path, lines: list[str], index: int, header: list[str]
+) -> tuple[list[str] | None, int]:
+    """The record at ``lines[index]`` (``None`` for a blank line) and the lines it takes."""
+    line = lines[index]
+    if not line.strip() or _blank(line.split("\t")):
+        return None, 1
+    quoted = _parse_record(line, "\t")
+    if quoted is not None and quoted[1] == 1 and len(quoted[0]) == len(header):
+        return quoted[0], 1
+    plain = line.split("\t")
+    if len(plain) == len(header):
+        return plain, 1
+    if len(plain) < len(header) and any(f.lstrip().startswith('"') for f in plain):
+        spanning = _parse_record("\n".join(lines[index:]), "\t")
+        if spanning is not None and len(spanning[0]) == len(header):
+            return spanning[0], spanning[1]
+    raise _wrong_count(
+        p, index + 1, len(plain), header, "fields are separated by tabs, one row per line"
+    )
 
 
 def _read_jsonl(p: Path, text: str) -> list[dict[str, Any]]:
@@ -154,11 +279,26 @@ def _column(rows: Sequence[Mapping[str, Any]], column: str, source: str, role: s
     return [r[column] for r in rows]
 
 
+def _kind(value: Any) -> str:
+    """What a JSON value is, for messages (``a list``, ``an object``, ``true``)."""
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON list"
+    return f"a {type(value).__name__}"  # pragma: no cover - JSON has no other kinds
+
+
 def _texts(values: Iterable[Any], source: str, column: str) -> list[str]:
     out = []
     for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and v != v):
             raise InvalidArgumentError(f"{source}: row {i + 1} has no text in column {column!r}")
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise InvalidArgumentError(
+                f"{source}: row {i + 1} holds {_kind(v)} in column {column!r}, not a text"
+            )
         s = str(v).strip()
         if not s:
             raise InvalidArgumentError(
@@ -179,13 +319,23 @@ def text_examples(
 
 def _label_key(value: Any, source: str, row: int, column: str) -> str | int:
     """A label as a hashable key: integers (also ``"3"``, ``3.0``) stay integers,
-    everything else is a non-empty string."""
+    everything else is a non-empty string (``"nan"`` and ``"inf"`` too: names, not
+    numbers); a real number is refused as a regression target."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
+    if isinstance(value, (list, dict)):
+        raise InvalidArgumentError(
+            f"{source}: row {row} holds {_kind(value)} in column {column!r}, not a label"
+        )
     if isinstance(value, float):
-        if value != value or value != int(value):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(
+                f"{source}: row {row} has label {value!r} in column {column!r}; labels must be "
+                "class names or integers"
+            )
+        if value != int(value):
             raise InvalidArgumentError(
                 f"{source}: row {row} has label {value!r} in column {column!r}; labels must be "
                 "class names or integers (a real number looks like a regression target, "
@@ -205,7 +355,9 @@ def _label_key(value: Any, source: str, row: int, column: str) -> str | int:
         f = float(s)
     except ValueError:
         return s
-    if f != f or f != int(f):
+    if not math.isfinite(f):  # "nan", "inf", "1e400": names, not numbers
+        return s
+    if f != int(f):
         raise InvalidArgumentError(
             f"{source}: row {row} has label {s!r} in column {column!r}; labels must be class "
             "names or integers (a real number looks like a regression target, which "
@@ -318,6 +470,20 @@ def split_examples(
     train = [ex for i, ex in enumerate(examples) if i not in held_set]
     test = [examples[i] for i in sorted(held_set)]
     if not train or not test:
+        largest = max((len(g) for g in groups.values()), default=0)
+        if stratify and len(groups) > 1 and largest == 1:
+            raise InvalidArgumentError(
+                f"every one of the {len(groups)} classes has a single example: a classifier "
+                "needs several examples per class, some to train on and some to hold out; "
+                "give more examples per class (or --eval-data)"
+            )
+        if stratify and len(groups) > 1 and not test:
+            raise InvalidArgumentError(
+                f"{len(examples)} examples in {len(groups)} classes, at most {largest} per "
+                f"class: a held-out share of {fraction} rounds to no example of any class "
+                "(the split keeps each class's share); give more examples per class, a "
+                "larger --eval-fraction or --eval-data"
+            )
         raise InvalidArgumentError(
             f"{len(examples)} examples are too few for a held-out fraction of {fraction}: "
             "give more data or --eval-data"

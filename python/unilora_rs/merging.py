@@ -148,6 +148,30 @@ def merge_each(
     return each
 
 
+#: The largest finite float32, the type the weighted sum is computed in.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _weights(weights: object) -> list[float]:
+    """The weights as floats, each finite in float32 (the merge computes in float32: a
+    larger double would turn every adapted tensor into Inf or NaN)."""
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+        raise InvalidArgumentError("weights must be a list of numbers, one per adapter")
+    out = []
+    for i, w in enumerate(weights):  # type: ignore[attr-defined]
+        try:
+            f = float(w)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"weight {i + 1} is not a number: {w!r}") from None
+        if not abs(f) <= FLOAT32_MAX:
+            raise InvalidArgumentError(
+                f"weight {i + 1} is {w!r}, which is not a finite float32 number (the merge "
+                f"computes in float32: |w| <= {FLOAT32_MAX:.7g})"
+            )
+        out.append(f)
+    return out
+
+
 def merge_weighted(
     base: PathArg,
     adapters: list[PathArg],
@@ -164,11 +188,12 @@ def merge_weighted(
     rounded once. Adapters may adapt different modules. Their ``modules_to_save``
     tensors (heads) and task records must not collide: a tensor replaced or added by
     two adapters, or a ``config.json`` key they set differently, raises
-    :class:`InvalidArgumentError` (a weighted merge does not average heads).
+    :class:`InvalidArgumentError` (a weighted merge does not average heads). A weight
+    that is not a finite float32 number raises :class:`InvalidArgumentError`.
     """
     base_p, out_p = as_path("base", base), as_path("out", out)
     paths = _adapter_list(adapters)
-    ws = [float(w) for w in weights]
+    ws = _weights(weights)
     result: MergeResult = _run(
         _core.merge_weighted, (base_p, paths, ws, out_p), dtype, show_progress, overwrite
     )

@@ -28,11 +28,13 @@ only.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,25 +246,50 @@ def _model_class(cfg: dict[str, Any], hf_config: Any) -> Any:
     return transformers.AutoModel
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Keeps the ``logging`` logger ``name`` to errors while active."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def peft_modules(cfg: dict[str, Any], base: Path) -> tuple[list[ModuleSpec], list[str]]:
     """The layers PEFT's tuner adapts in the base model (built on the meta device from
     its ``config.json``), in PEFT's order, and the qualified names of its
     ``modules_to_save``."""
     require("convert_peft", FEATURES["unilora convert-peft"])
-    import peft
+    with _quiet_logger("bitsandbytes"):  # peft imports it; it logs a missing kernel
+        import peft
+        from peft.tuners.unilora import UniLoraLayer
     import torch
     import transformers
-    from peft.tuners.unilora import UniLoraLayer
 
     hf_config = transformers.AutoConfig.from_pretrained(base)
     cls = _model_class(cfg, hf_config)
     known = set(peft.UniLoraConfig.__dataclass_fields__)
     peft_cfg = peft.UniLoraConfig(**{k: v for k, v in cfg.items() if k in known})
+    wanted = getattr(cls, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(hf_config, wanted):
+        raise MismatchError(
+            f"the PEFT adapter was trained on a {cls.__name__}, and {base / 'config.json'} "
+            f"describes a {type(hf_config).__name__}: is this the adapter's base model?"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            auto = cls.__name__.startswith("Auto")
-            model = cls.from_config(hf_config) if auto else cls(hf_config)
+        try:
+            with torch.device("meta"):
+                auto = cls.__name__.startswith("Auto")
+                model = cls.from_config(hf_config) if auto else cls(hf_config)
+        except Exception as err:  # transformers raises many types for a foreign config
+            raise MismatchError(
+                f"{base / 'config.json'} does not build the adapter's {cls.__name__} "
+                f"({type(err).__name__}: {err}): is this the adapter's base model?"
+            ) from err
         wrapped = peft.get_peft_model(model, peft_cfg)
     inner = wrapped.base_model.model
     conv1d = getattr(transformers.pytorch_utils, "Conv1D", ())
@@ -311,8 +338,11 @@ def _saved_map(
             if index.size and (index.min() < 0 or index.max() >= d):
                 raise FormatError(f"{source}: {spec.name} indices_{which} leave [0, {d})")
             idx_parts.append(index.astype(np.int32))
-            scales = tensor(_map_key(spec, "scales", which), shape, spec.name)
-            scale_parts.append(scales.float().numpy())
+            key = _map_key(spec, "scales", which)
+            scales = tensor(key, shape, spec.name).float().numpy()
+            if not np.isfinite(scales).all():
+                raise FormatError(f"{source}: {key} holds NaN or Inf")
+            scale_parts.append(scales)
     known = {_map_key(s, w, x) for s in specs for w in ("indices", "scales") for x in "AB"}
     stray = sorted(
         k for k in tensors if ".unilora_" in k and k != PEFT_VECTOR_KEY and k not in known

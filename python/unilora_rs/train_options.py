@@ -4,6 +4,7 @@ them before the training stack loads)."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,7 +78,7 @@ class FinetuneArgs:
     )
     data: Path | None = flag(
         None,
-        "training data (.csv, .tsv, .jsonl, .json)",
+        "training data: .csv, .tsv / .tab, .jsonl / .ndjson or .json (a list of objects)",
         commands=_TRAIN,
         type=Path,
         required=True,
@@ -191,6 +192,38 @@ class FinetuneArgs:
     threads: int | None = flag(None, "torch CPU threads", type=int)
     progress: bool = flag(True, "no progress bar", negative="--no-progress")
     overwrite: bool = flag(False, "replace an earlier run in --out", commands=_TRAIN)
+
+    def check(self) -> None:
+        """Refuses option values no job can run with (``lr <= 0``, ``epochs < 1``, a seed
+        outside ``[0, 2**64)``, ...), before anything is read or written. Fields left
+        at ``None`` take their defaults first (:meth:`with_task_defaults`)."""
+        args = self.with_task_defaults()
+        if args.task not in TASKS:
+            raise InvalidArgumentError(f"task {args.task!r} is not one of {', '.join(TASKS)}")
+        for name in ("epochs", "batch_size", "rank", "max_length", "gradient_accumulation_steps"):
+            v = getattr(args, name)
+            if v < 1:
+                raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+        for name in ("lr", "head_lr"):
+            v = getattr(args, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise InvalidArgumentError(
+                    f"{name.replace('_', '-')} must be a positive number, got {v}"
+                )
+        if not 0.0 <= args.warmup_ratio < 1.0:
+            raise InvalidArgumentError(f"warmup ratio must be in [0, 1), got {args.warmup_ratio}")
+        for name in ("max_steps", "eval_steps", "max_new_tokens", "vector_length", "threads"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+        if args.generate_examples < 0:
+            raise InvalidArgumentError(
+                f"generate-examples must be 0 or more, got {args.generate_examples}"
+            )
+        if not 0 <= args.seed < 2**64:
+            raise InvalidArgumentError(
+                f"seed must be an integer in [0, 2**64 - 1], got {args.seed}"
+            )
 
     def with_task_defaults(self) -> FinetuneArgs:
         """A copy whose task-dependent fields left at ``None`` hold the task's default."""

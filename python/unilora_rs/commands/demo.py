@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo.options import DEMOS, DemoArgs
+from ..demo.workdir import record_written
 from ..extras import require
 from ..flags import add_flags, given_flags
 from ..train_options import FinetuneArgs
@@ -32,18 +33,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run)
 
 
+#: The training task of each demo.
+_TASKS = {"classifier": "classification", "llm": "sft"}
+
+
 def run(args: argparse.Namespace) -> int:
     demo = DemoArgs(**given_flags(args, DemoArgs, "demo")).for_demo(args.which)
     training = given_flags(args, FinetuneArgs, "demo")
+    # every option is checked before the demo touches its folder
+    FinetuneArgs(**{"task": _TASKS[args.which], **training}).check()
+    assert demo.out is not None
     # every package, model and data the demo uses, checked before it starts
     if args.which == "llm":
         require("unilora demo llm")
     else:
         require("unilora demo" if demo.onnx else "unilora demo --no-onnx")
-    if args.which == "llm":
-        from ..demo import llm
+    try:
+        if args.which == "llm":
+            from ..demo import llm
 
-        return llm.run(demo, training)
-    from ..demo import classifier
+            return llm.run(demo, training)
+        from ..demo import classifier
 
-    return classifier.run(demo, training)
+        return classifier.run(demo, training)
+    finally:
+        record_written(demo.out)

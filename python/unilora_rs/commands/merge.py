@@ -127,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
                 raise InvalidArgumentError("give BASE, the adapter(s) and OUT (or --out-dir DIR)")
             *adapters, out = paths
             if weights is not None:
+                if not rest and len(weights) == len(args.paths) + 1:
+                    raise InvalidArgumentError(
+                        f"{len(weights)} weights for {len(args.paths)} adapters and no OUT: "
+                        f"{args.weights[-1]!r} after --weights is read as a weight; if it is "
+                        f"OUT, write it as ./{args.weights[-1]} or put it before --weights"
+                    )
                 if len(weights) != len(adapters):
                     raise InvalidArgumentError(
                         f"{len(weights)} weights for {len(adapters)} adapters; give one "

@@ -41,9 +41,20 @@ class _Data:
     test_csv: Path
 
 
+#: Where the held-out examples start in the shuffled sentences (after the training and
+#: validation rows).
+TEST_AT = 4000
+
+
 def _check(demo: DemoArgs) -> None:
+    """The example counts, before the demo folder is touched."""
+    from ..datasets import sentiment_sentences
+
     if demo.train_examples < 10 or demo.eval_examples < 10:
         raise InvalidArgumentError("--train-examples and --eval-examples must be at least 10")
+    held = len(sentiment_sentences()) - TEST_AT
+    if demo.train_examples > 3000 or demo.eval_examples > held:
+        raise InvalidArgumentError(f"at most 3000 training and {held} evaluation examples")
 
 
 def _write_data(demo: DemoArgs, out: Path) -> _Data:
@@ -54,13 +65,9 @@ def _write_data(demo: DemoArgs, out: Path) -> _Data:
     model_dir = packaged_model_dir()
     rows = sentiment_sentences()
     random.Random(0).shuffle(rows)
-    if demo.train_examples > 3000 or demo.eval_examples > len(rows) - 4000:
-        raise InvalidArgumentError(
-            f"at most 3000 training and {len(rows) - 4000} evaluation examples"
-        )
     data = _Data(model_dir, out / "data" / "train.csv", out / "data" / "test.csv")
     write_csv(data.train_csv, rows[: demo.train_examples])
-    write_csv(data.test_csv, rows[4000 : 4000 + demo.eval_examples])
+    write_csv(data.test_csv, rows[TEST_AT : TEST_AT + demo.eval_examples])
     print(
         f"data: {demo.train_examples:,} training and {demo.eval_examples:,} held-out "
         f"movie-review sentences (Hutto & Gilbert 2014 / Pang & Lee 2005) -> {out / 'data'}"

@@ -18,6 +18,7 @@ factors, the one llama.cpp expects.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._util import PathArg, as_path, write_atomic
+from .._util import PathArg, as_path, incomplete, write_atomic, write_bytes_atomic
 from ..adapter import AdapterConfig, adapter_directory, load_adapter, load_adapter_config
 from ..errors import FormatError, InvalidArgumentError, MismatchError
 from ..extras import require
@@ -256,14 +257,59 @@ def _plan(
     hparams, base_dir = _base_hparams(as_path("base", _base_folder(config, base)))
     hf_arch = _architecture(hparams, base_dir)
     arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[hf_arch])
-    block_count = _find(
+    block_count = _count(
         hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"], "layer count", base_dir
     )
     tensor_map = gguf.get_tensor_name_map(arch, block_count)
     _out_path(out_p, adapter_dir, overwrite)
-    names = _tensor_names(config, tensor_map, hf_arch)
+    names = _tensor_names(config, tensor_map, hf_arch, block_count, base_dir)
+    _check_shapes(config, hparams, hf_arch, base_dir)
     extra = _saved_tensors(config, saved_modules, adapter_dir)
     return _Plan(config, adapter_dir, hparams, base_dir, hf_arch, arch, names, extra)
+
+
+def _count(hparams: dict[str, Any], keys: list[str], what: str, source: Path) -> int:
+    """A positive integer of the base config (a layer, head or feature count)."""
+    value = _find(hparams, keys, what, source)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        key = next(k for k in keys if k in hparams)
+        raise FormatError(
+            f"{source / 'config.json'}: {key} ({what}) must be a positive integer, got {value!r}"
+        )
+    return value
+
+
+def _head_counts(hparams: dict[str, Any], source: Path) -> tuple[int, int | None]:
+    """``(heads, key/value heads or None)`` of a Llama-family config, checked."""
+    n_head = _count(hparams, ["n_heads", "num_attention_heads"], "head count", source)
+    if hparams.get("n_kv_heads", hparams.get("num_key_value_heads")) is None:
+        return n_head, None
+    n_kv = _count(hparams, ["n_kv_heads", "num_key_value_heads"], "key/value head count", source)
+    return n_head, n_kv
+
+
+def _check_shapes(
+    config: AdapterConfig, hparams: dict[str, Any], hf_arch: str, source: Path
+) -> None:
+    """Every adapted layer reads or writes the base model's hidden size, and the rows
+    of Llama's q/k projections split into the heads the permutation moves."""
+    hidden = _count(hparams, ["hidden_size", "n_embd", "d_model"], "hidden size", source)
+    heads = _head_counts(hparams, source) if GGUF_ARCHITECTURES[hf_arch] in _PERMUTED else None
+    for m in config.modules:
+        if hidden not in (m.in_features, m.out_features):
+            raise MismatchError(
+                f"module {m.name!r} maps {m.in_features} -> {m.out_features} features and "
+                f"{source / 'config.json'} has hidden size {hidden}: is it the adapter's "
+                "base model?"
+            )
+        if heads is not None and m.name.endswith(("q_proj", "k_proj")):
+            n = heads[0] if m.name.endswith("q_proj") or heads[1] is None else heads[1]
+            if m.out_features % (2 * n):
+                raise MismatchError(
+                    f"module {m.name!r} has {m.out_features} output rows, which {n} heads of "
+                    f"two rotary halves each do not divide ({source / 'config.json'}): is it "
+                    "the adapter's base model?"
+                )
 
 
 def _base_folder(config: AdapterConfig, base: PathArg | None) -> PathArg:
@@ -280,10 +326,23 @@ def _base_folder(config: AdapterConfig, base: PathArg | None) -> PathArg:
     return named
 
 
-def _tensor_names(config: AdapterConfig, tensor_map: Any, hf_arch: str) -> list[str]:
-    """The llama.cpp tensor of every module; one llama.cpp does not know raises."""
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _tensor_names(
+    config: AdapterConfig, tensor_map: Any, hf_arch: str, block_count: int, source: Path
+) -> list[str]:
+    """The llama.cpp tensor of every module; one llama.cpp does not know raises, and so
+    does one in a layer the base model does not have."""
     names: list[str] = []
     for m in config.modules:
+        layer = _LAYER.search(f".{m.name}")
+        if layer is not None and int(layer.group(1)) >= block_count:
+            raise MismatchError(
+                f"module {m.name!r} is in layer {layer.group(1)}, and "
+                f"{source / 'config.json'} has {block_count} layers: is it the adapter's "
+                "base model?"
+            )
         hf_name = m.name.replace("language_model.", "")
         if GGUF_ARCHITECTURES[hf_arch] == "LLAMA":
             hf_name = hf_name.replace("text_model.", "")
@@ -344,14 +403,11 @@ def _add_factors(
 ) -> dict[str, int]:
     """Adds ``A`` and ``B`` of every module, encoded as the converter encodes them;
     returns the number of tensors per GGUF type."""
-    n_head = plan.hparams.get("n_heads", plan.hparams.get("num_attention_heads"))
-    n_head_kv = plan.hparams.get("n_kv_heads", plan.hparams.get("num_key_value_heads"))
     permuted = GGUF_ARCHITECTURES[plan.hf_arch] in _PERMUTED
+    n_head, n_head_kv = _head_counts(plan.hparams, plan.base_dir) if permuted else (1, None)
     types: dict[str, int] = {}
     for m, new_name, (b, a) in zip(plan.config.modules, plan.names, factors, strict=True):
         if permuted and m.name.endswith(("q_proj", "k_proj")):
-            if n_head is None or n_head_kv is None:
-                raise FormatError(f"{plan.base_dir}: config.json lacks the head counts")
             b = _permute_rows(b, n_head, None if m.name.endswith("q_proj") else n_head_kv)
         for suffix, data in ((".lora_a", a), (".lora_b", b)):
             t = qtype
@@ -380,6 +436,23 @@ def _add_metadata(gguf: Any, writer: Any, plan: _Plan) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _check_written(tmp: Path, out: Path, tensors: int) -> None:
+    """Re-reads the written GGUF file: its header, and every tensor's data inside the
+    file (numpy's ``tofile``, which the gguf package writes with, can lose a failed
+    write on a full disk)."""
+    gguf = _gguf()
+    size = tmp.stat().st_size
+    try:
+        reader = gguf.GGUFReader(tmp)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        found = len(reader.tensors)
+        del reader
+    except Exception:  # a truncated file fails in many ways (ValueError, ...)
+        raise incomplete(out, f"{size:,} bytes, which do not read back as GGUF") from None
+    if found != tensors or end > size:
+        raise incomplete(out, f"{size:,} bytes, {found} of {tensors} tensors")
+
+
 def _write_files(
     writer: Any, out_p: Path, extra: dict[str, np.ndarray], overwrite: bool, show_progress: bool
 ) -> tuple[Path | None, int]:
@@ -388,12 +461,13 @@ def _write_files(
     companion's path and the GGUF file's size."""
     saved_file = None
     if extra:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         saved_file = _saved_companion(out_p)
         if saved_file.exists() and not overwrite:
             raise FileExistsError(f"{saved_file} exists (pass --overwrite to replace it)")
-        write_atomic(saved_file, lambda tmp: save_file(extra, str(tmp)))
+        write_bytes_atomic(saved_file, save(extra))
+    tensors = sum(len(shard) for shard in writer.tensors)
 
     def write(tmp: Path) -> None:
         writer.write_header_to_file(path=tmp)
@@ -402,7 +476,7 @@ def _write_files(
         writer.close()
 
     try:
-        size = write_atomic(out_p, write)
+        size = write_atomic(out_p, write, check=lambda tmp: _check_written(tmp, out_p, tensors))
     except BaseException:
         writer.close()
         if saved_file is not None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ...adapter import CONFIG_NAME
-from ...errors import InvalidArgumentError, MismatchError
+from ...errors import FormatError, InvalidArgumentError, MismatchError
 from ...extras import require
 from ..model import UniLoRAModel
 
@@ -334,6 +334,9 @@ def _write(graph: Any, staged: Path, files: _Files, say: Progress) -> None:
         say(f"writing {staged.name} ({_gb(files.weight_bytes)} of weights inside)")
     try:
         _save(graph, staged, files.data.name if files.external else None, say)
+        for path in (staged, staged.with_name(files.data.name)):
+            if path.exists():
+                _fsync(path)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise OSError(
@@ -342,7 +345,19 @@ def _write(graph: Any, staged: Path, files: _Files, say: Progress) -> None:
                 "of weights); nothing was kept",
                 str(files.data.parent),
             ) from err
-        raise
+        raise OSError(
+            err.errno or errno.EIO,
+            f"writing the ONNX files failed ({err.strerror or err}); nothing was kept",
+            str(staged.parent.parent / staged.name),
+        ) from err
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _ort_max_diff(
@@ -361,7 +376,14 @@ def _ort_max_diff(
         # onnxruntime maps the (aligned) weights from the data file; prepacking would
         # copy every MatMul weight into a packed layout: a second copy of the model
         options.add_session_config_entry("session.disable_prepacking", "1")
-    session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own exception types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FormatError(
+            f"onnxruntime cannot load the written ONNX file ({first}); nothing was kept "
+            "(a file cut short by a full disk does not load)"
+        ) from err
     worst = 0.0
     for (ids, mask), want in zip(checks, expected, strict=True):
         feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._util import write_bytes_atomic
 from .sft import EvalPrompt
 
 __all__ = ["exact_match", "generate_answers", "judge", "normalize_answer", "write_samples"]
@@ -106,16 +107,17 @@ def write_samples(
     path: Path, prompts: Sequence[EvalPrompt], answers: Sequence[str], **columns: Sequence[str]
 ) -> None:
     """``eval_samples.jsonl``: prompt, reference, generated (and ``columns``, e.g. the
-    base model's answers) per held-out prompt."""
-    with path.open("w", encoding="utf-8") as fh:
-        for k, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-            row: dict[str, Any] = {
-                "row": p.row,
-                "prompt": p.prompt_text,
-                "reference": p.reference,
-                "generated": a,
-                "exact_match": exact_match(a, p.reference),
-            }
-            for name, values in columns.items():
-                row[name] = values[k]
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    base model's answers) per held-out prompt; written atomically and size-checked."""
+    lines = []
+    for k, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        row: dict[str, Any] = {
+            "row": p.row,
+            "prompt": p.prompt_text,
+            "reference": p.reference,
+            "generated": a,
+            "exact_match": exact_match(a, p.reference),
+        }
+        for name, values in columns.items():
+            row[name] = values[k]
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_bytes_atomic(path, "".join(lines).encode("utf-8"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._util import write_bytes_atomic
 from ...datasets import LabelMap
 from ...errors import InvalidArgumentError
-from ...train_options import TASKS, FinetuneArgs
+from ...train_options import FinetuneArgs
 from ..config import UniLoRAConfig
 from ..model import UniLoRAModel, get_unilora_model
 from .data import Batch
@@ -28,6 +29,7 @@ from .generation import generate_answers, judge, write_samples
 from .inputs import Examples, Prepared, load_examples, prepare
 from .loop import LoopOptions, evaluate, train_loop
 from .models import (
+    check_tokenizer,
     default_model_dir,
     default_vector_length,
     enable_gradient_checkpointing,
@@ -82,34 +84,14 @@ class Judged:
 
 
 def _check_args(args: FinetuneArgs) -> None:
-    if args.task not in TASKS:
-        raise InvalidArgumentError(f"task {args.task!r} is not one of {', '.join(TASKS)}")
-    for name in ("epochs", "batch_size", "rank", "max_length", "gradient_accumulation_steps"):
-        v = getattr(args, name)
-        if v < 1:
-            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    for name in ("lr", "head_lr"):
-        v = getattr(args, name)
-        if not (v > 0 and math.isfinite(v)):
-            raise InvalidArgumentError(
-                f"{name.replace('_', '-')} must be a positive number, got {v}"
-            )
-    if not 0.0 <= args.warmup_ratio < 1.0:
-        raise InvalidArgumentError(f"warmup ratio must be in [0, 1), got {args.warmup_ratio}")
-    for name in ("max_steps", "eval_steps", "max_new_tokens"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise InvalidArgumentError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    if args.generate_examples < 0:
-        raise InvalidArgumentError(
-            f"generate-examples must be 0 or more, got {args.generate_examples}"
-        )
+    args.check()
     _check_out(args.out, args.overwrite)  # type: ignore[arg-type]
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(17, "output path exists and is not a folder", str(out))
+    _check_writable(out)
     if out.is_dir() and any(out.iterdir()):
         ours = (out / METRICS_NAME).is_file() and (out / "adapter_config.json").is_file()
         if not overwrite:
@@ -125,6 +107,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
                 "refusing to write into it",
                 str(out),
             )
+
+
+def _check_writable(out: Path) -> None:
+    """Fails now, before any training, when ``out`` cannot be created or written: the
+    nearest existing folder on its path must take a new file (nothing is left there)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            20, f"the output folder cannot be created: {folder} is not a folder", str(out)
+        )
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise type(err)(
+            err.errno, f"the output folder is not writable ({err.strerror})", str(out)
+        ) from None
 
 
 def resolved(args: FinetuneArgs) -> FinetuneArgs:
@@ -175,6 +176,7 @@ def _start(args: FinetuneArgs, train_rows: Any, eval_rows: Any) -> _Run:
     device = pick_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, tokenizer, new_tensors = load_task_model(args.model, args.task, data.labels, dtype=dtype)  # type: ignore[arg-type]
+    check_tokenizer(tokenizer, data.train, Path(args.model))  # type: ignore[arg-type]
     pad_set = pad_was_set(args.model, model)  # type: ignore[arg-type]
     max_length = fit_max_length(args.max_length, model)  # type: ignore[arg-type]
     stops = stop_token_ids(tokenizer, model) if args.task != "classification" else []
@@ -382,10 +384,34 @@ def _save(
     run: _Run, prep: Prepared, metrics: dict[str, Any], judged: Judged | None, base: Judged | None
 ) -> None:
     """Writes the adapter, then ``eval_samples.jsonl`` and ``metrics.json`` (once, with
-    the adapter's size)."""
+    the adapter's size), each atomically; when one fails (a full disk) the run's files
+    are removed, so that no half-written run is left."""
     out = run.args.out
     assert out is not None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_run(run, prep, metrics, judged, base, out)
+    except BaseException:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+#: The files a run writes into ``--out``.
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", SAMPLES_NAME, METRICS_NAME)
+
+
+def _write_run(
+    run: _Run,
+    prep: Prepared,
+    metrics: dict[str, Any],
+    judged: Judged | None,
+    base: Judged | None,
+    out: Path,
+) -> None:
     model = run.model
     model.adapter_config.task = task_record(
         run.args.task, model.base_model, run.data.labels, run.new_tensors, run.pad_set
@@ -397,7 +423,7 @@ def _save(
     if judged is not None and judged.answers:
         extra = {"base_generated": base.answers} if base is not None and base.answers else {}
         write_samples(out / SAMPLES_NAME, prep.prompts, judged.answers, **extra)
-    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_bytes_atomic(out / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
 
 
 def args_dict(args: FinetuneArgs) -> dict[str, Any]:

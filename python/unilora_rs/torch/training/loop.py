@@ -233,7 +233,7 @@ class _Run:
             s = loss_sum(self.model, batch, self.task)
             if not torch.isfinite(s):
                 raise InvalidArgumentError(
-                    f"the training loss became {float(s)} at step {self.step + 1}; "
+                    f"the training loss became {s.item()} at step {self.step + 1}; "
                     "lower the learning rate"
                 )
             (s / count).backward()
@@ -257,6 +257,11 @@ class _Run:
             record["epoch_end"] = True
         if eval_data is not None:
             record.update(evaluate(self.model, eval_data, self.task, device=self.opts.device))
+            if not math.isfinite(record["eval_loss"]):
+                raise InvalidArgumentError(
+                    f"the held-out loss became {record['eval_loss']} after step {self.step}: "
+                    "the trained model gives NaN or Inf; lower the learning rate"
+                )
         self.losses, self.t0 = [], time.perf_counter()
         self.history.append(record)
         return record

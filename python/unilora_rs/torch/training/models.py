@@ -32,6 +32,7 @@ __all__ = [
     "LLM_RATIO",
     "TASKS",
     "cache_dir",
+    "check_tokenizer",
     "default_model_dir",
     "default_vector_length",
     "enable_gradient_checkpointing",
@@ -136,11 +137,27 @@ def packaged_llm_dir() -> Path:
     return folder
 
 
-def fit_max_length(requested: int, model: nn.Module) -> int:
-    """``requested``, or the model's ``max_position_embeddings`` when that is smaller
-    (with a note on stderr)."""
+def _position_limit(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes: ``max_position_embeddings``, less the positions
+    a RoBERTa-style model reserves below its first one (its position embedding has a
+    ``padding_idx`` and counts from ``padding_idx + 1``)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and 1 < limit < requested:
+    if not isinstance(limit, int):
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            if module.padding_idx is not None:
+                return min(limit, module.num_embeddings - module.padding_idx - 1)
+            break
+    return limit
+
+
+def fit_max_length(requested: int, model: nn.Module) -> int:
+    """``requested``, or the longest input the model takes when that is smaller (its
+    ``max_position_embeddings``, less a RoBERTa-style padding offset), with a note on
+    stderr."""
+    limit = _position_limit(model)
+    if limit is not None and 1 < limit < requested:
         print(
             f"unilora: note: --max-length {requested} is more than the model's "
             f"{limit} positions; using {limit}",
@@ -205,6 +222,51 @@ def _load_model(
         raise InvalidArgumentError(
             f"{folder}: the model does not load for {task} ({type(err).__name__}: {err})"
         ) from err
+
+
+#: The files a Hugging Face tokenizer is loaded from (one of them is enough).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _sample_text(example: Any) -> str:
+    parts = [getattr(example, k, "") for k in ("text", "prompt", "answer")]
+    parts += [content for _, content in getattr(example, "messages", ())]
+    return " ".join(p for p in parts if isinstance(p, str) and p)
+
+
+def check_tokenizer(tokenizer: Any, examples: Sequence[Any], folder: Path) -> None:
+    """Refuses a tokenizer that cannot encode the data: one with no vocabulary besides
+    its special tokens, or one that turns most of a sample of the texts into its unknown
+    token (transformers builds such a tokenizer from a model folder without tokenizer
+    files, and training then "succeeds" at chance)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    specials = set(getattr(tokenizer, "all_special_ids", ()))
+    total = unknown = 0
+    if unk is not None:
+        for ex in examples[:64]:
+            ids = tokenizer(_sample_text(ex), add_special_tokens=False)["input_ids"]
+            total += len(ids)
+            unknown += sum(1 for i in ids if i == unk)
+    if len(tokenizer) > len(specials) and (total == 0 or unknown <= total // 2):
+        return
+    present = [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    cause = (
+        f"the folder has none of the tokenizer files ({', '.join(TOKENIZER_FILES)}); copy "
+        "them from the model this checkpoint was saved from"
+        if not present
+        else f"its files ({', '.join(present)}) do not fit this model or this text"
+    )
+    raise InvalidArgumentError(
+        f"{folder}: the tokenizer cannot encode the training text ({unknown} of {total} "
+        f"tokens of a sample are unknown, its vocabulary has {len(tokenizer)} tokens): {cause}"
+    )
 
 
 def load_task_model(
