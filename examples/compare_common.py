@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -148,23 +149,31 @@ def sweep_and_seeds(
     runs_dir: Path,
     quick: bool,
     script: str,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Phase 1 (every learning rate at seed 0) and phase 2 (the chosen rate of the
-    headline configurations at the other seeds)."""
-    results: list[dict[str, Any]] = []
+    headline configurations at the other seeds); ``jobs`` runs at a time."""
+
+    def run_all(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            return list(pool.map(lambda s: run_cached(s, runs_dir, quick, script), specs))
+
     print("phase 1: learning-rate sweep (seed 0, chosen on validation)", flush=True)
-    for (method, variant), lrs in sweep.items():
-        for lr in lrs:
-            spec = {"method": method, "variant": variant, "lr": lr, "seed": 0, **extra}
-            results.append(run_cached(spec, runs_dir, quick, script))
+    results = run_all(
+        [
+            {"method": method, "variant": variant, "lr": lr, "seed": 0, **extra}
+            for (method, variant), lrs in sweep.items()
+            for lr in lrs
+        ]
+    )
     print("phase 2: the chosen learning rates with more seeds", flush=True)
-    for (method, variant), lr in select(results).items():
-        if (method, variant) not in headline or quick:
-            continue
-        for seed in seeds[1:]:
-            spec = {"method": method, "variant": variant, "lr": lr, "seed": seed, **extra}
-            results.append(run_cached(spec, runs_dir, quick, script))
-    return results
+    more = [
+        {"method": method, "variant": variant, "lr": lr, "seed": seed, **extra}
+        for (method, variant), lr in select(results).items()
+        if (method, variant) in headline and not quick
+        for seed in seeds[1:]
+    ]
+    return results + run_all(more)
 
 
 def plot(

