@@ -19,7 +19,7 @@ DEMOS = ("classifier", "llm")
 #: Defaults that differ between the demos (fields left at ``None``).
 _DEFAULTS: dict[str, dict[str, object]] = {
     "classifier": {"out": Path("unilora-demo"), "train_examples": 3000, "eval_examples": 2000},
-    "llm": {"out": Path("unilora-demo-llm"), "train_examples": 1000, "eval_examples": 500},
+    "llm": {"out": Path("unilora-demo-llm"), "train_examples": 240, "eval_examples": 500},
 }
 
 
@@ -31,7 +31,7 @@ class DemoArgs:
         None, "work folder (default unilora-demo, unilora-demo-llm)", commands=_DEMO, type=Path
     )
     train_examples: int | None = flag(
-        None, "training examples (default 3000; llm 1000)", commands=_DEMO, type=int
+        None, "training examples (default 3000; llm 240)", commands=_DEMO, type=int
     )
     eval_examples: int | None = flag(
         None, "held-out examples (default 2000; llm 500)", commands=_DEMO, type=int

@@ -217,7 +217,9 @@ def finetune(
             progress=args.progress,
         ),
     )
-    seconds = time.perf_counter() - t0
+    # the optimizer steps' time (the log records exclude the held-out evaluations)
+    steps_s = float(sum(r["train_seconds"] for r in history))
+    seconds = (steps_s, time.perf_counter() - t0 - steps_s)
     run.model.eval()
     judged = _judge(run, prep, base=False) if args.task == "sft" else None
     metrics = _metrics(run, prep, history, seconds, judged, base)
@@ -309,7 +311,7 @@ def _metrics(
     run: _Run,
     prep: Prepared,
     history: list[dict[str, Any]],
-    seconds: float,
+    seconds: tuple[float, float],
     judged: Judged | None,
     base: Judged | None,
 ) -> dict[str, Any]:
@@ -353,8 +355,9 @@ def _metrics(
             "new_tensors": list(run.new_tensors),
             "epochs": args.epochs,
             "steps": steps,
-            "train_seconds": seconds,
-            "seconds_per_step": seconds / max(steps, 1),
+            "train_seconds": seconds[0],
+            "seconds_per_step": seconds[0] / max(steps, 1),
+            "eval_seconds_during_training": seconds[1],
             **{k: getattr(args, k) for k in RECORDED_ARGS},
             "max_length": run.max_length,
             "device": str(run.device),
