@@ -79,10 +79,33 @@ def converter_dir() -> Path:
     return target
 
 
-def run_converter(script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Runs one of llama.cpp's converters (with its own gguf-py) in a subprocess."""
+# Runs a converter script as its own ``__main__`` after naming the BPE pre-tokenizer:
+# llama.cpp's converter identifies a vocabulary by hashing how it tokenizes a probe text,
+# so a test model that pairs one family's vocabulary with another family's
+# pre-tokenizer (a tiny Qwen2 with SmolLM's vocabulary) is unknown to it.
+_NAMED_PRE = """
+import runpy, sys
+folder, script, pre = sys.argv[1:4]
+sys.argv = [script, *sys.argv[4:]]
+sys.path[:0] = [folder, folder + "/gguf-py"]
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_converter(
+    script: str, *args: str | Path, tokenizer_pre: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs one of llama.cpp's converters (with its own gguf-py) in a subprocess;
+    ``tokenizer_pre`` names the BPE pre-tokenizer instead of letting it detect one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("NO_LOCAL_GGUF", None)
-    cmd = [sys.executable, str(converter_dir() / script), *map(str, args)]
+    path = converter_dir() / script
+    if tokenizer_pre is None:
+        cmd = [sys.executable, str(path), *map(str, args)]
+    else:
+        head = [str(converter_dir()), str(path), tokenizer_pre]
+        cmd = [sys.executable, "-c", _NAMED_PRE, *head, *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     return done

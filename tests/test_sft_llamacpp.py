@@ -71,11 +71,12 @@ def _rows(n: int) -> list[dict[str, Any]]:
 
 
 def _llama_cpp_answers(
-    base_gguf: Path, lora: Path, prompts: list[list[int]], tok: Any
+    base_gguf: Path, lora: Path | None, prompts: list[list[int]], tok: Any
 ) -> list[str]:
     llm = llama_cpp.Llama(
-        model_path=str(base_gguf), lora_path=str(lora), n_ctx=128, n_threads=1, verbose=False
-    )
+        model_path=str(base_gguf), lora_path=None if lora is None else str(lora), n_ctx=128,
+        n_threads=1, verbose=False,
+    )  # fmt: skip
     out = []
     for ids in prompts:
         got: list[int] = []
@@ -91,9 +92,13 @@ def _llama_cpp_answers(
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_sft_adapter_runs_in_llama_cpp(tmp_path: Path, arch: str) -> None:
     base = _base(tmp_path / "base", arch)
+    # transformers gives a Qwen2 model Qwen2's pre-tokenizer, which with SmolLM's
+    # vocabulary hashes to nothing the converter knows: name it (token ids are what
+    # llama.cpp is given below, so its own text splitting plays no part)
     done = run_converter(
-        "convert_hf_to_gguf.py", base, "--outtype", "f32", "--outfile", tmp_path / "base.gguf"
-    )
+        "convert_hf_to_gguf.py", base, "--outtype", "f32", "--outfile", tmp_path / "base.gguf",
+        tokenizer_pre="qwen2" if arch == "qwen2" else None,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     train = tmp_path / "train.jsonl"
     held = tmp_path / "held.jsonl"
@@ -103,14 +108,14 @@ def test_sft_adapter_runs_in_llama_cpp(tmp_path: Path, arch: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "unilora_rs", "train", "--task", "sft", "--model", str(base),
          "--data", str(train), "--eval-data", str(held), "--out", str(out),
-         "--epochs", "3", "--lr", "0.05", "--eval-base", "--no-progress", "--threads", "1"],
+         "--epochs", "3", "--lr", "0.2", "--eval-base", "--no-progress", "--threads", "1"],
         capture_output=True, text=True, env=ENV, timeout=1200, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    # the adapter learned (a random base gains little exact match in 36 steps, but the
-    # held-out loss of the answers falls well below the base's)
-    assert metrics["eval_loss"] < 0.5 * metrics["base"]["eval_loss"], metrics
+    # the adapter learned (a random base with a 49,152-word vocabulary gains little exact
+    # match in 36 steps, but the held-out loss of the answers falls clearly)
+    assert metrics["eval_loss"] < metrics["base"]["eval_loss"] - 0.5, metrics
     ur.export_gguf(out, tmp_path / "lora.gguf", base=base)
     tok = transformers.AutoTokenizer.from_pretrained(str(base))
     samples = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
@@ -123,3 +128,9 @@ def test_sft_adapter_runs_in_llama_cpp(tmp_path: Path, arch: str) -> None:
     assert sum(same) / len(same) >= 0.95, list(
         zip(cpp, [s["generated"] for s in samples], strict=True)
     )
+    # and the agreement is the adapter's doing: without it llama.cpp answers otherwise
+    bare = _llama_cpp_answers(tmp_path / "base.gguf", None, prompts, tok)
+    changed = sum(
+        normalize_answer(a) != normalize_answer(b) for a, b in zip(cpp, bare, strict=True)
+    )
+    assert changed >= len(prompts) // 2, list(zip(cpp, bare, strict=True))
