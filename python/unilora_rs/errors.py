@@ -14,6 +14,7 @@ __all__ = [
     "InternalError",
     "InvalidArgumentError",
     "MismatchError",
+    "MissingDependencyError",
     "UniLoraError",
     "UniLoraWarning",
     "VectorError",
@@ -42,6 +43,11 @@ class FormatError(UniLoraError, ValueError):
 
 class MismatchError(UniLoraError, ValueError):
     """Adapter and base model (or an adapter and its config) disagree."""
+
+
+class MissingDependencyError(UniLoraError, ImportError):
+    """A feature needs packages that are not installed; the message names every one and
+    the command that installs them (see :mod:`unilora_rs.extras`)."""
 
 
 class InternalError(UniLoraError, RuntimeError):

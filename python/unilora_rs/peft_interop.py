@@ -53,6 +53,7 @@ from .adapter import (
     save_adapter,
 )
 from .errors import FormatError, InvalidArgumentError, MismatchError
+from .extras import FEATURES, require
 
 __all__ = [
     "ConvertResult",
@@ -261,17 +262,12 @@ def peft_modules(cfg: dict[str, Any], base: Path) -> tuple[list[ModuleSpec], lis
     """The layers PEFT's tuner adapts in the base model (built on the meta device from
     its ``config.json``), in PEFT's order, and the qualified names of its
     ``modules_to_save``."""
-    try:
-        with _quiet_logger("bitsandbytes"):  # peft imports it; it logs a missing kernel
-            import peft
-            from peft.tuners.unilora import UniLoraLayer
-        import torch
-        import transformers
-    except ImportError as err:
-        raise ImportError(
-            f"convert-peft builds PEFT's model on the meta device and needs torch, transformers "
-            f"and peft ({err})"
-        ) from err
+    require("convert_peft", FEATURES["unilora convert-peft"])
+    with _quiet_logger("bitsandbytes"):  # peft imports it; it logs a missing kernel
+        import peft
+        from peft.tuners.unilora import UniLoraLayer
+    import torch
+    import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(base)
     cls = _model_class(cfg, hf_config)

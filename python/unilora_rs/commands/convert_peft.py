@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..extras import require
 from ._options import add_overwrite
 
 
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    require("unilora convert-peft")
     from ..peft_interop import convert_peft
 
     result = convert_peft(

@@ -7,6 +7,7 @@ import argparse
 
 from ..demo.options import DEMOS, DemoArgs
 from ..demo.workdir import record_written
+from ..extras import require
 from ..flags import add_flags, given_flags
 from ..train_options import FinetuneArgs
 
@@ -42,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     # every option is checked before the demo touches its folder
     FinetuneArgs(**{"task": _TASKS[args.which], **training}).check()
     assert demo.out is not None
+    # every package, model and data the demo uses, checked before it starts
+    if args.which == "llm":
+        require("unilora demo llm")
+    else:
+        require("unilora demo" if demo.onnx else "unilora demo --no-onnx")
     try:
         if args.which == "llm":
             from ..demo import llm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..export.gguf import GGUF_ARCHITECTURES, GGUF_OUTTYPES, GGUF_SAVED_MODULES, export_gguf
+from ..extras import require
 from ._options import add_adapter, add_no_progress, add_overwrite, add_saved_modules
 
 
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    require("unilora export-gguf")
     result = export_gguf(
         args.adapter,
         args.out,

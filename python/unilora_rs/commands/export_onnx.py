@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..extras import require
 from ._options import add_no_progress, add_overwrite
 
 
@@ -60,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    require("unilora export-onnx")
     from ..torch.export.onnx import export_adapter_onnx
 
     start = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..extras import require
 from ..flags import add_flags, given_flags
 from ..train_options import FinetuneArgs
 
@@ -23,10 +24,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run)
 
 
+def needs(fargs: FinetuneArgs) -> str:
+    """The feature of :data:`~unilora_rs.extras.FEATURES` this run is: with or without
+    ``--model`` (the packaged default model of the task)."""
+    if fargs.model is not None:
+        return "unilora train"
+    return f"unilora train{' --task sft' * (fargs.task == 'sft')} without --model"
+
+
 def run(args: argparse.Namespace) -> int:
+    fargs = FinetuneArgs(**given_flags(args, FinetuneArgs, "train"))
+    require(needs(fargs))
     from ..torch.training import finetune, resolved, summary
 
-    fargs = resolved(FinetuneArgs(**given_flags(args, FinetuneArgs, "train")))
+    fargs = resolved(fargs)
     m = finetune(fargs).metrics
     print(summary(m, fargs.out))  # type: ignore[arg-type]
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError
+from ..extras import require
 from ..train_options import FinetuneArgs
 from .options import DemoArgs
 from .workdir import prepare_out
@@ -113,13 +114,9 @@ def run(demo: DemoArgs, options: dict[str, Any]) -> int:
 
 
 def _llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise ImportError(
-            f"unilora demo llm runs llama.cpp through llama-cpp-python ({err}); "
-            "pip install llama-cpp-python"
-        ) from None
+    require("unilora demo llm", ["llama_cpp"])
+    import llama_cpp
+
     return llama_cpp
 
 

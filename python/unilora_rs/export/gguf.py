@@ -31,6 +31,7 @@ from .. import _core
 from .._util import PathArg, as_path, incomplete, write_atomic, write_bytes_atomic
 from ..adapter import AdapterConfig, adapter_directory, load_adapter, load_adapter_config
 from ..errors import FormatError, InvalidArgumentError, MismatchError
+from ..extras import require
 
 __all__ = [
     "GGUF_ARCHITECTURES",
@@ -84,13 +85,9 @@ class GgufExportResult:
 
 
 def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError as err:
-        raise ImportError(
-            "export_gguf needs the gguf package (pip install 'unilora_rs[gguf]' or "
-            "pip install gguf)"
-        ) from err
+    require("export_gguf", ["gguf"])
+    import gguf
+
     return gguf
 
 

@@ -11,10 +11,13 @@ once per forward pass by the kernels in :mod:`unilora_rs.torch.ops`.
 
 from __future__ import annotations
 
+from ..extras import require
+
 try:
     import torch  # noqa: F401
-except ImportError as err:  # pragma: no cover - exercised only without torch
-    raise ImportError("unilora_rs.torch needs PyTorch: pip install 'unilora_rs[torch]'") from err
+except ImportError:  # pragma: no cover - exercised only without torch
+    require("unilora_rs.torch")  # one line naming the extra to install
+    raise  # installed but broken: the error itself
 
 from .config import UniLoRAConfig
 from .layers import UniLoRALayer

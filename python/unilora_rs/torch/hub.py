@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..adapter import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import MismatchError
+from ..extras import require
 
 __all__ = ["push_adapters", "resolve_adapter_dir"]
 
@@ -31,13 +32,9 @@ def resolve_adapter_dir(
     text = str(adapter)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(2, "adapter folder not found", str(path))
-    try:
-        import huggingface_hub
-    except ImportError as err:
-        raise ImportError(
-            f"{text!r} is not a local folder; loading from the Hub needs huggingface_hub "
-            "(pip install 'unilora_rs[hub]')"
-        ) from err
+    require(f"{text!r} is not a local folder; loading it from the Hub", ["huggingface_hub"])
+    import huggingface_hub
+
     files = {}
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         files[filename] = huggingface_hub.hf_hub_download(

@@ -38,6 +38,7 @@ from torch import nn
 
 from ...adapter import CONFIG_NAME
 from ...errors import FormatError, InvalidArgumentError, MismatchError
+from ...extras import require
 from ..model import UniLoRAModel
 
 __all__ = [
@@ -170,6 +171,7 @@ _NATIVE_OPSET = 18
 
 def _max_opset() -> int:
     """The newest opset the installed onnx knows (torch.onnx converts up to it)."""
+    require("ONNX export")
     import onnx
 
     return int(onnx.defs.onnx_opset_version())
@@ -319,12 +321,9 @@ class _Files:
 
 
 def _onnxruntime() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ImportError(
-            "ONNX export needs onnx and onnxruntime: pip install 'unilora_rs[onnx]'"
-        ) from err
+    require("ONNX export")
+    import onnxruntime as ort
+
     return ort
 
 

@@ -35,15 +35,16 @@ from torch import nn
 
 from ...adapter import CONFIG_NAME, VECTOR_KEY, WEIGHTS_NAME, load_adapter
 from ...errors import MismatchError
+from ...extras import require
 from ..model import UniLoRAModel
 
 try:
+    import accelerate  # noqa: F401  (transformers.Trainer needs it)
     import transformers
     from transformers.utils.generic import can_return_loss, find_labels
-except ImportError as err:  # pragma: no cover - exercised only without transformers
-    raise ImportError(
-        "unilora_rs.torch.training.hf_trainer needs transformers: pip install transformers"
-    ) from err
+except ImportError:  # pragma: no cover - exercised only without transformers
+    require("unilora_rs.torch.training.hf_trainer")  # one line naming the extra
+    raise  # installed but broken: the error itself
 
 __all__ = ["UniLoRATrainer", "UniLoRATrainerMixin", "restore_adapter"]
 

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...errors import InvalidArgumentError
+from ...extras import require
+
 try:
     import trl
     from trl.trainer.utils import add_fused_lm_head
-except ImportError as err:  # pragma: no cover - exercised only without trl
-    raise ImportError(
-        "unilora_rs.torch.training.trl_trainer needs TRL: pip install 'unilora_rs[trl]'"
-    ) from err
+except ImportError:  # pragma: no cover - exercised only without trl
+    require("unilora_rs.torch.training.trl_trainer")  # one line naming the extra
+    raise  # installed but broken: the error itself
 
-from ...errors import InvalidArgumentError
 from ..layers import UniLoRALayer
 from .hf_trainer import UniLoRATrainerMixin
 
