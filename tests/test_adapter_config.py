@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import reference as ref  # noqa: E402
 import unilora_rs as ur  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
@@ -43,12 +44,15 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _fingerprint(cfg: dict[str, Any]) -> str:
+    """The fingerprint of the config's modules, from the reference's text: a module name
+    with a control character (which ``ur.fingerprint`` refuses) gets one too, so that
+    the name is the only fault of such a case."""
     r = cfg["rank"]
-    shapes: dict[str, tuple[int, int]] = {}
+    named: list[tuple[str, int, int]] = []
     for m in cfg["modules"]:
-        shapes[f"{m['name']}.lora_B"] = (m["out_features"], r)
-        shapes[f"{m['name']}.lora_A"] = (r, m["in_features"])
-    return ur.fingerprint(cfg["seed"], cfg["vector_length"], shapes)
+        named.append((f"{m['name']}.lora_B", m["out_features"], r))
+        named.append((f"{m['name']}.lora_A", r, m["in_features"]))
+    return ref.fingerprint(cfg["seed"], cfg["vector_length"], named)
 
 
 def _set(key: str, value: Any, *, refresh: bool = False) -> Callable[[dict[str, Any]], None]:

@@ -181,6 +181,20 @@ def test_fingerprint_matches_reference_and_depends_on_everything() -> None:
     assert fp not in others and len(others) == 5
 
 
+@pytest.mark.parametrize("name", ["a\t2\t2\nb", "a\nb", "x\r", "\x00", "q\x7f"])
+def test_fingerprint_refuses_names_with_control_characters(name: str) -> None:
+    """A name with a tab and a line break imitated two matrices: ``{'a\\t2\\t2\\nb':
+    (2, 2)}`` had the fingerprint of ``{'a': (2, 2), 'b': (2, 2)}``. Names follow the
+    rule of module names in adapter configs."""
+    with pytest.raises(ur.InvalidArgumentError, match="control character") as info:
+        ur.fingerprint(0, 2, {"ok": (1, 1), name: (2, 2)})
+    message = str(info.value)
+    assert "\n" not in message and "matrix" in message, message
+    if name == "a\t2\t2\nb":
+        assert "a\\t2\\t2\\nb" in message, message  # the bad name, escaped
+    assert ur.fingerprint(0, 2, {"a b": (2, 2), "é.ü": (2, 2)}).startswith("sha256:")
+
+
 @pytest.mark.parametrize(
     ("call", "exc", "match"),
     [

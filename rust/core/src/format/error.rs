@@ -134,7 +134,7 @@ pub enum ConfigError {
     /// ambiguous.
     #[error(
         "the name holds the control character {0:?}, which the fingerprint cannot encode \
-         unambiguously; module names are free of tabs, line breaks and other control characters"
+         unambiguously; names must be free of tabs, line breaks and other control characters"
     )]
     ControlCharacter(char),
     /// The rank is larger than the smaller side of a module's weight.
