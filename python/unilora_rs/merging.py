@@ -105,8 +105,9 @@ def merge(
     inside, or containing an input raises :class:`InvalidArgumentError`. The inputs are
     never modified. Ctrl-C, or any signal handler that raises (the ``unilora`` command
     turns SIGTERM into one), cancels cleanly: no partial output. Temporaries left by
-    processes that were killed outright are removed by the next run (once untouched
-    for a minute).
+    processes that were killed outright (SIGKILL) are removed by the next run into
+    the same output once the process has ended (those of another machine or container
+    sharing the folder once untouched for a minute).
     """
     paths = as_path("base", base), as_path("adapter", adapter), as_path("out", out)
     result: MergeResult = _run(_core.merge, paths, dtype, show_progress, overwrite)
