@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import reference as ref  # noqa: E402
 import unilora_rs as ur  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
@@ -43,12 +44,15 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _fingerprint(cfg: dict[str, Any]) -> str:
+    """The fingerprint of the config's modules, from the reference's text: a module name
+    with a control character (which ``ur.fingerprint`` refuses) gets one too, so that
+    the name is the only fault of such a case."""
     r = cfg["rank"]
-    shapes: dict[str, tuple[int, int]] = {}
+    named: list[tuple[str, int, int]] = []
     for m in cfg["modules"]:
-        shapes[f"{m['name']}.lora_B"] = (m["out_features"], r)
-        shapes[f"{m['name']}.lora_A"] = (r, m["in_features"])
-    return ur.fingerprint(cfg["seed"], cfg["vector_length"], shapes)
+        named.append((f"{m['name']}.lora_B", m["out_features"], r))
+        named.append((f"{m['name']}.lora_A", r, m["in_features"]))
+    return ref.fingerprint(cfg["seed"], cfg["vector_length"], named)
 
 
 def _set(key: str, value: Any, *, refresh: bool = False) -> Callable[[dict[str, Any]], None]:
@@ -71,6 +75,22 @@ def _module(key: str, value: Any, *, refresh: bool = False) -> Callable[[dict[st
 
 def _drop(key: str) -> Callable[[dict[str, Any]], None]:
     return lambda cfg: cfg.pop(key)
+
+
+#: The config of a PEFT Uni-LoRA adapter (as PEFT 0.21 saves it).
+PEFT_UNILORA = {
+    "peft_type": "UNILORA",
+    "r": 4,
+    "theta_d_length": D,
+    "proj_seed": 0,
+    "target_modules": ["q_proj", "v_proj"],
+    "base_model_name_or_path": "base",
+}
+
+
+def _replace(cfg: dict[str, Any], new: dict[str, Any]) -> None:
+    cfg.clear()
+    cfg.update(new)
 
 
 # Each case: an edit of the good config (or a raw replacement of its text), the error
@@ -129,6 +149,17 @@ CASES: dict[str, tuple[Callable[[dict[str, Any]], None] | tuple[str, str], type,
         "listed twice",
     ),
     "not an object": (lambda cfg: cfg.clear(), ur.FormatError, "not a unilora_rs adapter"),
+    "a PEFT Uni-LoRA adapter": (
+        lambda cfg: _replace(cfg, PEFT_UNILORA),
+        ur.FormatError,
+        'a PEFT Uni-LoRA adapter (peft_type "UNILORA"), not a unilora_rs one: convert it '
+        "with `unilora convert-peft",
+    ),
+    "a PEFT LoRA adapter": (
+        lambda cfg: _replace(cfg, {**PEFT_UNILORA, "peft_type": "LORA"}),
+        ur.FormatError,
+        'a PEFT adapter (peft_type "LORA"), not a unilora_rs adapter',
+    ),
     "fingerprint tampered": (_set("seed", 5), ur.MismatchError, "fingerprint mismatch"),
 }
 
@@ -223,6 +254,23 @@ def test_task_entry_is_checked_and_normalised(good: tuple[Path, Path], tmp_path:
     _write_case(adapter, bad, _set("task", {"type": "causal-lm", "extra": 1}))
     with pytest.raises(ur.FormatError, match="task: unknown key"):
         _core.read_adapter_config(bad)
+
+
+@pytest.mark.parametrize("peft_type", ["UNILORA", "LORA"])
+def test_merging_a_peft_adapter_names_it_and_convert_peft(
+    peft_type: str, good: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``unilora merge`` of a PEFT adapter said ``format = nothing (the key is missing)``."""
+    adapter, base = good
+    bad = tmp_path / "peft"
+    _write_case(adapter, bad, lambda cfg: _replace(cfg, {**PEFT_UNILORA, "peft_type": peft_type}))
+    capsys.readouterr()
+    assert main(["merge", str(base), str(bad), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("unilora: error:"), err
+    assert "the key is missing" not in err and "unilora convert-peft" in err, err
+    assert f"PEFT {'Uni-LoRA ' if peft_type == 'UNILORA' else ''}adapter" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_programmatic_configs_use_the_same_rules() -> None:

@@ -597,6 +597,43 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process ids via /proc")
+@pytest.mark.parametrize("reaped", [True, False], ids=["waited-for", "zombie"])
+def test_staging_of_a_killed_merge_goes_on_the_next_run(tmp_path: Path, reaped: bool) -> None:
+    """A SIGKILLed merge left its full-size staging folder, and the next runs into the
+    same output (--overwrite included) kept it while it was younger than a minute, or
+    for as long as the killed process was a zombie. A staging folder of a running
+    process stays."""
+    n, layers = 1024, 8
+    sd = {f"layers.{k}.proj.weight": torch.zeros(n, n) for k in range(layers)}
+    base = write_checkpoint(tmp_path / "base", sd, shards=2)
+    write_adapter(tmp_path / "ad", [ModuleSpec("layers.0.proj", n, n)])
+    out = tmp_path / "out"
+    env = dict(os.environ, UNILORA_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", SLOW_CLI, "merge", str(base), str(tmp_path / "ad"), str(out)]
+    proc = subprocess.Popen([*cmd, "--dtype", "bf16"], stderr=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    proc.stderr.read(1)  # the progress bar has started: the staging folder exists
+    proc.kill()
+    if reaped:
+        proc.wait()
+    try:
+        (staging,) = tmp_path.glob(".out.unilora-tmp-*")
+        assert staging.is_dir() and any(staging.iterdir())
+        host = staging.name.rsplit("-", 1)[1]  # this machine's tag, as the merge wrote it
+        live = tmp_path / f".out.unilora-tmp-{os.getpid()}-999-{host}"
+        live.mkdir()
+        ur.merge(base, tmp_path / "ad", out)
+        assert not staging.exists()
+        ur.merge(base, tmp_path / "ad", out, overwrite=True)
+        assert live.exists()
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == [live.name, "ad", "base", "out"]
+    finally:
+        proc.wait()
+        proc.stderr.close()
+
+
 def test_sigterm_mid_merge_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
     n, layers = 1024, 8  # 32 MB of float32, cast to bf16 in tiles of 4 elements
     sd = {f"layers.{k}.proj.weight": torch.zeros(n, n) for k in range(layers)}

@@ -5,6 +5,7 @@ equal to a numpy reference)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,36 @@ def test_weighted_merge_refuses_weights_that_are_not_finite_in_float32(
         ur.merge_weighted(base, adapters, [weight, 0.5], tmp_path / "o.st")  # type: ignore[list-item]
     assert not (tmp_path / "o.st").exists()
     ur.merge_weighted(base, adapters, [1e30, 0.0], tmp_path / "ok.st")  # finite in float32
+
+
+@pytest.mark.parametrize(("weights", "dtype"), [([3e38, 3e38], None), ([1e34, 0.0], "f16")])
+def test_a_merged_tensor_that_becomes_inf_is_refused_by_name(
+    tmp_path: Path, weights: list[float], dtype: str | None
+) -> None:
+    """Weights finite in float32 whose sum overflows it (or the output dtype) wrote
+    Inf/NaN into every adapted tensor, exit 0."""
+    base = write_checkpoint(tmp_path / "base.safetensors", llama_like_tensors("f32"))
+    adapters = three_adapters(tmp_path)[:2]
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(InvalidArgumentError) as info:
+        ur.merge_weighted(base, adapters, weights, out, dtype=dtype)
+    message = str(info.value)
+    assert re.search(r"merging makes model\.layers\.\d\.\S+\.weight \(", message), message
+    assert "Inf or NaN" in message, message
+    assert ("float16" in message) == (dtype == "f16"), message
+    listing = ["all", "base.safetensors", "mlp", "qv"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == listing
+    argv = ["merge", str(base), *map(str, adapters), "--weights", *map(str, weights), str(out)]
+    proc = _cli(*argv, *(["--dtype", dtype] if dtype else []), "--no-progress")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Inf or NaN" in proc.stderr and not out.exists()
+    # a base tensor that already holds Inf is no fault of the merge
+    sd = llama_like_tensors("f32")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sd[name] = sd[name].clone()
+    sd[name][0, 0] = float("inf")
+    inf_base = write_checkpoint(tmp_path / "inf.safetensors", sd)
+    ur.merge_weighted(inf_base, adapters, [0.5, 0.5], tmp_path / "ok.safetensors")
 
 
 def test_cli_a_numeric_out_after_the_weights_is_named(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -179,6 +180,20 @@ def test_fingerprint_matches_reference_and_depends_on_everything() -> None:
         ur.fingerprint(5, 10, dict(reversed(shapes.items()))),
     }
     assert fp not in others and len(others) == 5
+
+
+@pytest.mark.parametrize("name", ["a\t2\t2\nb", "a\nb", "x\r", "\x00", "q\x7f"])
+def test_fingerprint_refuses_names_with_control_characters(name: str) -> None:
+    """A name with a tab and a line break imitated two matrices: ``{'a\\t2\\t2\\nb':
+    (2, 2)}`` had the fingerprint of ``{'a': (2, 2), 'b': (2, 2)}``. Names follow the
+    rule of module names in adapter configs."""
+    with pytest.raises(ur.InvalidArgumentError, match="control character") as info:
+        ur.fingerprint(0, 2, {"ok": (1, 1), name: (2, 2)})
+    message = str(info.value)
+    assert "\n" not in message and "matrix" in message, message
+    if name == "a\t2\t2\nb":
+        assert "a\\t2\\t2\\nb" in message, message  # the bad name, escaped
+    assert ur.fingerprint(0, 2, {"a b": (2, 2), "é.ü": (2, 2)}).startswith("sha256:")
 
 
 @pytest.mark.parametrize(
@@ -522,3 +537,30 @@ def test_thread_environment_variable_is_clamped_with_a_warning() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("True") and "exceeds the limit" in out.stdout
+
+
+def test_the_thread_warning_names_the_import_that_caused_it() -> None:
+    """The warning was attributed to ``<frozen importlib._bootstrap>``; it names the
+    line that imported unilora_rs, so a filter on the caller's module applies."""
+    code = "import os\nimport unilora_rs\n"
+    env = {**os.environ, "UNILORA_NUM_THREADS": "1000000", "PYTHONWARNINGS": "default"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "importlib" not in out.stderr, out.stderr
+    assert out.stderr.startswith("<string>:2: RuntimeWarning: UNILORA_NUM_THREADS=1000000 "), (
+        out.stderr
+    )
+    assert out.stderr.count("\n") == 1, out.stderr
+    # imported by the interpreter (python -m): the package's own line, not runpy's
+    out = subprocess.run(
+        [sys.executable, "-m", "unilora_rs", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "<frozen" not in out.stderr and "RuntimeWarning: UNILORA_NUM_THREADS" in out.stderr
+    assert out.stderr.split(":", 1)[0].endswith(os.path.join("unilora_rs", "__init__.py"))

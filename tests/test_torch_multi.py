@@ -4,6 +4,7 @@ mixed-adapter batches, and the theta_D cache of generate()."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,45 @@ def test_bad_adapter_names_are_refused() -> None:
         with pytest.raises(InvalidArgumentError):
             model.add_adapter(bad, cfg("b"))
     assert list(model.unilora_configs) == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("a\nb", "control character '\\n'"),
+        ("a\tb", "control character '\\t'"),
+        ("x\x7f", "control character"),
+        ("x" * 256, "256 bytes"),
+        ("é" * 128, "256 bytes"),
+    ],
+)
+def test_adapter_names_save_could_not_write_are_refused_when_added(
+    tmp_path: Path, bad: str, match: str
+) -> None:
+    """A name with a line break or over the file-name limit was accepted and failed (or
+    made a folder named with a line break) at save."""
+    model = get_unilora_model(tiny_llama(), cfg("default"))
+    with pytest.raises(InvalidArgumentError, match=re.escape(match)) as info:
+        model.add_adapter(bad, cfg("b"))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert list(model.unilora_configs) == ["default"]
+    longest = "é" * 127 + "x"  # 255 bytes: the longest name a folder can have
+    model.add_adapter(longest, cfg("b"))
+    model.save_pretrained(tmp_path)
+    assert ur.load_adapter_config(tmp_path / longest).seed == 7
+
+
+def test_save_pretrained_without_adapters_is_an_error(tmp_path: Path) -> None:
+    """Once every adapter was deleted save_pretrained returned without writing."""
+    model = multi_llama()
+    with pytest.raises(InvalidArgumentError, match="selected_adapters is empty"):
+        model.save_pretrained(tmp_path, selected_adapters=[])
+    for name in ("default", "b", "c"):
+        model.delete_adapter(name)
+    with pytest.raises(InvalidArgumentError, match="no adapter to save") as info:
+        model.save_pretrained(tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ modules_to_save

@@ -147,9 +147,14 @@ def test_cli_external_data_on_a_small_model(
     assert _locations(out) == {"merged.onnx.data"}  # the final name, relative to the graph
     _check_against_adapter(out, adapter, base, seed=5, vocab=64)
 
-    # both files are replaced on a second export; --no-progress is silent on stderr
+    # both files are replaced on a second export with --overwrite (refused without it);
+    # --no-progress is silent on stderr
     before = out.read_bytes()
-    assert main(["export-onnx", str(adapter), str(out), "--external-data", "--no-progress"]) == 0
+    again = ["export-onnx", str(adapter), str(out), "--external-data", "--no-progress"]
+    assert main(again) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "output exists (pass overwrite=True or --overwrite" in err, err
+    assert main([*again, "--overwrite"]) == 0
     assert capsys.readouterr().err == ""
     assert out.read_bytes() == before
     assert sorted(p.name for p in outdir.iterdir()) == ["merged.onnx", "merged.onnx.data"]
@@ -319,3 +324,49 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path: Path, external: boo
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "writing the ONNX files failed" in proc.stderr and str(out) in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_existing_outputs_and_a_users_data_file_are_kept_without_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """export-onnx replaced an existing OUT.onnx and a user's OUT.onnx.data silently."""
+    adapter, _base = _adapter_pair(tmp_path)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"mine")
+    argv = ["export-onnx", str(adapter), str(out), "--no-progress"]
+    assert main(argv) == 1
+    assert "output exists" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    out.unlink()
+    (tmp_path / "m.onnx.data").write_bytes(b"my data")
+    assert main([*argv, "--external-data"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "m.onnx.data" in err and "output exists" in err
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"my data" and not out.exists()
+    # an embedded export leaves the data file alone
+    assert main(argv) == 0 and (tmp_path / "m.onnx.data").read_bytes() == b"my data"
+    assert main([*argv, "--external-data", "--overwrite"]) == 0
+    assert _locations(out) == {"m.onnx.data"}
+
+
+def test_an_opset_torch_cannot_write_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--opset 5 reported opset 5 and wrote opset 18."""
+    adapter, _base = _adapter_pair(tmp_path)
+    out = tmp_path / "m.onnx"
+    capsys.readouterr()
+    assert main(["export-onnx", str(adapter), str(out), "--opset", "5", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "opset 5 cannot be written for this graph" in err, err
+    assert f"torch.onnx writes opsets 18 to {onnx.defs.onnx_opset_version()}" in err, err
+    assert not out.exists()
+    # an opset beyond what onnx knows is refused before any model is loaded
+    too_new = onnx.defs.onnx_opset_version() + 1
+    argv = ["export-onnx", str(adapter), str(out), "--opset", str(too_new), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"opset {too_new} is not supported" in err, err
+    assert not out.exists()
+    assert main(["export-onnx", str(adapter), str(out), "--opset", "19", "--no-progress"]) == 0
+    assert "(opset 19)" in capsys.readouterr().out
+    assert onnx.load(str(out)).opset_import[0].version == 19

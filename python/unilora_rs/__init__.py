@@ -17,6 +17,8 @@ in); their reports are in :mod:`unilora_rs.reports`.
 
 from __future__ import annotations
 
+from . import _core
+from ._util import warn_at_importer as _warn_at_importer
 from ._version import SPEC_VERSION, __version__
 from .adapter import AdapterConfig, ModuleSpec, load_adapter, load_adapter_config
 from .errors import (
@@ -85,3 +87,8 @@ __all__ = [
     "set_num_threads",
     "total_size",
 ]
+
+# An ignored or clamped UNILORA_NUM_THREADS, warned here rather than while the core is
+# imported (that warning named importlib's frame), at the line that imported the package.
+if (_notice := _core.thread_env_warning()) is not None:
+    _warn_at_importer(_notice, RuntimeWarning)

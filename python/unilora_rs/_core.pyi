@@ -40,6 +40,7 @@ __all__ = [
     "safetensors_header",
     "set_num_threads",
     "staging_folder",
+    "thread_env_warning",
     "total_size",
 ]
 
@@ -165,6 +166,7 @@ def map_sha256(indices: npt.NDArray[np.int32], scales: npt.NDArray[np.float32]) 
 def fingerprint(seed: int, d: int, shapes: _Shapes) -> str: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+def thread_env_warning() -> str | None: ...
 def merge(
     base: str | os.PathLike[str],
     adapter: str | os.PathLike[str],

@@ -12,8 +12,10 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, TypeVar, overload
 
 from .errors import DtypeError, InvalidArgumentError
@@ -26,6 +28,7 @@ __all__ = [
     "file_mode",
     "incomplete",
     "umask",
+    "warn_at_importer",
     "with_progress",
     "write_atomic",
     "write_bytes_atomic",
@@ -47,6 +50,32 @@ def as_path(name: str, value: object) -> Path:
         return path
     raise InvalidArgumentError(
         f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
+    )
+
+
+def warn_at_importer(message: str, category: type[Warning]) -> None:
+    """Warns, while this package is being imported, at the line that imported it: the
+    first caller outside the package and the interpreter's frozen import machinery
+    (``warnings.warn``'s ``stacklevel`` skips importlib's frames, not runpy's nor the
+    package's own). With no such caller (``python -m unilora_rs``) the package's line
+    is named."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)
+    caller: FrameType | None = frame
+    while caller is not None and (
+        caller.f_code.co_filename.startswith("<frozen ")
+        or os.path.abspath(caller.f_code.co_filename).startswith(package)
+    ):
+        caller = caller.f_back
+    target = caller or frame
+    module_globals = target.f_globals
+    warnings.warn_explicit(
+        message,
+        category,
+        target.f_code.co_filename,
+        target.f_lineno,
+        module=module_globals.get("__name__", "<string>"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
     )
 
 

@@ -102,11 +102,14 @@ def merge(
     place when complete; an existing output raises :class:`FileExistsError` unless
     ``overwrite`` (and an existing folder is replaced only when it is empty or an
     earlier merge output, which holds a ``.unilora-output`` file); an output equal to,
-    inside, or containing an input raises :class:`InvalidArgumentError`. The inputs are
+    inside, or containing an input raises :class:`InvalidArgumentError`, as does a
+    tensor that the merge (or ``dtype``, float16's range) turns Inf or NaN where the
+    base is finite, by name. The inputs are
     never modified. Ctrl-C, or any signal handler that raises (the ``unilora`` command
     turns SIGTERM into one), cancels cleanly: no partial output. Temporaries left by
-    processes that were killed outright are removed by the next run (once untouched
-    for a minute).
+    processes that were killed outright (SIGKILL) are removed by the next run into
+    the same output once the process has ended (those of another machine or container
+    sharing the folder once untouched for a minute).
     """
     paths = as_path("base", base), as_path("adapter", adapter), as_path("out", out)
     result: MergeResult = _run(_core.merge, paths, dtype, show_progress, overwrite)
@@ -189,7 +192,9 @@ def merge_weighted(
     tensors (heads) and task records must not collide: a tensor replaced or added by
     two adapters, or a ``config.json`` key they set differently, raises
     :class:`InvalidArgumentError` (a weighted merge does not average heads). A weight
-    that is not a finite float32 number raises :class:`InvalidArgumentError`.
+    that is not a finite float32 number raises :class:`InvalidArgumentError`, and so
+    does a merged tensor that the weighted sum (or the output dtype) turns Inf or NaN
+    where the base is finite: the error names it and nothing is written.
     """
     base_p, out_p = as_path("base", base), as_path("out", out)
     paths = _adapter_list(adapters)

@@ -125,7 +125,9 @@ def reconstruct_backward(
 def fingerprint(seed: int, d: int, shapes: ShapeSpec) -> str:
     """The fingerprint that binds an adapter to its spec version, seed, ``d`` and shapes.
 
-    A list of shapes is named ``"0"``, ``"1"``, ...; a dict uses its keys. See
+    A list of shapes is named ``"0"``, ``"1"``, ...; a dict uses its keys, which must be
+    free of control characters (tabs, line breaks, ...) as module names in adapter
+    configs are: :class:`InvalidArgumentError` names the first such key. See
     docs/SPEC.md for the exact text that is hashed (SHA-256).
     """
     return _core.fingerprint(seed, d, shapes)

@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..extras import require
-from ._options import add_no_progress
+from ._options import add_no_progress, add_overwrite
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,7 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--seq-len", type=int, default=16, help="sequence length of the samples (default 16)"
     )
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=18,
+        help="ONNX opset written (default 18; up to the newest opset the installed onnx "
+        "knows; below 18 only when torch.onnx can convert every operator of the graph)",
+    )
     p.add_argument(
         "--atol", type=float, default=1e-4, help="max |onnxruntime - torch| (default 1e-4)"
     )
@@ -49,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="write the weights to OUT.onnx.data even when they would fit in OUT.onnx "
         "(automatic over 2 GB)",
     )
+    add_overwrite(p, help="replace an existing OUT.onnx (and OUT.onnx.data)")
     add_no_progress(p, help="no progress lines on stderr")
     p.set_defaults(run=run)
 
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         atol=args.atol,
         external_data=True if args.external_data else None,
         progress=None if args.no_progress else progress,
+        overwrite=args.overwrite,
     )
     shapes = ", ".join(f"{b}x{s}" for b, s in report.checked_shapes)
     written = str(report.path)

@@ -27,11 +27,16 @@ from .targets import module_at, target_rule
 
 __all__ = [
     "DEFAULT_ADAPTER",
+    "MAX_NAME_BYTES",
     "ActiveAdapterMixin",
     "AdapterEntry",
     "AdapterRegistry",
     "adapter_record",
 ]
+
+#: The longest adapter name, in UTF-8 bytes: the name of a sub-folder of
+#: ``save_pretrained``, and file names are limited to 255 bytes on Linux and macOS.
+MAX_NAME_BYTES = 255
 
 #: The name of the first adapter unless another is given (PEFT's name). Its vector is
 #: the model's parameter ``theta_d``; another adapter's is ``theta_d_adapters.<name>``.
@@ -228,9 +233,23 @@ class AdapterRegistry:
 
     def check_new_name(self, name: str) -> None:
         """Refuses a name that is empty, reserved, unusable as a parameter or folder
-        name, or taken."""
+        name (control characters, over :data:`MAX_NAME_BYTES`), or taken: one that
+        :meth:`save_pretrained` could not write fails here, not at save."""
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"adapter_name must be a non-empty string, got {name!r}")
+        control = next((c for c in name if ord(c) < 0x20 or ord(c) == 0x7F), None)
+        if control is not None:
+            raise InvalidArgumentError(
+                f"adapter_name {name!r} holds the control character {control!r}; adapter "
+                "names are free of tabs, line breaks and other control characters (it "
+                "names a parameter and a sub-folder)"
+            )
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            raise InvalidArgumentError(
+                f"adapter_name {name[:24]!r}... is {size} bytes long in UTF-8; at most "
+                f"{MAX_NAME_BYTES} (it names a sub-folder, and a file name is limited to that)"
+            )
         if name == BASE_ROWS:
             raise InvalidArgumentError(f"{BASE_ROWS!r} is reserved for rows of the base model")
         if "." in name or "/" in name or "\\" in name or name.startswith("_"):

@@ -28,7 +28,7 @@ from ..adapter import (
     load_projection_map,
     save_adapter,
 )
-from ..errors import MismatchError, VectorError
+from ..errors import InvalidArgumentError, MismatchError, VectorError
 from .config import UniLoRAConfig
 from .hub import push_adapters, resolve_adapter_dir
 from .inject import delete_adapter, inject_adapter
@@ -91,6 +91,12 @@ def save_adapters(
 ) -> Path | None:
     """Writes the selected adapters (default: all); see :meth:`UniLoRAModel.save_pretrained`."""
     names = list(registry.entries) if selected_adapters is None else list(selected_adapters)
+    if not names:
+        raise InvalidArgumentError(
+            "no adapter to save: the model has none (every adapter was deleted)"
+            if selected_adapters is None
+            else "selected_adapters is empty: nothing to save"
+        )
     for name in names:
         registry.entry(name)
     root = Path(save_directory)

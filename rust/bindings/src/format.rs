@@ -109,7 +109,8 @@ pub fn check_adapter_module<'py>(
 }
 
 /// The adapter fingerprint over the spec version, `seed`, `d` and the shapes (named by
-/// a dict's keys, or `"0"`, `"1"`, ... for a list).
+/// a dict's keys, or `"0"`, `"1"`, ... for a list); a name with a control character is
+/// refused, as in adapter configs.
 #[pyfunction]
 #[pyo3(signature = (seed, d, shapes))]
 pub fn fingerprint(
@@ -125,5 +126,7 @@ pub fn fingerprint(
         .zip(&shapes.dims)
         .map(|(n, &(r, c))| (n.as_str(), r, c))
         .collect();
-    Ok(unilora_core::fingerprint(seed, d, &named))
+    unilora_core::checked_fingerprint(seed, d, &named)
+        .map_err(|e| CoreError::InvalidArgument(e.to_string()))
+        .py()
 }

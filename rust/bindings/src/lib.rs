@@ -38,7 +38,7 @@ mod _core {
     };
 
     #[pymodule_export]
-    use crate::parallel::{get_num_threads, set_num_threads};
+    use crate::parallel::{get_num_threads, set_num_threads, thread_env_warning};
 
     #[pymodule_export]
     use crate::format::{
@@ -74,12 +74,6 @@ mod _core {
         m.add("SPEC_VERSION", unilora_core::SPEC_VERSION)?;
         m.add("MAX_THREADS", unilora_core::parallel::max_threads())?;
         crate::foreign::register();
-        if let Some(msg) = unilora_core::parallel::env_warning() {
-            let py = m.py();
-            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
-            let msg = std::ffi::CString::new(msg).unwrap_or_default();
-            PyErr::warn(py, &category, &msg, 1)?;
-        }
         Ok(())
     }
 }

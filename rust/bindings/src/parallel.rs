@@ -21,3 +21,10 @@ pub fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
 pub fn get_num_threads() -> usize {
     parallel::num_threads()
 }
+
+/// Why `UNILORA_NUM_THREADS` is ignored or clamped, or `None` when it is used as set
+/// (the package warns with it once imported, naming the importing line).
+#[pyfunction]
+pub fn thread_env_warning() -> Option<String> {
+    parallel::env_warning()
+}

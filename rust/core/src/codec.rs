@@ -144,6 +144,25 @@ pub(crate) fn encode_unchecked(dtype: Dtype, src: &[f32], raw: &mut [u8]) {
     }
 }
 
+/// Whether `raw`, elements of the float `dtype` (BF16, F16, F32 or F64; anything else
+/// is read as F64), holds an Inf or a NaN: an exponent of all ones. Branch-free over
+/// the whole slice, so that it vectorises.
+#[inline]
+pub(crate) fn any_non_finite(dtype: Dtype, raw: &[u8]) -> bool {
+    fn any<const N: usize>(raw: &[u8], mask: u64, to: fn([u8; N]) -> u64) -> bool {
+        raw.chunks_exact(N).fold(false, |seen, c| {
+            let bits = to(c.try_into().expect("N-byte chunk"));
+            seen | (bits & mask == mask)
+        })
+    }
+    match dtype {
+        Dtype::BF16 => any::<2>(raw, 0x7f80, |b| u64::from(u16::from_le_bytes(b))),
+        Dtype::F16 => any::<2>(raw, 0x7c00, |b| u64::from(u16::from_le_bytes(b))),
+        Dtype::F32 => any::<4>(raw, 0x7f80_0000, |b| u64::from(u32::from_le_bytes(b))),
+        _ => any::<8>(raw, 0x7ff0_0000_0000_0000, u64::from_le_bytes),
+    }
+}
+
 /// Converts `n` elements from `src_dtype` bytes to `dst_dtype` bytes with one rounding
 /// (`F64` sources go through float32 with round-to-odd, which keeps the single
 /// rounding exact). `scratch`
@@ -248,6 +267,25 @@ mod tests {
         // 65520 is halfway between f16 max 65504 and 65536: ties to even = +inf.
         encode(Dtype::F16, &[65520.0, 65519.0], &mut raw).unwrap();
         assert_eq!(raw, [0x00, 0x7C, 0xFF, 0x7B]);
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64] {
+            let size = float_size(dtype).unwrap();
+            let finite = [0.0, -0.0, 1.5, -3.0e4, 1e-40];
+            let mut raw = vec![0u8; finite.len() * size];
+            encode(dtype, &finite, &mut raw).unwrap();
+            assert!(!any_non_finite(dtype, &raw), "{dtype}");
+            for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+                let mut raw = vec![0u8; 3 * size];
+                encode(dtype, &[1.0, bad, 2.0], &mut raw).unwrap();
+                assert!(any_non_finite(dtype, &raw), "{dtype} {bad}");
+            }
+        }
+        let mut raw = [0u8; 4];
+        encode(Dtype::F16, &[65504.0, 65520.0], &mut raw).unwrap(); // the latter rounds to Inf
+        assert!(!any_non_finite(Dtype::F16, &raw[..2]) && any_non_finite(Dtype::F16, &raw));
     }
 
     #[test]

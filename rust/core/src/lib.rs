@@ -48,7 +48,7 @@ pub use error::{CoreError, Result};
 pub use export::{
     ExportOptions, ExportReport, PeftExportReport, SavedModules, export_lora, export_peft,
 };
-pub use format::fingerprint::fingerprint;
+pub use format::fingerprint::{checked_fingerprint, fingerprint};
 pub use format::{AdapterConfig, ProjectionKind, SPEC_VERSION};
 pub use merge::{
     Control, EachReport, MergeOptions, MergeReport, MultiMergeOptions, merge, merge_each,

@@ -113,7 +113,9 @@ def _sample(
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silences the exporter's progress prints and known warnings during the export."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -152,10 +154,50 @@ def _weight_bytes(model: Any) -> int:
     return total
 
 
+def _check_existing(out: Path, data: Path | None, overwrite: bool) -> None:
+    """Without ``overwrite`` an existing output file (``out``, and ``data`` when given)
+    is refused, as by every other command (a folder in the way is refused later, as
+    such)."""
+    for path in (out, data):
+        if path is not None and path.exists() and not path.is_dir() and not overwrite:
+            raise FileExistsError(
+                17, "output exists (pass overwrite=True or --overwrite to replace it)", str(path)
+            )
+
+
+#: The opset torch.onnx builds the graph in; other opsets are converted from it.
+_NATIVE_OPSET = 18
+
+
+def _max_opset() -> int:
+    """The newest opset the installed onnx knows (torch.onnx converts up to it)."""
+    require("ONNX export")
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def _opset_refusal(opset: object, why: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"opset {opset} {why}: torch.onnx writes opsets {_NATIVE_OPSET} to {_max_opset()} "
+        "(lower ones only when it can convert every operator of the graph)"
+    )
+
+
+def _check_opset(opset: object) -> int:
+    """``opset`` when it can be asked for (an integer from 1 up to :func:`_max_opset`)."""
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise InvalidArgumentError(f"opset must be an integer, got {opset!r}")
+    if not 1 <= opset <= _max_opset():
+        raise _opset_refusal(opset, "is not supported")
+    return opset
+
+
 def _choose_external(
-    external_data: bool | None, weight_bytes: int, data: Path
+    external_data: bool | None, weight_bytes: int, data: Path, overwrite: bool = False
 ) -> tuple[bool, bool]:
-    """``(use external data, chosen automatically)``; refuses a single file over the limit."""
+    """``(use external data, chosen automatically)``; refuses a single file over the
+    limit, and an existing data file without ``overwrite``."""
     too_big = weight_bytes > SINGLE_FILE_LIMIT
     if external_data is False and too_big:
         raise InvalidArgumentError(
@@ -165,6 +207,8 @@ def _choose_external(
     use = bool(external_data) or too_big
     if use and data.exists() and not data.is_file():
         raise IsADirectoryError(21, "external-data path exists and is not a file", str(data))
+    if use:
+        _check_existing(data, None, overwrite)
     return use, use and not external_data
 
 
@@ -221,11 +265,12 @@ def export_onnx(
     vocab_size: int | None = None,
     batch: int = 2,
     seq_len: int = 16,
-    opset: int = 18,
+    opset: int = _NATIVE_OPSET,
     atol: float = 1e-4,
     seed: int = 0,
     external_data: bool | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Exports ``model`` (``input_ids``, ``attention_mask`` -> ``logits``) to ``out_path``.
 
@@ -237,8 +282,12 @@ def export_onnx(
     they exceed :data:`SINGLE_FILE_LIMIT`, then writes them to ``OUT.onnx.data``;
     ``True`` always writes ``OUT.onnx.data``; ``False`` always embeds them (an error
     above the limit). With external data both files are staged in a temporary folder
-    beside ``out_path`` and renamed into place, the data file first. ``progress``
-    receives one line per step of the work.
+    beside ``out_path`` and renamed into place, the data file first. An existing
+    output file (or data file) raises :class:`FileExistsError` unless ``overwrite``.
+    ``opset`` is the opset written: torch.onnx builds opset 18 and converts to the
+    others, up to the newest the installed onnx knows; one out of that range, or a lower
+    one the graph does not convert to, raises :class:`InvalidArgumentError`.
+    ``progress`` receives one line per step of the work.
 
     Memory: the graph shares ``model``'s tensors. Because the caller still holds
     ``model``, its weights stay in memory while onnxruntime checks the graph (about
@@ -256,6 +305,7 @@ def export_onnx(
         seed=seed,
         external_data=external_data,
         progress=progress,
+        overwrite=overwrite,
     )
 
 
@@ -283,13 +333,19 @@ def _check_request(
     vocab_size: int | None,
     batch: int,
     seq_len: int,
+    opset: int,
+    overwrite: bool,
+    external_data: bool | None,
 ) -> tuple[Path, int]:
     """The output path and the vocabulary size, after checking the request."""
     if batch < 1 or seq_len < 2:
         raise InvalidArgumentError(f"need batch >= 1 and seq_len >= 2, got {batch}, {seq_len}")
+    _check_opset(opset)
     out = Path(out_path)
     if out.is_dir():
         raise IsADirectoryError(21, "output path is a directory", str(out))
+    data = out.with_name(out.name + ".data")
+    _check_existing(out, data if external_data else None, overwrite)
     if not out.parent.exists():
         raise FileNotFoundError(2, "output folder does not exist", str(out.parent))
     vocab = vocab_size or int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
@@ -305,7 +361,7 @@ def _trace(
     dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("sequence", min=2)}
     say("exporting the graph with torch.onnx (dynamo)")
     with _quiet(), torch.no_grad():
-        return torch.onnx.export(
+        program: Any = torch.onnx.export(
             wrapper,
             sample,
             dynamo=True,
@@ -314,13 +370,18 @@ def _trace(
             dynamic_shapes={"input_ids": dims, "attention_mask": dims},
             opset_version=opset,
         )
+    # below its own opset the exporter converts what it can and silently keeps its
+    # own opset for a graph it cannot convert
+    if program.model.opset_imports.get("") != opset:
+        raise _opset_refusal(opset, "cannot be written for this graph")
+    return program
 
 
-def _plan_files(graph: Any, external_data: bool | None, out: Path) -> _Files:
+def _plan_files(graph: Any, external_data: bool | None, out: Path, overwrite: bool) -> _Files:
     """Embedded or external weights, after checking there is room for them."""
     data = out.with_name(out.name + ".data")
     weight_bytes = _weight_bytes(graph)
-    use_external, auto = _choose_external(external_data, weight_bytes, data)
+    use_external, auto = _choose_external(external_data, weight_bytes, data, overwrite)
     _check_free_space(out.parent, weight_bytes + _DISK_MARGIN)
     return _Files(weight_bytes, use_external, auto, data)
 
@@ -400,19 +461,23 @@ def _export_onnx(
     vocab_size: int | None = None,
     batch: int = 2,
     seq_len: int = 16,
-    opset: int = 18,
+    opset: int = _NATIVE_OPSET,
     atol: float = 1e-4,
     seed: int = 0,
     external_data: bool | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """:func:`export_onnx`; with ``owned`` the model's tensors are freed once written."""
     ort = _onnxruntime()
-    out, vocab = _check_request(model, out_path, vocab_size, batch, seq_len)
+    out, vocab = _check_request(
+        model, out_path, vocab_size, batch, seq_len, opset, overwrite, external_data
+    )
     say = progress or (lambda _line: None)
     wrapper = _Logits(model.eval()).eval()
     program = _trace(wrapper, _sample(batch, seq_len, vocab, seed, pad=1), opset, say)
-    files = _plan_files(program.model, external_data, out)
+    written = int(program.model.opset_imports[""])  # the opset the report names
+    files = _plan_files(program.model, external_data, out, overwrite)
     checks = [
         _sample(batch + 1, seq_len + 3, vocab, seed + 1, pad=0),
         _sample(batch, seq_len, vocab, seed + 2, pad=seq_len // 3),
@@ -443,7 +508,7 @@ def _export_onnx(
         os.replace(staged, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return _report(out, files, worst, checks, opset)
+    return _report(out, files, worst, checks, written)
 
 
 def _report(
@@ -519,7 +584,8 @@ def export_adapter_onnx(
 ) -> ExportReport:
     """``source`` is an adapter folder (merged into ``base`` first) or a model folder.
 
-    Other keyword arguments go to :func:`export_onnx`. The model loaded here is freed
+    Other keyword arguments go to :func:`export_onnx` (``overwrite``, an existing
+    output is checked before any model is loaded). The model loaded here is freed
     once its weights are written, before onnxruntime loads them (one copy at a time).
     """
     src = Path(source)
@@ -527,6 +593,8 @@ def export_adapter_onnx(
         raise FileNotFoundError(2, "adapter or model folder not found", str(src))
     out = Path(out_path).resolve()
     data = out.with_name(out.name + ".data")
+    existing = (out, data if kwargs.get("external_data") else None, bool(kwargs.get("overwrite")))
+    _check_opset(kwargs.get("opset", _NATIVE_OPSET))  # before any model is loaded
     if (src / CONFIG_NAME).exists():
         from ...adapter import load_adapter_config
 
@@ -541,6 +609,7 @@ def export_adapter_onnx(
                 f"(the adapter records {cfg.base_model_name_or_path!r})"
             )
         _refuse_overwrite(out, data, (src, base_path))
+        _check_existing(*existing)
         model = _merged_model(src, base_path, progress)
     else:
         if base is not None:
@@ -548,6 +617,7 @@ def export_adapter_onnx(
                 f"{src} is not an adapter folder; --base is only for adapters"
             )
         _refuse_overwrite(out, data, (src,))
+        _check_existing(*existing)
         if progress is not None:
             progress(f"loading the model from {src}")
         model = load_base_model(src, show_progress=progress is not None)

@@ -375,6 +375,11 @@ fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
 fn check_format(obj: &Map<String, Value>) -> std::result::Result<(), ConfigError> {
     let fmt = obj.get("format");
     if fmt.and_then(Value::as_str) != Some(FORMAT_NAME) {
+        if let Some(peft_type) = obj.get("peft_type").filter(|_| fmt.is_none()) {
+            return Err(ConfigError::PeftAdapter {
+                peft_type: peft_type.to_string(),
+            });
+        }
         return Err(ConfigError::NotUnilora {
             got: shown(fmt),
             expected: FORMAT_NAME,
@@ -640,6 +645,15 @@ mod tests {
                 "unsupported generator spec_version 2",
             ),
             (with("format", json!("peft")), "not a unilora_rs adapter"),
+            (
+                json!({"peft_type": "UNILORA", "r": 4}),
+                "a PEFT Uni-LoRA adapter (peft_type \"UNILORA\"), not a unilora_rs one: \
+                 convert it with `unilora convert-peft",
+            ),
+            (
+                json!({"peft_type": "LORA", "r": 4}),
+                "a PEFT adapter (peft_type \"LORA\"), not a unilora_rs adapter",
+            ),
             (with("modules", json!([])), "at least one module"),
             (
                 with("modules", json!(["a.q"])),

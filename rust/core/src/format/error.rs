@@ -43,6 +43,12 @@ pub enum ConfigError {
         /// The format's name.
         expected: &'static str,
     },
+    /// The config is a PEFT adapter's (it has a `peft_type` and not our `format`).
+    #[error("{}", peft_adapter_message(.peft_type))]
+    PeftAdapter {
+        /// PEFT's `peft_type` (`"UNILORA"`, `"LORA"`, ...), as JSON text.
+        peft_type: String,
+    },
     /// `format_version` is newer than this reader's.
     #[error(
         "format_version {version} is newer than this unilora_rs ({newest}); upgrade unilora_rs"
@@ -134,7 +140,7 @@ pub enum ConfigError {
     /// ambiguous.
     #[error(
         "the name holds the control character {0:?}, which the fingerprint cannot encode \
-         unambiguously; module names are free of tabs, line breaks and other control characters"
+         unambiguously; names must be free of tabs, line breaks and other control characters"
     )]
     ControlCharacter(char),
     /// The rank is larger than the smaller side of a module's weight.
@@ -192,6 +198,22 @@ pub enum ConfigError {
         /// The tensor's name.
         name: String,
     },
+}
+
+/// What to do with a PEFT adapter: convert a Uni-LoRA one; another kind has no
+/// conversion (`peft_type` is JSON text).
+fn peft_adapter_message(peft_type: &str) -> String {
+    if peft_type == "\"UNILORA\"" {
+        "a PEFT Uni-LoRA adapter (peft_type \"UNILORA\"), not a unilora_rs one: convert it \
+         with `unilora convert-peft PEFT_ADAPTER OUT` (unilora_rs.convert_peft) and use OUT"
+            .to_string()
+    } else {
+        format!(
+            "a PEFT adapter (peft_type {peft_type}), not a unilora_rs adapter: `unilora \
+             convert-peft` converts PEFT's Uni-LoRA adapters (peft_type \"UNILORA\") only; \
+             use PEFT itself for this one"
+        )
+    }
 }
 
 impl ConfigError {

@@ -48,6 +48,20 @@ pub fn fingerprint(seed: u64, d: u64, matrices: &[(&str, u64, u64)]) -> String {
     hash_text(&canonical_text(seed, d, matrices))
 }
 
+/// [`fingerprint`] after checking every name with [`check_name`]: names with control
+/// characters are refused (the error names the matrix), so two different lists never
+/// share a fingerprint.
+pub fn checked_fingerprint(
+    seed: u64,
+    d: u64,
+    matrices: &[(&str, u64, u64)],
+) -> Result<String, ConfigError> {
+    for (name, _, _) in matrices {
+        check_name(name).map_err(|e| e.at(format!("matrix {name:?}")))?;
+    }
+    Ok(fingerprint(seed, d, matrices))
+}
+
 /// `"sha256:" + hex(SHA-256(text))`.
 pub fn hash_text(text: &str) -> String {
     hex_digest(&Sha256::digest(text.as_bytes()))
@@ -90,6 +104,23 @@ mod tests {
         for good in ["model.layers.0.self_attn.q_proj", "", "é.ü", "a b", "0"] {
             check_name(good).unwrap();
         }
+    }
+
+    #[test]
+    fn checked_fingerprint_names_the_matrix() {
+        let err = checked_fingerprint(0, 2, &[("ok", 1, 1), ("a\t2\t2\nb", 2, 2)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("matrix \"a\\t2\\t2\\nb\": "), "{err}");
+        assert!(
+            err.contains("control character") && !err.contains('\n'),
+            "{err}"
+        );
+        let two = [("a", 2, 2), ("b", 2, 2)];
+        assert_eq!(
+            checked_fingerprint(0, 2, &two).unwrap(),
+            fingerprint(0, 2, &two)
+        );
     }
 
     /// Without the rule, a name with a tab and a line break imitates two matrices.

@@ -16,8 +16,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// output, or when it is empty.
 pub const OUTPUT_MARKER: &str = ".unilora-output";
 
-/// A temporary sibling of `target` (`.<name>.unilora-<tag>-<pid>-<n>`), removed on drop
-/// unless [`TempPath::commit`] renamed it into place.
+/// A temporary sibling of `target` (`.<name>.unilora-<tag>-<pid>-<n>-<host>`, where
+/// `<host>` names the machine's boot and the PID namespace, see [`host_tag`]; without it
+/// where that cannot be told), removed on drop unless [`TempPath::commit`] renamed it
+/// into place.
 #[derive(Debug)]
 pub struct TempPath {
     path: PathBuf,
@@ -36,11 +38,15 @@ impl TempPath {
         })?;
         remove_stale_temps(target);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp_name = format!(
+        let mut tmp_name = format!(
             ".{}.unilora-{tag}-{}-{n}",
             name.to_string_lossy(),
             std::process::id()
         );
+        if let Some(host) = host_tag() {
+            tmp_name.push('-');
+            tmp_name.push_str(host);
+        }
         let path = target.with_file_name(tmp_name);
         Ok(TempPath {
             path,
@@ -204,13 +210,16 @@ fn write_marker(dir: &Path, kind: &str) -> Result<()> {
 /// remove it.
 pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Removes the temporaries (see [`TempPath`]) next to `target` whose process has ended:
-/// a merge killed by a signal it could not handle leaves them behind. A temporary of a
-/// running process (this one included) is kept, and so is one modified within
-/// [`STALE_AFTER`] (its writer may be a process this one cannot see, in another PID
-/// namespace on a shared file system) and an `old` one (a previous output being
-/// replaced) while the target itself is missing. Best effort: errors are ignored. Only
-/// on Unix, where a process id can be checked.
+/// Removes the temporaries (see [`TempPath`]) next to `target` whose process has ended
+/// (a zombie counts as ended): a merge killed by a signal it could not handle (SIGKILL)
+/// leaves them behind. A temporary of a running process (this one included) is kept,
+/// and so is an `old` one (a previous output being replaced) while the target itself is
+/// missing. A temporary named by a process of this machine's boot and PID namespace
+/// (its [`host_tag`] is ours) goes as soon as that process has ended; any other one (of
+/// another machine or container sharing the file system, where its process id means
+/// nothing here, or named without a host tag) only once neither it nor anything
+/// directly in it was modified within [`STALE_AFTER`]. Best effort: errors are ignored.
+/// Only on Unix, where a process id can be checked.
 pub fn remove_stale_temps(target: &Path) {
     #[cfg(unix)]
     {
@@ -232,18 +241,28 @@ pub fn remove_stale_temps(target: &Path) {
                 continue;
             };
             let parts: Vec<&str> = rest.split('-').collect();
-            let &[tag, pid, n] = parts.as_slice() else {
-                continue;
+            let (tag, pid, n, host) = match *parts.as_slice() {
+                [tag, pid, n] => (tag, pid, n, None),
+                [tag, pid, n, host] => (tag, pid, n, Some(host)),
+                _ => continue,
             };
             let (Ok(pid), Ok(_)) = (pid.parse::<i32>(), n.parse::<u64>()) else {
                 continue;
             };
+            let ours = host.is_some() && host == host_tag();
+            let ended = || {
+                if ours {
+                    !process_alive(pid)
+                } else {
+                    !process_alive(pid) && untouched_for(&entry.path(), STALE_AFTER)
+                }
+            };
             let stale = match tag {
-                "tmp" => !process_alive(pid),
-                "old" => !process_alive(pid) && fs::symlink_metadata(target).is_ok(),
+                "tmp" => ended(),
+                "old" => fs::symlink_metadata(target).is_ok() && ended(),
                 _ => false,
             };
-            if stale && untouched_for(&entry.path(), STALE_AFTER) {
+            if stale {
                 remove_any(&entry.path());
             }
         }
@@ -267,6 +286,8 @@ fn untouched_for(path: &Path, age: std::time::Duration) -> bool {
     }
 }
 
+/// Whether process `pid` is running: it exists and, where `/proc` says so, is no
+/// zombie (a killed process its parent has not waited for yet has ended its work).
 #[cfg(unix)]
 fn process_alive(pid: i32) -> bool {
     if pid <= 0 {
@@ -275,7 +296,34 @@ fn process_alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists; it takes plain
     // integers and touches no memory.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    if rc != 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    // `/proc/<pid>/stat` is `pid (comm) S ...`: the state follows the last ')'
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_none_or(|state| !matches!(state, 'Z' | 'X' | 'x')),
+        Err(_) => true,
+    }
+}
+
+/// A short tag of this machine's boot and this process's PID namespace (a hash of
+/// `/proc/sys/kernel/random/boot_id` and the `/proc/self/ns/pid` link), naming the
+/// temporaries of [`TempPath`]: a process with the same tag sees the writer's process
+/// id as its own, so [`remove_stale_temps`] can trust a check of it. `None` where these
+/// cannot be read (not Linux).
+pub fn host_tag() -> Option<&'static str> {
+    static TAG: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let pid_ns = fs::read_link("/proc/self/ns/pid").ok()?;
+        let text = format!("{}\n{}", boot.trim(), pid_ns.display());
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
+        Some(digest[..4].iter().map(|b| format!("{b:02x}")).collect())
+    })
+    .as_deref()
 }
 
 /// The error for an output that exists while overwriting was not asked for.
@@ -329,5 +377,67 @@ mod tests {
         assert!(target.join("new").exists());
         assert!(target.join(OUTPUT_MARKER).exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// The process id of a child that has exited and been waited for.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn temporaries_of_ended_processes_go_at_once_here_and_after_a_minute_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        let host = host_tag().expect("a host tag on Linux");
+        assert_eq!(host.len(), 8);
+        let (dead, me) = (dead_pid(), std::process::id());
+        let name = |tag: &str, pid: u32, host: &str| format!(".out.unilora-{tag}-{pid}-0{host}");
+        let gone = [name("tmp", dead, &format!("-{host}"))];
+        let kept = [
+            name("tmp", me, &format!("-{host}")), // this process is running
+            name("tmp", dead, "-0badc0de"),       // another machine's: fresh
+            name("tmp", dead, ""),                // no host tag: fresh
+            name("old", dead, &format!("-{host}")), // the target is missing
+        ];
+        for n in gone.iter().chain(&kept) {
+            fs::create_dir(dir.path().join(n)).unwrap();
+            fs::write(dir.path().join(n).join("model.safetensors"), b"x").unwrap();
+        }
+        let temp = TempPath::new(&target, "tmp").unwrap();
+        let own = temp
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let prefix = format!(".out.unilora-tmp-{me}-");
+        let rest = own.strip_prefix(&prefix).unwrap();
+        assert_eq!(rest.split_once('-').unwrap().1, host, "{own}");
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = kept.to_vec();
+        want.sort();
+        assert_eq!(left, want);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_zombie_is_no_running_process() {
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_alive(pid) {
+            assert!(std::time::Instant::now() < deadline, "never seen as ended");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(child); // never waited for until here: a zombie all along
+        assert!(process_alive(i32::try_from(std::process::id()).unwrap()));
     }
 }

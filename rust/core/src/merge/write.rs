@@ -16,6 +16,7 @@ use crate::codec;
 use crate::error::{CoreError, Result};
 use crate::io::pio::{copy_range, preallocate, read_exact_at, write_all_at};
 use crate::parallel;
+use crate::safetensors::Dtype;
 
 /// What the writers of all shards of one output share.
 pub(super) struct Writer<'a> {
@@ -238,8 +239,41 @@ impl Writer<'_> {
             }
             _ => codec::cast(src_dtype, input, out.dtype, output, grow(values, n))?,
         }
+        let changed = matches!(out.action, Action::Merge(_)) || src_dtype != out.dtype;
+        if changed
+            && codec::any_non_finite(out.dtype, output)
+            && !codec::any_non_finite(src_dtype, input)
+        {
+            let name = match out.action {
+                Action::Replace(k) | Action::Add(k) => self.extras[k].info.name.as_str(),
+                _ => shard.header.tensors[out.src].name.as_str(),
+            };
+            return Err(became_non_finite(name, out, src_dtype));
+        }
         write_all_at(dst.file, output, at).map_err(|e| CoreError::io(dst.path, e))?;
         self.control.add((n * out_size) as u64);
         Ok(())
     }
+}
+
+/// The error for output tensor `name` holding Inf or NaN where its input is finite: the
+/// update (times the weights of a weighted merge) or the output dtype overflows.
+fn became_non_finite(name: &str, out: &OutTensor, src: Dtype) -> CoreError {
+    let why = match (&out.action, out.dtype) {
+        (Action::Merge(_), Dtype::F16) => {
+            "the merged values overflow float16 (largest 65504): merge to bf16 or f32, or use \
+             smaller weights"
+        }
+        (Action::Merge(_), _) => {
+            "the adapter's update (times its weight in a weighted merge) overflows float32: use \
+             smaller weights"
+        }
+        (_, Dtype::F16) => "its values overflow float16 (largest 65504): use bf16 or f32",
+        _ => "its values overflow the output dtype",
+    };
+    CoreError::InvalidArgument(format!(
+        "merging makes {name} ({src} -> {}) hold Inf or NaN where its input is finite: {why}; \
+         nothing was written",
+        out.dtype
+    ))
 }
