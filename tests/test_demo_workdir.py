@@ -68,6 +68,26 @@ def test_a_later_run_replaces_only_what_the_demo_wrote(tmp_path: Path) -> None:
     assert marker["kept"] == ["notes.txt"] and marker["written"] == ["adapter"]
 
 
+@pytest.mark.parametrize("which", ["classifier", "llm"])
+def test_a_users_file_the_demo_would_write_is_refused_first(tmp_path: Path, which: str) -> None:
+    """A user's model.onnx in the folder stopped the classifier demo at its ONNX step,
+    after training; now the run is refused before anything in the folder changes."""
+    from unilora_rs.demo import classifier, llm
+
+    writes = {"classifier": classifier.WRITES, "llm": llm.WRITES}[which]
+    name = {"classifier": "model.onnx", "llm": "adapter.gguf"}[which]
+    out = tmp_path / "demo"
+    earlier_run(out)
+    (out / name).write_text("mine")
+    before = listing(out)
+    with pytest.raises(FileExistsError, match=f"writes {name} in its folder"):
+        prepare_out(out, writes)
+    assert listing(out) == before and (out / name).read_text() == "mine"
+    (out / name).unlink()
+    prepare_out(out, writes)
+    assert listing(out) == {DEMO_MARKER, "notes.txt"}
+
+
 def test_an_interrupted_run_is_cleaned_with_a_note(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,18 @@ from .workdir import dir_bytes, prepare_out, write_csv
 
 __all__ = ["BASELINE_LR", "run"]
 
+#: What a run writes into its folder (a user's file of such a name is refused first).
+WRITES = (
+    "data",
+    "adapter",
+    "baseline",
+    "merged",
+    "lora",
+    "model.onnx",
+    "model.onnx.data",
+    "demo.json",
+)
+
 #: Learning rate of the head-only baseline (chosen on the validation split by
 #: examples/compare.py; docs/results/compare.md).
 BASELINE_LR = 5e-2
@@ -84,7 +96,7 @@ def run(demo: DemoArgs, options: dict[str, Any]) -> int:
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
     out = demo.out
-    prepare_out(out)
+    prepare_out(out, WRITES)
     data = _write_data(demo, out)
     train_args = FinetuneArgs(
         model=data.model_dir,

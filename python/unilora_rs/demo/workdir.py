@@ -50,11 +50,14 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def prepare_out(out: Path) -> None:
+def prepare_out(out: Path, writes: tuple[str, ...] = ()) -> None:
     """Makes ``out`` the demo's folder. A folder that is not empty and holds no demo
     marker is refused; in an earlier demo's folder, what that run wrote (the marker's
-    ``written`` list) is removed and everything else is kept. After an interrupted run
-    (no ``written`` list) what was not there before it is removed, with a note."""
+    ``written`` list) is removed and everything else is kept, unless it has a name in
+    ``writes`` (what this run will write there): that is refused before anything
+    changes, as the demo would otherwise stop at that step or replace the user's file.
+    After an interrupted run (no ``written`` list) what was not there before it is
+    removed, with a note."""
     names = _entries(out)
     marker = _read_marker(out) if DEMO_MARKER in names else None
     if names and marker is None:
@@ -66,12 +69,20 @@ def prepare_out(out: Path) -> None:
             written = _names(marker["written"])
         else:
             written = sorted(names - set(_names(marker.get("kept"))) - {DEMO_MARKER})
-            if written:
-                print(
-                    f"unilora: note: removing what an interrupted demo run left in {out}: "
-                    f"{', '.join(written)}",
-                    file=sys.stderr,
-                )
+        clash = sorted(set(writes) & (names - set(written) - {DEMO_MARKER}))
+        if clash:
+            raise FileExistsError(
+                17,
+                f"the demo writes {', '.join(clash)} in its folder, and the one there is "
+                "not from an earlier demo run (move it, or give another --out)",
+                str(out / clash[0]),
+            )
+        if written and "written" not in marker:
+            print(
+                f"unilora: note: removing what an interrupted demo run left in {out}: "
+                f"{', '.join(written)}",
+                file=sys.stderr,
+            )
         for name in written:
             _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
