@@ -18,8 +18,9 @@ run. Every run is its own process, cached as JSON in ``docs/results/runs_llm/``.
 time comes from a phase that interleaves the steps of ours, PEFT LoRA r = 4 and PEFT's
 Uni-LoRA on the same batches in one process.
 
-    python examples/compare_llm.py                 # the full comparison (about 3 h on 2 cores)
-    python examples/compare_llm.py --jobs 2        # two runs at a time, one thread each
+    python examples/compare_llm.py                 # the full comparison, one run at a time
+    python examples/compare_llm.py --jobs 2        # two at a time, one thread each: 1 h 25 min
+                                                   # for the 21 runs on 2 vCPUs
     python examples/compare_llm.py --report        # table and plot from the cached runs
     python examples/compare_llm.py --quick         # a few steps per method (smoke test)
 

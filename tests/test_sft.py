@@ -271,6 +271,36 @@ def test_gradient_accumulation_equals_one_large_batch(tiny: Path, tok: Any) -> N
     assert torch.allclose(thetas[0], thetas[2], atol=1e-6, rtol=0)
 
 
+def test_answer_only_loss_skips_logits_and_keeps_loss_and_gradient(tiny: Path, tok: Any) -> None:
+    """The loss asks the model for the logits before answer tokens only; the loss and
+    theta_d's gradient equal torch's cross-entropy over the full logits."""
+    from unilora_rs.torch.training.loop import lm_logits, loss_sum
+
+    ex = sft_examples([_chat(f"review {i} " * (1 + i % 4), "positive") for i in range(6)])
+    enc, _, _ = encode_sft(tok, ex, 256, stops=stop_token_ids(tok))
+    batch = batches(enc, ex, tok, 6, "sft", shuffle=False)[0]
+    model = _wrapped(tiny)
+    with torch.no_grad():
+        model.theta_d.uniform_(-0.3, 0.3)
+    logits, positions = lm_logits(model, batch)
+    assert positions is not None and logits.shape[1] == len(positions)
+    assert logits.shape[1] < batch.labels.shape[1] // 2  # most positions skipped
+    got = loss_sum(model, batch, "sft")
+    got.backward()
+    grad = model.theta_d.grad.clone()
+    model.theta_d.grad = None
+    full = model(**batch.inputs).logits  # the reference: every position
+    want = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, full.shape[-1]).float(),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    want.backward()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad, model.theta_d.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_lr_schedules(kind: str) -> None:
     f = lr_factor(kind, warmup=4, total=24)

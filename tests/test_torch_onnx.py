@@ -35,6 +35,7 @@ from unilora_rs.torch import (  # noqa: E402
     get_unilora_model,
 )
 from unilora_rs.torch.export import onnx as onnx_export  # noqa: E402
+from unilora_rs.torch.export import onnx_files  # noqa: E402
 from unilora_rs.torch.onnx_export import export_adapter_onnx, export_onnx  # noqa: E402
 
 
@@ -170,7 +171,7 @@ def test_external_data_automatic_over_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a limit of 1 KB stands in for 2 GB: the same code path, on a small model
-    monkeypatch.setattr(onnx_export, "SINGLE_FILE_LIMIT", 1024)
+    monkeypatch.setattr(onnx_files, "SINGLE_FILE_LIMIT", 1024)
     lines: list[str] = []
     out = tmp_path / "auto.onnx"
     report = export_onnx(_tiny_llama(), out, progress=lines.append)
@@ -203,7 +204,7 @@ def test_external_data_refusals_keep_everything(
 
     # no room on the disk: said before writing anything
     usage = shutil.disk_usage(outdir)
-    monkeypatch.setattr(onnx_export.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    monkeypatch.setattr(onnx_files.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
     with pytest.raises(OSError, match="not enough disk space") as info:
         export_onnx(_tiny_llama(), outdir / "m.onnx", external_data=True)
     assert info.value.errno == errno.ENOSPC
@@ -214,7 +215,7 @@ def test_external_data_refusals_keep_everything(
         (path.parent / str(data_name)).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx_export, "_save", full_disk)
+    monkeypatch.setattr(onnx_files, "save_graph", full_disk)
     assert main(["export-onnx", str(adapter), str(outdir / "m.onnx"), "--external-data"]) == 1
     assert list(outdir.iterdir()) == []
 

@@ -104,12 +104,11 @@ def merge(
     earlier merge output, which holds a ``.unilora-output`` file); an output equal to,
     inside, or containing an input raises :class:`InvalidArgumentError`, as does a
     tensor that the merge (or ``dtype``, float16's range) turns Inf or NaN where the
-    base is finite, by name. The inputs are
-    never modified. Ctrl-C, or any signal handler that raises (the ``unilora`` command
-    turns SIGTERM into one), cancels cleanly: no partial output. Temporaries left by
-    processes that were killed outright (SIGKILL) are removed by the next run into
-    the same output once the process has ended (those of another machine or container
-    sharing the folder once untouched for a minute).
+    base is finite, by name. The inputs are never modified. Ctrl-C, or any signal
+    handler that raises (``unilora`` turns SIGTERM into one), cancels cleanly: no
+    partial output. Temporaries left by processes killed outright (SIGKILL) are
+    removed by the next run into the same output once the process has ended (those of
+    another machine or container sharing the folder once untouched for a minute).
     """
     paths = as_path("base", base), as_path("adapter", adapter), as_path("out", out)
     result: MergeResult = _run(_core.merge, paths, dtype, show_progress, overwrite)

@@ -19,7 +19,6 @@ near one copy of the weights.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import io
 import logging
@@ -40,6 +39,13 @@ from ...adapter import CONFIG_NAME
 from ...errors import FormatError, InvalidArgumentError, MismatchError
 from ...extras import require
 from ..model import UniLoRAModel
+from .onnx_files import (
+    SINGLE_FILE_LIMIT,
+    WeightFiles,
+    check_existing,
+    plan_files,
+    write_files,
+)
 
 __all__ = [
     "SINGLE_FILE_LIMIT",
@@ -48,11 +54,6 @@ __all__ = [
     "export_onnx",
     "load_base_model",
 ]
-
-#: Weights above this many bytes cannot be embedded in one ``.onnx`` file: a protobuf
-#: message is limited to 2 GiB, and the graph itself needs some room (64 MiB kept free).
-SINGLE_FILE_LIMIT = 2**31 - 2**26
-_DISK_MARGIN = 2**26  # room for the graph and file-system overhead beside the weights
 
 Progress = Callable[[str], None]
 
@@ -140,31 +141,6 @@ def _compare(ort_out: np.ndarray, torch_out: np.ndarray, mask: np.ndarray) -> fl
     return float(diff.max()) if diff.size else 0.0
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _weight_bytes(model: Any) -> int:
-    """Bytes of the graph's initializers (the weights that go to the file)."""
-    total = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            total += int(tensor.nbytes)
-    return total
-
-
-def _check_existing(out: Path, data: Path | None, overwrite: bool) -> None:
-    """Without ``overwrite`` an existing output file (``out``, and ``data`` when given)
-    is refused, as by every other command (a folder in the way is refused later, as
-    such)."""
-    for path in (out, data):
-        if path is not None and path.exists() and not path.is_dir() and not overwrite:
-            raise FileExistsError(
-                17, "output exists (pass overwrite=True or --overwrite to replace it)", str(path)
-            )
-
-
 #: The opset torch.onnx builds the graph in; other opsets are converted from it.
 _NATIVE_OPSET = 18
 
@@ -193,25 +169,6 @@ def _check_opset(opset: object) -> int:
     return opset
 
 
-def _choose_external(
-    external_data: bool | None, weight_bytes: int, data: Path, overwrite: bool = False
-) -> tuple[bool, bool]:
-    """``(use external data, chosen automatically)``; refuses a single file over the
-    limit, and an existing data file without ``overwrite``."""
-    too_big = weight_bytes > SINGLE_FILE_LIMIT
-    if external_data is False and too_big:
-        raise InvalidArgumentError(
-            f"the weights are {_gb(weight_bytes)}, over the 2 GB limit of a single ONNX "
-            "file: allow external data (external_data=None or True)"
-        )
-    use = bool(external_data) or too_big
-    if use and data.exists() and not data.is_file():
-        raise IsADirectoryError(21, "external-data path exists and is not a file", str(data))
-    if use:
-        _check_existing(data, None, overwrite)
-    return use, use and not external_data
-
-
 def _drop_weights(model: Any) -> None:
     """Lets go of the graph's initializer tensors (torch's weights and lazy transposes)."""
     for value in model.graph.initializers.values():
@@ -223,39 +180,6 @@ def _free_tensors(model: nn.Module) -> None:
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
             tensor.data = torch.empty(0, dtype=tensor.dtype)
-
-
-def _check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise OSError(
-            errno.ENOSPC,
-            f"not enough disk space for the export: it needs about {_gb(needed)}, {_gb(free)} free",
-            str(folder),
-        )
-
-
-def _save(model: Any, path: Path, data_name: str | None, say: Progress) -> None:
-    """Writes the graph to ``path``; with ``data_name`` the weights go to that file beside
-    it, tensor by tensor straight from the torch tensors (no copy of the model)."""
-    import onnx_ir as ir
-
-    if data_name is None:
-        ir.save(model, path)
-        return
-    total = _weight_bytes(model)
-    done = 0
-
-    def callback(tensor: Any, info: Any) -> None:  # called before each tensor is written
-        nonlocal done
-        size = int(tensor.nbytes)
-        if size >= 2**26 or info.index == 0:
-            n = f"{info.index + 1}/{info.total}"
-            say(f"  tensor {n} ({_gb(size)}), {_gb(done)} of {_gb(total)} written")
-        done += size
-
-    # 64 KiB-aligned large tensors let onnxruntime map them from the file
-    ir.save(model, path, external_data=data_name, callback=callback, alignment=65536)
 
 
 def export_onnx(
@@ -309,17 +233,6 @@ def export_onnx(
     )
 
 
-@dataclass(frozen=True)
-class _Files:
-    """Where the weights go: ``weight_bytes`` of them, into ``data`` beside the graph when
-    ``external`` (``auto``: because they exceed :data:`SINGLE_FILE_LIMIT`)."""
-
-    weight_bytes: int
-    external: bool
-    auto: bool
-    data: Path
-
-
 def _onnxruntime() -> Any:
     require("ONNX export")
     import onnxruntime as ort
@@ -345,7 +258,7 @@ def _check_request(
     if out.is_dir():
         raise IsADirectoryError(21, "output path is a directory", str(out))
     data = out.with_name(out.name + ".data")
-    _check_existing(out, data if external_data else None, overwrite)
+    check_existing(out, data if external_data else None, overwrite)
     if not out.parent.exists():
         raise FileNotFoundError(2, "output folder does not exist", str(out.parent))
     vocab = vocab_size or int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
@@ -377,54 +290,10 @@ def _trace(
     return program
 
 
-def _plan_files(graph: Any, external_data: bool | None, out: Path, overwrite: bool) -> _Files:
-    """Embedded or external weights, after checking there is room for them."""
-    data = out.with_name(out.name + ".data")
-    weight_bytes = _weight_bytes(graph)
-    use_external, auto = _choose_external(external_data, weight_bytes, data, overwrite)
-    _check_free_space(out.parent, weight_bytes + _DISK_MARGIN)
-    return _Files(weight_bytes, use_external, auto, data)
-
-
-def _write(graph: Any, staged: Path, files: _Files, say: Progress) -> None:
-    """Writes the graph (and its external data) into the staging folder."""
-    if files.external:
-        why = " (over the 2 GB single-file limit)" if files.auto else ""
-        say(f"writing {_gb(files.weight_bytes)} of weights to {files.data.name}{why}")
-    else:
-        say(f"writing {staged.name} ({_gb(files.weight_bytes)} of weights inside)")
-    try:
-        _save(graph, staged, files.data.name if files.external else None, say)
-        for path in (staged, staged.with_name(files.data.name)):
-            if path.exists():
-                _fsync(path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"the disk filled up while writing the ONNX files ({_gb(files.weight_bytes)} "
-                "of weights); nothing was kept",
-                str(files.data.parent),
-            ) from err
-        raise OSError(
-            err.errno or errno.EIO,
-            f"writing the ONNX files failed ({err.strerror or err}); nothing was kept",
-            str(staged.parent.parent / staged.name),
-        ) from err
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ort_max_diff(
     ort: Any,
     staged: Path,
-    files: _Files,
+    files: WeightFiles,
     checks: list[tuple[torch.Tensor, torch.Tensor]],
     expected: list[np.ndarray],
     say: Progress,
@@ -477,7 +346,7 @@ def _export_onnx(
     wrapper = _Logits(model.eval()).eval()
     program = _trace(wrapper, _sample(batch, seq_len, vocab, seed, pad=1), opset, say)
     written = int(program.model.opset_imports[""])  # the opset the report names
-    files = _plan_files(program.model, external_data, out, overwrite)
+    files = plan_files(program.model, external_data, out, overwrite)
     checks = [
         _sample(batch + 1, seq_len + 3, vocab, seed + 1, pad=0),
         _sample(batch, seq_len, vocab, seed + 2, pad=seq_len // 3),
@@ -488,7 +357,7 @@ def _export_onnx(
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         staged = stage / out.name
-        _write(program.model, staged, files, say)
+        write_files(program.model, staged, files, say)
         # release torch's weights before onnxruntime maps the written ones: the graph's
         # (lazy) tensors, and the model's own storage when it is ours (the exporter's
         # rewrite rules keep a reference to the last graph they matched, hence to the
@@ -513,7 +382,7 @@ def _export_onnx(
 
 def _report(
     out: Path,
-    files: _Files,
+    files: WeightFiles,
     worst: float,
     checks: list[tuple[torch.Tensor, torch.Tensor]],
     opset: int,
@@ -609,7 +478,7 @@ def export_adapter_onnx(
                 f"(the adapter records {cfg.base_model_name_or_path!r})"
             )
         _refuse_overwrite(out, data, (src, base_path))
-        _check_existing(*existing)
+        check_existing(*existing)
         model = _merged_model(src, base_path, progress)
     else:
         if base is not None:
@@ -617,7 +486,7 @@ def export_adapter_onnx(
                 f"{src} is not an adapter folder; --base is only for adapters"
             )
         _refuse_overwrite(out, data, (src,))
-        _check_existing(*existing)
+        check_existing(*existing)
         if progress is not None:
             progress(f"loading the model from {src}")
         model = load_base_model(src, show_progress=progress is not None)
