@@ -71,3 +71,36 @@ def test_export_gguf(tmp_path: Path, mask: int) -> None:
     ur.export_gguf(tmp_path / "ad", tmp_path / "o.gguf", base=base, saved_modules="separate")
     got = modes(tmp_path)
     assert got["o.gguf"] == got["o.saved_modules.safetensors"] == 0o666 & ~mask
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="process ids via /proc")
+def test_a_killed_writers_temporary_goes_on_the_next_write(tmp_path: Path) -> None:
+    """A Python writer killed mid-write left its hidden temporary beside the output for
+    good (its name carried no process id). Temporaries are now named by the core with
+    the writer's process id and the machine's tag; the next write of the same output
+    removes those of ended processes and keeps a running process's."""
+    import subprocess
+    import sys
+
+    seen: list[str] = []
+
+    def write(tmp: Path) -> None:
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+
+    target = tmp_path / "out.json"
+    _util.write_atomic(target, write)
+    (name,) = seen
+    assert name.startswith(f".out.json.unilora-tmp-{os.getpid()}-"), name
+    host = name.rsplit("-", 1)[1]
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(done.stdout)  # a process that has ended
+    stale = tmp_path / f".out.json.unilora-tmp-{dead}-0-{host}"
+    live = tmp_path / f".out.json.unilora-tmp-{os.getpid()}-99999-{host}"
+    other = tmp_path / f".other.json.unilora-tmp-{dead}-0-{host}"  # another output's
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    _util.write_atomic(target, write)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.json"])

@@ -40,6 +40,7 @@ __all__ = [
     "safetensors_header",
     "set_num_threads",
     "staging_folder",
+    "temp_file_name",
     "thread_env_warning",
     "total_size",
 ]
@@ -215,6 +216,7 @@ def export_peft(
 def staging_folder(
     out: str | os.PathLike[str], kind: str, *, overwrite: bool = False
 ) -> os.PathLike[str]: ...
+def temp_file_name(target: str | os.PathLike[str]) -> os.PathLike[str]: ...
 def commit_folder(
     staging: str | os.PathLike[str],
     out: str | os.PathLike[str],

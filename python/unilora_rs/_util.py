@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, TypeVar, overload
 
+from . import _core
 from .errors import DtypeError, InvalidArgumentError
 
 __all__ = [
@@ -104,7 +104,9 @@ def write_atomic(
     check: Callable[[Path], None] | None = None,
 ) -> int:
     """Runs ``write(temp)`` on a temporary file beside ``target``, syncs it and renames
-    it to ``target``; the temporary is removed on any failure (Ctrl-C included).
+    it to ``target``; the temporary is removed on any failure (Ctrl-C included), and one
+    that a killed writer left (its process has ended) is removed by the next write of
+    ``target``.
 
     Before the rename the written file is validated: its size must be ``size`` when
     given, and ``check(temp)`` (which re-reads it) must not raise. A write that fails
@@ -112,14 +114,11 @@ def write_atomic(
     nothing is left behind. The file gets the mode ``open()`` and ``cp`` give (``0o666``
     less the umask), not the temporary's 0600. Returns the size written."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
+    # named by the core (this process's id and the machine's tag), which first removes
+    # what ended writers left beside the target; created as open() creates a file
+    tmp = Path(_core.temp_file_name(target))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, file_mode())  # mkstemp's 0600 -> what open() would give
-        finally:
-            os.close(fd)
         try:
             write(tmp)
         except OSError as err:

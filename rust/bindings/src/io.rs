@@ -1,6 +1,6 @@
-//! Bindings of the atomic output folders that the Python conversion from PEFT writes
-//! into (created, checked and committed here, with the same rules as every other
-//! output folder).
+//! Bindings of the atomic outputs written from Python: the output folders of the
+//! conversion from PEFT (created, checked and committed here, with the same rules as
+//! every other output folder) and the temporary names of Python's atomic file writes.
 
 use std::path::PathBuf;
 
@@ -46,4 +46,13 @@ pub fn commit_folder(staging: PathBuf, out: PathBuf, kind: &str, overwrite: bool
     TempPath::adopt_folder(&staging, &out, kind)
         .and_then(|t| t.commit(overwrite))
         .py()
+}
+
+/// Reserves a temporary file name next to `target` for a writer in Python, named as
+/// the core names its own temporaries (this process's id and the machine's tag), after
+/// removing the temporaries that ended processes left next to `target`. Nothing is
+/// created: the caller creates the file exclusively and renames it onto `target`.
+#[pyfunction]
+pub fn temp_file_name(target: PathBuf) -> PyResult<PathBuf> {
+    Ok(TempPath::new(&target, "tmp").py()?.keep())
 }

@@ -55,7 +55,7 @@ mod _core {
     use crate::export::{export_lora, export_peft};
 
     #[pymodule_export]
-    use crate::io::{commit_folder, staging_folder};
+    use crate::io::{commit_folder, staging_folder, temp_file_name};
 
     #[pymodule_export]
     use crate::safetensors::safetensors_header;
