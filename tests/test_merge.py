@@ -617,6 +617,12 @@ def test_staging_of_a_killed_merge_goes_on_the_next_run(tmp_path: Path, reaped: 
     proc.kill()
     if reaped:
         proc.wait()
+    else:  # SIGKILL is delivered asynchronously: wait until the process is a zombie
+        stat = Path(f"/proc/{proc.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, stat.read_text()
+            time.sleep(0.01)
     try:
         (staging,) = tmp_path.glob(".out.unilora-tmp-*")
         assert staging.is_dir() and any(staging.iterdir())
