@@ -112,7 +112,7 @@ def write_atomic(
     given, and ``check(temp)`` (which re-reads it) must not raise. A write that fails
     (a full disk) or leaves a short file raises :class:`OSError` naming ``target``, and
     nothing is left behind. The file gets the mode ``open()`` and ``cp`` give (``0o666``
-    less the umask), not the temporary's 0600. Returns the size written."""
+    less the umask). Returns the size written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # named by the core (this process's id and the machine's tag), which first removes
     # what ended writers left beside the target; created as open() creates a file

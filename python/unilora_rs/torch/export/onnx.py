@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from ...extras import require
 from ..model import UniLoRAModel
 from .onnx_files import (
     SINGLE_FILE_LIMIT,
+    Progress,
     WeightFiles,
     check_existing,
     plan_files,
@@ -54,8 +55,6 @@ __all__ = [
     "export_onnx",
     "load_base_model",
 ]
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

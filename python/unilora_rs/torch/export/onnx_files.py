@@ -16,6 +16,7 @@ from ...errors import InvalidArgumentError
 
 __all__ = [
     "SINGLE_FILE_LIMIT",
+    "Progress",
     "WeightFiles",
     "check_existing",
     "fsync_file",
@@ -31,6 +32,7 @@ __all__ = [
 SINGLE_FILE_LIMIT = 2**31 - 2**26
 _DISK_MARGIN = 2**26  # room for the graph and file-system overhead beside the weights
 
+#: Receives one line per step of the work.
 Progress = Callable[[str], None]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -45,20 +46,25 @@ def lm_loss_sum(
     return loss, int(keep.sum())
 
 
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM inside ``model`` (a UniLoRAModel or PEFT wrapper) computes
-    logits for chosen positions only (transformers' ``logits_to_keep``)."""
+    logits for chosen positions only (transformers' ``logits_to_keep``); the answer is
+    kept per model class."""
     while True:
         if isinstance(model, UniLoRAModel):
             model = model.base_model
         elif callable(getattr(model, "get_base_model", None)):
             model = model.get_base_model()
         else:
-            break
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+            return _forward_takes_logits_to_keep(type(model))
 
 
 def lm_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -70,6 +76,12 @@ def lm_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     if len(positions) < batch.labels.shape[1] - 1 and _takes_logits_to_keep(model):
         return model(**batch.inputs, logits_to_keep=positions).logits, positions
     return model(**batch.inputs).logits, None
+
+
+def lm_batch_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """:func:`lm_loss_sum` of ``model`` on ``batch``, from the logits it needs only."""
+    logits, positions = lm_logits(model, batch)
+    return lm_loss_sum(logits, batch.labels, positions)
 
 
 def label_count(batch: Batch, task: str) -> int:
@@ -84,8 +96,7 @@ def loss_sum(model: nn.Module, batch: Batch, task: str) -> torch.Tensor:
     if task == "classification":
         logits = model(**batch.inputs).logits
         return nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum")
-    logits, positions = lm_logits(model, batch)
-    return lm_loss_sum(logits, batch.labels, positions)[0]
+    return lm_batch_loss_sum(model, batch)[0]
 
 
 def batch_loss(model: nn.Module, batch: Batch, task: str) -> torch.Tensor:
@@ -134,8 +145,7 @@ def _lm_metrics(
     count = 0
     for batch in data:
         batch = batch.to(device) if device is not None else batch
-        logits, positions = lm_logits(model, batch)
-        s, c = lm_loss_sum(logits, batch.labels, positions)
+        s, c = lm_batch_loss_sum(model, batch)
         total += float(s)
         count += c
     loss = total / max(count, 1)
